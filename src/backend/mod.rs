@@ -1,0 +1,74 @@
+//! The block backend: where thin devices come from.
+//!
+//! A backend creates, snapshots, deletes and attaches thin devices, each
+//! named by a 24-bit [`DeviceId`]. It knows nothing of names, the graph or
+//! filesystems: the engine owns those. Implementations: [`reflink`] (the
+//! embedded default: sparse image files on a reflink-capable XFS, attached
+//! through loop devices). The dm-thin backend comes next.
+
+pub mod reflink;
+
+use crate::error::Result;
+use crate::types::{Bytes, DeviceId};
+use std::path::Path;
+
+/// An attached device: a block device path valid while this lives.
+pub trait ActiveDevice: Send + Sync + std::fmt::Debug {
+    /// The block device node.
+    fn path(&self) -> &Path;
+    /// Re-read the device size after a resize.
+    fn refresh_capacity(&self) -> Result<()>;
+}
+
+/// Space used by one device.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Usage {
+    /// Bytes mapped (allocated) in the device.
+    pub mapped: u64,
+    /// Bytes mapped and shared with no other device.
+    pub exclusive: u64,
+    /// Number of extents (reflink) or mappings.
+    pub extents: u64,
+}
+
+/// Pool-wide status.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PoolStatus {
+    /// Backend kind.
+    pub backend: String,
+    /// Bytes of data space.
+    pub total: u64,
+    /// Bytes used.
+    pub used: u64,
+    /// Bytes free for new data.
+    pub available: u64,
+    /// How the pool is laid out, for humans.
+    pub detail: String,
+}
+
+/// A pool of thin devices.
+pub trait Backend: Send + Sync {
+    /// `reflink`, `dm`, `fake`.
+    fn kind(&self) -> &'static str;
+    /// Create an empty device of virtual size `size`. Fails if it exists.
+    fn create(&self, dev: DeviceId, size: Bytes) -> Result<()>;
+    /// Make `new` a point-in-time copy of `origin` sharing its blocks. The
+    /// caller keeps `origin`'s filesystem frozen across the call.
+    fn snapshot(&self, origin: DeviceId, new: DeviceId) -> Result<()>;
+    /// Delete a device and free its blocks. Deleting a missing device is Ok.
+    fn delete(&self, dev: DeviceId) -> Result<()>;
+    /// Does the device exist?
+    fn exists(&self, dev: DeviceId) -> Result<bool>;
+    /// All devices in the pool.
+    fn list(&self) -> Result<Vec<DeviceId>>;
+    /// Attach the device as a block device.
+    fn activate(&self, dev: DeviceId, read_only: bool) -> Result<Box<dyn ActiveDevice>>;
+    /// Grow the device to `size`.
+    fn resize(&self, dev: DeviceId, size: Bytes) -> Result<()>;
+    /// Space used by the device.
+    fn usage(&self, dev: DeviceId) -> Result<Usage>;
+    /// Pool status.
+    fn status(&self) -> Result<PoolStatus>;
+    /// Return freed space to the layer below (best effort).
+    fn trim(&self) -> Result<()>;
+}

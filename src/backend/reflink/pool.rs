@@ -1,0 +1,387 @@
+//! The reflink pool: open/create, device files, loop attachment.
+
+use crate::backend::{ActiveDevice, Backend, PoolStatus, Usage};
+use crate::error::{Error, IoContext, Result};
+use crate::sys::{self, file, fsio, loopdev::LoopDevice, mount};
+use crate::types::{Bytes, DeviceId};
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Extent-size hint for device files (1 MiB): bounds the extent count, and
+/// so the FICLONE time, after random writes.
+const EXTENT_HINT: u32 = 1 << 20;
+
+/// The pool file's name in the state directory.
+pub const POOL_FILE: &str = "pool.img";
+
+/// An open reflink pool.
+pub struct ReflinkPool {
+    /// Directory holding device image files (on the pool filesystem).
+    devices: File,
+    /// The detached XFS mount, when the pool is a file (kept alive here).
+    _pool_mount: Option<OwnedFd>,
+    /// The loop device under the pool filesystem (kept open while the pool is).
+    _pool_loop: Option<LoopDevice>,
+    detail: String,
+}
+
+impl std::fmt::Debug for ReflinkPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ReflinkPool({})", self.detail)
+    }
+}
+
+fn dev_name(dev: DeviceId) -> String {
+    format!("{:08}.img", dev.get())
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<()> {
+    let out = cmd
+        .output()
+        .ctx(|| format!("{what}: cannot run {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        return Err(Error::io(
+            format!("{what}: {}", String::from_utf8_lossy(&out.stderr).trim()),
+            std::io::Error::from_raw_os_error(libc::EIO),
+        ));
+    }
+    Ok(())
+}
+
+/// Can files in `dir` be reflinked? (probe with two temporary files)
+fn supports_reflink(dir: &Path) -> bool {
+    let a = dir.join(".reflink-probe-a");
+    let b = dir.join(".reflink-probe-b");
+    let ok = (|| -> std::io::Result<()> {
+        let fa = File::create(&a)?;
+        fa.write_all_at(&[7u8; 4096], 0)?;
+        let fb = File::create(&b)?;
+        fsio::ficlone(&fb, &fa)
+    })()
+    .is_ok();
+    let _ = std::fs::remove_file(&a);
+    let _ = std::fs::remove_file(&b);
+    ok
+}
+
+/// Wait until no loop device is backed by `file` any more (a killed daemon's
+/// autoclear loop devices go away asynchronously).
+fn wait_loops_gone(file: &Path) -> Result<()> {
+    let want = file.to_string_lossy().into_owned();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let busy: Vec<_> = sys::loopdev::backing_files()
+            .into_iter()
+            .filter(|(_, b)| *b == want)
+            .collect();
+        if busy.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Busy(format!(
+                "pool file {want} is still attached to {:?}: is another thinfs running on this state directory?",
+                busy.iter().map(|(d, _)| d).collect::<Vec<_>>()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A daemon killed while an image's filesystem was frozen for a snapshot
+/// leaves that filesystem frozen: a frozen superblock stays alive, and with
+/// it its loop device and the pool under it. Find such devices (loop devices
+/// whose backing file lives on the old pool's loop device), reach their
+/// superblock again by mounting the same block device, and thaw it; then
+/// everything goes away as after any other exit.
+fn thaw_leftovers(pool_file: &Path) {
+    let want = pool_file.to_string_lossy().into_owned();
+    let all = sys::loopdev::attached();
+    for pool_loop in all.iter().filter(|l| l.backing_file == want) {
+        for inner in all.iter().filter(|l| l.backing_dev == pool_loop.own_dev) {
+            let m = mount::fsmount_detached("ext4", &inner.path, false, &[], &[])
+                .or_else(|_| mount::fsmount_detached("ext4", &inner.path, true, &[], &[]));
+            match m {
+                Ok(fd) => match fsio::thaw(&fd) {
+                    Ok(()) => log::warn!(
+                        "recovery: thawed a filesystem left frozen by a crash on {}",
+                        inner.path.display()
+                    ),
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                    Err(e) => log::error!("recovery: cannot thaw {}: {e}", inner.path.display()),
+                },
+                Err(e) => log::error!(
+                    "recovery: cannot reach leftover {}: {e}",
+                    inner.path.display()
+                ),
+            }
+        }
+    }
+}
+
+impl ReflinkPool {
+    /// Open the pool in `state`, creating it (of `size` bytes) if it does not
+    /// exist. An existing pool is re-attached, never re-created.
+    pub fn open(state: &Path, size: Bytes) -> Result<ReflinkPool> {
+        let pool_file = state.join(POOL_FILE);
+        let direct_dir = state.join("devices");
+        if !pool_file.exists() && (direct_dir.exists() || supports_reflink(state)) {
+            std::fs::create_dir_all(&direct_dir)
+                .ctx(|| format!("create {}", direct_dir.display()))?;
+            let devices =
+                File::open(&direct_dir).ctx(|| format!("open {}", direct_dir.display()))?;
+            return Ok(ReflinkPool {
+                devices,
+                _pool_mount: None,
+                _pool_loop: None,
+                detail: format!(
+                    "device files in {} (reflink-capable host filesystem)",
+                    direct_dir.display()
+                ),
+            });
+        }
+        let fresh = !pool_file.exists();
+        if fresh {
+            if size.0 < 512 << 20 {
+                return Err(Error::InvalidSize {
+                    input: size.human(),
+                    why: "the pool must be at least 512M",
+                });
+            }
+            let tmp = state.join("pool.img.new");
+            let f = File::create(&tmp).ctx(|| format!("create {}", tmp.display()))?;
+            f.set_len(size.0)
+                .ctx(|| format!("size {}", tmp.display()))?;
+            drop(f);
+            run(
+                Command::new("mkfs.xfs")
+                    .args([
+                        "-q",
+                        "-f",
+                        "-m",
+                        "reflink=1",
+                        "-s",
+                        "size=4096",
+                        "-L",
+                        "thinfs-pool",
+                    ])
+                    .arg(&tmp),
+                "format the pool (mkfs.xfs, Debian package xfsprogs)",
+            )?;
+            std::fs::rename(&tmp, &pool_file).ctx(|| format!("rename {}", tmp.display()))?;
+        } else {
+            thaw_leftovers(&pool_file);
+            wait_loops_gone(&pool_file)?;
+        }
+        let backing = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&pool_file)
+            .ctx(|| format!("open {}", pool_file.display()))?;
+        let lo = LoopDevice::attach(&backing, false, "thinfs-pool")
+            .ctx(|| format!("attach {} to a loop device", pool_file.display()))?;
+        let mnt = mount::fsmount_detached("xfs", lo.path(), false, &["nouuid"], &[])
+            .ctx(|| format!("mount the pool filesystem on {}", lo.path().display()))?;
+        if fresh {
+            file::mkdirat(mnt.as_fd(), OsStr::new("devices"), 0o700)
+                .ctx(|| "create devices directory".into())?;
+        }
+        let devices = File::from(
+            file::openat(
+                mnt.as_fd(),
+                OsStr::new("devices"),
+                libc::O_RDONLY | libc::O_DIRECTORY,
+                0,
+            )
+            .ctx(|| "open the pool's devices directory".into())?,
+        );
+        Ok(ReflinkPool {
+            devices,
+            detail: format!(
+                "XFS (reflink) in {} on {}",
+                pool_file.display(),
+                lo.path().display()
+            ),
+            _pool_mount: Some(mnt),
+            _pool_loop: Some(lo),
+        })
+    }
+
+    fn open_dev(&self, dev: DeviceId, flags: i32, mode: u32) -> std::io::Result<File> {
+        file::openat(
+            self.devices.as_fd(),
+            OsStr::new(&dev_name(dev)),
+            flags,
+            mode,
+        )
+        .map(File::from)
+    }
+
+    fn sync_dir(&self) -> Result<()> {
+        self.devices
+            .sync_all()
+            .ctx(|| "sync the devices directory".into())
+    }
+}
+
+#[derive(Debug)]
+struct LoopActive(LoopDevice);
+
+impl ActiveDevice for LoopActive {
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+    fn refresh_capacity(&self) -> Result<()> {
+        self.0
+            .refresh_capacity()
+            .ctx(|| format!("refresh size of {}", self.0.path().display()))
+    }
+}
+
+impl Backend for ReflinkPool {
+    fn kind(&self) -> &'static str {
+        "reflink"
+    }
+
+    fn create(&self, dev: DeviceId, size: Bytes) -> Result<()> {
+        let f = self
+            .open_dev(dev, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, 0o600)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EEXIST) => Error::AlreadyExists(format!("backend device {dev}")),
+                _ => Error::io(format!("create device file {}", dev_name(dev)), e),
+            })?;
+        // Hints only exist on XFS; elsewhere (btrfs) they are not needed.
+        let _ = fsio::set_extent_hints(&f, EXTENT_HINT);
+        f.set_len(size.0).ctx(|| format!("size device {dev}"))?;
+        f.sync_all().ctx(|| format!("sync device {dev}"))?;
+        self.sync_dir()
+    }
+
+    fn snapshot(&self, origin: DeviceId, new: DeviceId) -> Result<()> {
+        let src = self
+            .open_dev(origin, libc::O_RDONLY, 0)
+            .ctx(|| format!("open origin device {origin}"))?;
+        let dst = self
+            .open_dev(new, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, 0o600)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EEXIST) => Error::AlreadyExists(format!("backend device {new}")),
+                _ => Error::io(format!("create device file {}", dev_name(new)), e),
+            })?;
+        let _ = fsio::set_extent_hints(&dst, EXTENT_HINT);
+        fsio::ficlone(&dst, &src).ctx(|| format!("reflink device {origin} to {new}"))?;
+        let len = src
+            .metadata()
+            .ctx(|| format!("stat device {origin}"))?
+            .len();
+        dst.set_len(len).ctx(|| format!("size device {new}"))?;
+        dst.sync_all().ctx(|| format!("sync device {new}"))?;
+        self.sync_dir()
+    }
+
+    fn delete(&self, dev: DeviceId) -> Result<()> {
+        match file::unlinkat(self.devices.as_fd(), OsStr::new(&dev_name(dev)), false) {
+            Ok(()) => self.sync_dir(),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(Error::io(format!("delete device {dev}"), e)),
+        }
+    }
+
+    fn exists(&self, dev: DeviceId) -> Result<bool> {
+        match file::open_path(self.devices.as_fd(), OsStr::new(&dev_name(dev))) {
+            Ok(_) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(Error::io(format!("look up device {dev}"), e)),
+        }
+    }
+
+    fn list(&self) -> Result<Vec<DeviceId>> {
+        let dir = file::reopen(self.devices.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)
+            .ctx(|| "open devices directory".into())?;
+        let mut out = Vec::new();
+        let mut off = 0;
+        loop {
+            let ents = file::read_dir_at(&dir, off).ctx(|| "read devices directory".into())?;
+            if ents.is_empty() {
+                break;
+            }
+            for e in &ents {
+                off = e.off;
+                let n = e.name.to_string_lossy();
+                if let Some(num) = n.strip_suffix(".img")
+                    && let Ok(v) = num.parse::<u32>()
+                {
+                    out.push(DeviceId::new(v)?);
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn activate(&self, dev: DeviceId, read_only: bool) -> Result<Box<dyn ActiveDevice>> {
+        let flags = if read_only {
+            libc::O_RDONLY
+        } else {
+            libc::O_RDWR
+        };
+        let f = self
+            .open_dev(dev, flags | libc::O_DIRECT, 0)
+            .or_else(|_| self.open_dev(dev, flags, 0))
+            .ctx(|| format!("open device {dev}"))?;
+        let lo = LoopDevice::attach(&f, read_only, &format!("thinfs-{}", dev.get()))
+            .ctx(|| format!("attach device {dev} to a loop device"))?;
+        Ok(Box::new(LoopActive(lo)))
+    }
+
+    fn resize(&self, dev: DeviceId, size: Bytes) -> Result<()> {
+        let f = self
+            .open_dev(dev, libc::O_RDWR, 0)
+            .ctx(|| format!("open device {dev}"))?;
+        let cur = f.metadata().ctx(|| format!("stat device {dev}"))?.len();
+        if size.0 < cur {
+            return Err(Error::InvalidSize {
+                input: size.human(),
+                why: "shrinking a device is not supported",
+            });
+        }
+        f.set_len(size.0).ctx(|| format!("resize device {dev}"))?;
+        f.sync_all().ctx(|| format!("sync device {dev}"))
+    }
+
+    fn usage(&self, dev: DeviceId) -> Result<Usage> {
+        let f = self
+            .open_dev(dev, libc::O_RDONLY, 0)
+            .ctx(|| format!("open device {dev}"))?;
+        let (mapped, exclusive, extents) =
+            fsio::fiemap_usage(&f).ctx(|| format!("map extents of device {dev}"))?;
+        Ok(Usage {
+            mapped,
+            exclusive,
+            extents,
+        })
+    }
+
+    fn status(&self) -> Result<PoolStatus> {
+        let s = fsio::statvfs(&self.devices).ctx(|| "statfs the pool".into())?;
+        let bs = s.f_frsize;
+        Ok(PoolStatus {
+            backend: "reflink".into(),
+            total: s.f_blocks * bs,
+            used: (s.f_blocks - s.f_bfree) * bs,
+            available: s.f_bavail * bs,
+            detail: self.detail.clone(),
+        })
+    }
+
+    fn trim(&self) -> Result<()> {
+        if self._pool_mount.is_some() {
+            fsio::fitrim(&self.devices).ctx(|| "trim the pool".into())?;
+        }
+        Ok(())
+    }
+}

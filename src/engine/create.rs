@@ -1,0 +1,216 @@
+//! Create an image, snapshot an image, clone a snapshot.
+//!
+//! Order of every creation (what a crash at each step leaves):
+//! 1. record with state `Creating` (+ name index), one transaction
+//!    -> crash: recovery deletes the backend device if any and the record
+//! 2. backend device made (create + mkfs, or snapshot)
+//! 3. state `Ready`, one transaction -> the device exists with its record
+
+use super::{Engine, Target, failpoint, now_secs};
+use crate::error::{Error, IoContext, Result};
+use crate::meta::{DeviceKind, DeviceRecord, DeviceState};
+use crate::sys::fsio;
+use crate::types::{Bytes, DeviceId, Name};
+use std::collections::BTreeMap;
+use std::process::Command;
+
+/// Filesystem put in new images.
+pub const DEFAULT_FS: &str = "ext4";
+
+impl Engine {
+    /// Write the intent record of a new device; returns it.
+    fn intent(
+        &self,
+        name: &Name,
+        kind: DeviceKind,
+        parent: Option<DeviceId>,
+        size: Bytes,
+    ) -> Result<DeviceRecord> {
+        let _g = self.alloc.lock();
+        let dev = self.alloc_dev()?;
+        let seq = self.meta.pool()?.map(|p| p.transaction_id + 1).unwrap_or(0);
+        let rec = DeviceRecord {
+            id: dev,
+            dev,
+            name: name.clone(),
+            kind,
+            parent,
+            size,
+            fs: DEFAULT_FS.into(),
+            state: DeviceState::Creating,
+            pending_dev: None,
+            error: None,
+            created: now_secs(),
+            seq,
+            labels: BTreeMap::new(),
+        };
+        self.meta.txn(|t| t.put(&rec))?;
+        Ok(rec)
+    }
+
+    /// Mark a created device ready.
+    fn finish(&self, mut rec: DeviceRecord) -> Result<DeviceRecord> {
+        rec.state = DeviceState::Ready;
+        self.meta.txn(|t| t.put(&rec))?;
+        Ok(rec)
+    }
+
+    /// Undo a creation that failed after its intent was written.
+    fn undo(&self, rec: &DeviceRecord, e: Error) -> Error {
+        log::error!("creating {} failed, rolling back: {e}", rec.display_name());
+        let cleaned = self
+            .backend
+            .delete(rec.dev)
+            .and_then(|_| self.meta.txn(|t| t.remove(rec.id)));
+        if let Err(c) = cleaned {
+            log::error!(
+                "rollback of {} incomplete ({c}); the next open finishes it",
+                rec.display_name()
+            );
+        }
+        e
+    }
+
+    /// Create an empty image with an ext4 filesystem.
+    pub fn create_image(&self, name: &Name, size: Option<Bytes>) -> Result<DeviceRecord> {
+        let size = size.unwrap_or(self.config.default_image_size);
+        if size.0 < 16 << 20 {
+            return Err(Error::InvalidSize {
+                input: size.human(),
+                why: "an image must be at least 16M",
+            });
+        }
+        if !size.0.is_multiple_of(4096) {
+            return Err(Error::InvalidSize {
+                input: size.human(),
+                why: "an image size must be a multiple of 4 KiB",
+            });
+        }
+        if self.meta.image_id(name)?.is_some() {
+            return Err(Error::AlreadyExists(format!("image {name}")));
+        }
+        self.check_reserve(&format!("create image {name}"))?;
+        let rec = self.intent(name, DeviceKind::Image, None, size)?;
+        failpoint("create.intent");
+        let made = self.backend.create(rec.dev, size).and_then(|_| {
+            failpoint("create.backend");
+            self.mkfs(&rec)
+        });
+        if let Err(e) = made {
+            return Err(self.undo(&rec, e));
+        }
+        failpoint("create.mkfs");
+        let rec = self.finish(rec)?;
+        failpoint("create.done");
+        log::info!("created image {name} (id {}, {})", rec.id, rec.size);
+        Ok(rec)
+    }
+
+    fn mkfs(&self, rec: &DeviceRecord) -> Result<()> {
+        let active = self.backend.activate(rec.dev, false)?;
+        let out = Command::new("mkfs.ext4")
+            .args([
+                "-q",
+                "-F",
+                "-O",
+                "metadata_csum_seed",
+                "-E",
+                "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+                "-L",
+            ])
+            .arg(rec.name.as_str().chars().take(16).collect::<String>())
+            .arg(active.path())
+            .output()
+            .ctx(|| "run mkfs.ext4 (Debian package e2fsprogs)".into())?;
+        if !out.status.success() {
+            return Err(Error::io(
+                format!(
+                    "mkfs.ext4 on {}: {}",
+                    active.path().display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Take a consistent snapshot `snap` of image `image`: the image's
+    /// filesystem (if mounted) is flushed and frozen for the clone.
+    pub fn snapshot(&self, image: DeviceId, snap: &Name) -> Result<DeviceRecord> {
+        let lock = self.lock_of(image);
+        let _g = lock.lock();
+        let img = self.ready(image)?;
+        if img.kind != DeviceKind::Image {
+            return Err(Error::Invalid(format!(
+                "{} is a snapshot; snapshots are taken of images",
+                img.name
+            )));
+        }
+        if self.meta.snapshot_id(image, snap)?.is_some() {
+            return Err(Error::AlreadyExists(format!(
+                "snapshot {}@{snap}",
+                img.name
+            )));
+        }
+        self.check_reserve(&format!("snapshot {}@{snap}", img.name))?;
+        let rec = self.intent(snap, DeviceKind::Snapshot, Some(image), img.size)?;
+        failpoint("snapshot.intent");
+        let started = std::time::Instant::now();
+        let made = self.frozen(image, || self.backend.snapshot(img.dev, rec.dev));
+        if let Err(e) = made {
+            return Err(self.undo(&rec, e));
+        }
+        failpoint("snapshot.backend");
+        let rec = self.finish(rec)?;
+        failpoint("snapshot.done");
+        log::info!(
+            "snapshot {}@{snap} taken (id {}) in {:.1} ms",
+            img.name,
+            rec.id,
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        Ok(rec)
+    }
+
+    /// Run `f` with the filesystem of `id` flushed and frozen, if mounted.
+    fn frozen<T>(&self, id: DeviceId, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let Some(m) = self.mounted(id) else {
+            return f();
+        };
+        fsio::syncfs(m.root()).ctx(|| format!("flush filesystem of device id {id}"))?;
+        fsio::freeze(m.root()).ctx(|| format!("freeze filesystem of device id {id}"))?;
+        failpoint("snapshot.frozen");
+        let r = f();
+        if let Err(e) = fsio::thaw(m.root()) {
+            log::error!("thaw of device id {id} failed: {e}");
+        }
+        r
+    }
+
+    /// Make a writable image `new` from snapshot `src`.
+    pub fn clone_snapshot(&self, src: &Target, new: &Name) -> Result<DeviceRecord> {
+        let snap = self.resolve(src)?;
+        if snap.kind != DeviceKind::Snapshot {
+            return Err(Error::Invalid(format!(
+                "{src} is not a snapshot (clone takes NAME@SNAP)"
+            )));
+        }
+        let lock = self.lock_of(snap.id);
+        let _g = lock.lock();
+        let snap = self.ready(snap.id)?;
+        if self.meta.image_id(new)?.is_some() {
+            return Err(Error::AlreadyExists(format!("image {new}")));
+        }
+        self.check_reserve(&format!("clone {src} to {new}"))?;
+        let rec = self.intent(new, DeviceKind::Image, Some(snap.id), snap.size)?;
+        failpoint("clone.intent");
+        if let Err(e) = self.backend.snapshot(snap.dev, rec.dev) {
+            return Err(self.undo(&rec, e));
+        }
+        failpoint("clone.backend");
+        let rec = self.finish(rec)?;
+        log::info!("cloned {src} to image {new} (id {})", rec.id);
+        Ok(rec)
+    }
+}

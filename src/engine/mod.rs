@@ -1,0 +1,256 @@
+//! The engine: the image graph and its crash-safe operations.
+//!
+//! It owns the rules (names, kinds, parents, reserve), the order of steps of
+//! every multi-step change, and the inner mounts of devices. Each change
+//! writes its intent to sled first (`Creating`, `RollingBack`, or a `gc`
+//! entry), then does the backend work, then records the result; [`recover`]
+//! finishes or undoes whatever a crash interrupted. It never speaks FUSE.
+
+mod create;
+mod inspect;
+mod modify;
+mod mounts;
+mod pool;
+mod recover;
+mod remove;
+
+pub use inspect::{DeviceInfo, PoolInfo};
+pub use mounts::Mounted;
+pub use pool::{BackendChoice, PoolOptions};
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::meta::{DeviceKind, DeviceRecord, DeviceState, Meta};
+use crate::types::{Bytes, DeviceId, Name};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Settings of an engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Size of new images when none is given.
+    pub default_image_size: Bytes,
+    /// New images and snapshots are refused when less than this is free.
+    pub reserve: Bytes,
+}
+
+/// The engine over one pool.
+pub struct Engine {
+    meta: Meta,
+    backend: Arc<dyn Backend>,
+    config: EngineConfig,
+    /// Held only while allocating an id and writing the intent record.
+    alloc: Mutex<()>,
+    /// One lock per image/snapshot id for changes that involve it.
+    locks: Mutex<HashMap<DeviceId, Arc<Mutex<()>>>>,
+    mounts: Mutex<HashMap<DeviceId, Arc<Mounted>>>,
+    /// flock on the state directory, held while the engine lives.
+    lock_file: Option<std::fs::File>,
+}
+
+/// A reference to an image or snapshot by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Image name.
+    pub image: Name,
+    /// Snapshot name, if `NAME@SNAP`.
+    pub snap: Option<Name>,
+}
+
+impl Target {
+    /// Parse `NAME` or `NAME@SNAP`.
+    pub fn parse(s: &str) -> Result<Target> {
+        match s.split_once('@') {
+            Some((i, sn)) => {
+                if sn.is_empty() {
+                    return Err(Error::InvalidName {
+                        name: s.into(),
+                        why: "nothing after '@' (expected NAME@SNAP)",
+                    });
+                }
+                Ok(Target {
+                    image: Name::new(i)?,
+                    snap: Some(Name::new(sn)?),
+                })
+            }
+            None => Ok(Target {
+                image: Name::new(s)?,
+                snap: None,
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.snap {
+            Some(s) => write!(f, "{}@{}", self.image, s),
+            None => write!(f, "{}", self.image),
+        }
+    }
+}
+
+/// Crash-test hook: when `THINFS_FAILPOINT` names this point, the process
+/// kills itself with SIGKILL right here, as a power cut would.
+pub fn failpoint(name: &str) {
+    static FP: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let fp = FP.get_or_init(|| std::env::var("THINFS_FAILPOINT").ok());
+    if fp.as_deref() == Some(name) {
+        log::warn!("failpoint {name}: killing the process");
+        // SAFETY: kill(2) on our own pid; no memory is involved.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+}
+
+pub(crate) fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Engine {
+    /// Open the engine over `meta` and `backend`, then reconcile them
+    /// (finish or undo what a crash left half-done).
+    pub fn open(meta: Meta, backend: Arc<dyn Backend>, config: EngineConfig) -> Result<Engine> {
+        let e = Engine {
+            meta,
+            backend,
+            config,
+            alloc: Mutex::new(()),
+            locks: Mutex::new(HashMap::new()),
+            mounts: Mutex::new(HashMap::new()),
+            lock_file: None,
+        };
+        e.recover()?;
+        Ok(e)
+    }
+
+    /// The metadata store (read-only use by inspection).
+    pub fn meta(&self) -> &Meta {
+        &self.meta
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// The engine's settings.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    fn lock_of(&self, id: DeviceId) -> Arc<Mutex<()>> {
+        self.locks.lock().entry(id).or_default().clone()
+    }
+
+    /// Resolve a target to its record.
+    pub fn resolve(&self, t: &Target) -> Result<DeviceRecord> {
+        let img = self
+            .meta
+            .image_id(&t.image)?
+            .ok_or_else(|| Error::NotFound(format!("no image named {}", t.image)))?;
+        let id = match &t.snap {
+            None => img,
+            Some(s) => self
+                .meta
+                .snapshot_id(img, s)?
+                .ok_or_else(|| Error::NotFound(format!("image {} has no snapshot {s}", t.image)))?,
+        };
+        self.record(id)
+    }
+
+    /// The record of `id`.
+    pub fn record(&self, id: DeviceId) -> Result<DeviceRecord> {
+        self.meta
+            .get(id)?
+            .ok_or_else(|| Error::NotFound(format!("no device with id {id}")))
+    }
+
+    /// The record of `id`, which must be `Ready`.
+    fn ready(&self, id: DeviceId) -> Result<DeviceRecord> {
+        let r = self.record(id)?;
+        match r.state {
+            DeviceState::Ready => Ok(r),
+            DeviceState::Faulty => Err(Error::Faulty {
+                name: r.name.to_string(),
+                reason: r.error.unwrap_or_default(),
+            }),
+            s => Err(Error::Busy(format!("{} is {s:?}", r.name))),
+        }
+    }
+
+    /// Image id by name.
+    pub fn image_id(&self, name: &Name) -> Result<Option<DeviceId>> {
+        self.meta.image_id(name)
+    }
+
+    /// Snapshot id by image and name.
+    pub fn snapshot_id(&self, image: DeviceId, name: &Name) -> Result<Option<DeviceId>> {
+        self.meta.snapshot_id(image, name)
+    }
+
+    /// Snapshots of an image, by name.
+    pub fn snapshots_of(&self, image: DeviceId) -> Result<Vec<DeviceRecord>> {
+        let mut v = Vec::new();
+        for c in self.meta.children(image)? {
+            if let Some(r) = self.meta.get(c)?
+                && r.kind == DeviceKind::Snapshot
+            {
+                v.push(r);
+            }
+        }
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(v)
+    }
+
+    /// Images (top-level directories), by name.
+    pub fn images(&self) -> Result<Vec<DeviceRecord>> {
+        let mut v: Vec<_> = self
+            .meta
+            .list()?
+            .into_iter()
+            .filter(|r| r.kind == DeviceKind::Image)
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(v)
+    }
+
+    /// Refuse new devices when the pool is below its reserve.
+    fn check_reserve(&self, what: &str) -> Result<()> {
+        let st = self.backend.status()?;
+        if st.available < self.config.reserve.0 {
+            return Err(Error::NoSpace(format!(
+                "cannot {what}: pool has {} free, below the reserve of {}",
+                Bytes(st.available),
+                self.config.reserve
+            )));
+        }
+        Ok(())
+    }
+
+    /// Allocate a free device id (not used by any record, pending device,
+    /// gc entry or backend device). Caller holds `alloc`.
+    fn alloc_dev(&self) -> Result<DeviceId> {
+        let mut used = self.meta.used_devs()?;
+        for d in self.backend.list()? {
+            used.insert(d.get());
+        }
+        let mut cand = 1u32;
+        for u in &used {
+            if *u == cand {
+                cand += 1;
+            } else if *u > cand {
+                break;
+            }
+        }
+        if cand > DeviceId::MAX {
+            return Err(Error::NoSpace("all 2^24 device ids are in use".into()));
+        }
+        DeviceId::new(cand)
+    }
+}

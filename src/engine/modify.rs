@@ -1,0 +1,175 @@
+//! Rename, rollback, resize and labels.
+//!
+//! Rollback order: (1) record `RollingBack` with a new `pending_dev`;
+//! (2) the backend clones the snapshot into `pending_dev`; (3) one
+//! transaction swaps `dev` to it, marks `Ready` and queues the old device in
+//! `gc`; (4) the old device is deleted. A crash before (3) is undone at the
+//! next open (pending device deleted, image unchanged); after (3) it is
+//! finished (old device deleted).
+
+use super::{Engine, Target, failpoint};
+use crate::error::{Error, IoContext, Result};
+use crate::meta::{DeviceKind, DeviceState};
+use crate::types::{Bytes, Name};
+use std::process::Command;
+
+impl Engine {
+    /// Rename an image, or a snapshot within its image.
+    pub fn rename(&self, target: &Target, new: &Name) -> Result<()> {
+        let rec = self.resolve(target)?;
+        let lock = self.lock_of(rec.id);
+        let _g = lock.lock();
+        let mut rec = self.record(rec.id)?;
+        if rec.name == *new {
+            return Ok(());
+        }
+        let old = rec.name.clone();
+        rec.name = new.clone();
+        self.meta.txn(|t| t.put(&rec)).map_err(|e| match e {
+            Error::AlreadyExists(_) => Error::AlreadyExists(format!("{new} (renaming {target})")),
+            e => e,
+        })?;
+        log::info!("renamed {old} to {new} (id {})", rec.id);
+        Ok(())
+    }
+
+    /// Put image `image` back to snapshot `image@snap`. Newer snapshots of
+    /// the image are refused unless `destroy_newer`. The image must not be
+    /// mounted (the caller unmounts it).
+    pub fn rollback(&self, target: &Target, destroy_newer: bool) -> Result<()> {
+        let snap = self.resolve(target)?;
+        if snap.kind != DeviceKind::Snapshot {
+            return Err(Error::Invalid(format!(
+                "rollback needs NAME@SNAP, got {target}"
+            )));
+        }
+        let image = snap
+            .parent
+            .ok_or_else(|| Error::Corrupt(format!("snapshot {target} has no image")))?;
+        let newer: Vec<_> = self
+            .snapshots_of(image)?
+            .into_iter()
+            .filter(|s| s.seq > snap.seq)
+            .collect();
+        if !newer.is_empty() {
+            if !destroy_newer {
+                let names: Vec<_> = newer.iter().map(|s| s.name.to_string()).collect();
+                return Err(Error::Busy(format!(
+                    "{target} is not the newest snapshot (newer: {}); use --destroy-newer",
+                    names.join(", ")
+                )));
+            }
+            for s in newer {
+                self.destroy_id(s.id)?;
+            }
+        }
+        let lock = self.lock_of(image);
+        let _g = lock.lock();
+        if self.mounted(image).is_some() {
+            return Err(Error::Busy(format!("image {} is mounted", target.image)));
+        }
+        let mut img = self.ready(image)?;
+        let snap = self.ready(snap.id)?;
+        let tmp = {
+            let _a = self.alloc.lock();
+            let tmp = self.alloc_dev()?;
+            img.state = DeviceState::RollingBack;
+            img.pending_dev = Some(tmp);
+            self.meta.txn(|t| t.put(&img))?;
+            tmp
+        };
+        failpoint("rollback.intent");
+        if let Err(e) = self.backend.snapshot(snap.dev, tmp) {
+            let _ = self.backend.delete(tmp);
+            img.state = DeviceState::Ready;
+            img.pending_dev = None;
+            self.meta.txn(|t| t.put(&img))?;
+            return Err(e);
+        }
+        failpoint("rollback.backend");
+        let old = img.dev;
+        img.dev = tmp;
+        img.pending_dev = None;
+        img.state = DeviceState::Ready;
+        img.size = snap.size;
+        self.meta.txn(|t| {
+            t.put(&img)?;
+            t.gc_add(old)
+        })?;
+        failpoint("rollback.swap");
+        self.collect_garbage()?;
+        log::info!("rolled back image {} to {target}", img.name);
+        Ok(())
+    }
+
+    /// Grow an image to `size` (online if mounted).
+    pub fn resize(&self, target: &Target, size: Bytes) -> Result<()> {
+        let rec = self.resolve(target)?;
+        if rec.kind != DeviceKind::Image {
+            return Err(Error::Invalid(format!(
+                "{target} is a snapshot; only images can be resized"
+            )));
+        }
+        let lock = self.lock_of(rec.id);
+        let _g = lock.lock();
+        let mut rec = self.ready(rec.id)?;
+        if size.0 < rec.size.0 {
+            return Err(Error::InvalidSize {
+                input: size.human(),
+                why: "shrinking an image is not supported",
+            });
+        }
+        self.backend.resize(rec.dev, size)?;
+        rec.size = size;
+        self.meta.txn(|t| t.put(&rec))?;
+        let grow = |path: &std::path::Path| -> Result<()> {
+            let out = Command::new("resize2fs")
+                .arg(path)
+                .output()
+                .ctx(|| "run resize2fs (Debian package e2fsprogs)".into())?;
+            if !out.status.success() {
+                return Err(Error::io(
+                    format!("resize2fs: {}", String::from_utf8_lossy(&out.stderr).trim()),
+                    std::io::Error::from_raw_os_error(libc::EIO),
+                ));
+            }
+            Ok(())
+        };
+        match self.mounted(rec.id) {
+            Some(m) => {
+                m.device().refresh_capacity()?;
+                grow(m.device().path())?;
+            }
+            None => {
+                let active = self.backend.activate(rec.dev, false)?;
+                let out = Command::new("e2fsck")
+                    .args(["-f", "-p"])
+                    .arg(active.path())
+                    .output()
+                    .ctx(|| "run e2fsck".into())?;
+                if !out.status.success() {
+                    log::warn!(
+                        "e2fsck before resize: {}",
+                        String::from_utf8_lossy(&out.stdout).trim()
+                    );
+                }
+                grow(active.path())?;
+            }
+        }
+        log::info!("resized {target} to {size}");
+        Ok(())
+    }
+
+    /// Set (`Some`) or remove (`None`) a label.
+    pub fn set_label(&self, target: &Target, key: &str, value: Option<&str>) -> Result<()> {
+        let rec = self.resolve(target)?;
+        let lock = self.lock_of(rec.id);
+        let _g = lock.lock();
+        let mut rec = self.record(rec.id)?;
+        match value {
+            Some(v) => rec.labels.insert(key.to_string(), v.to_string()),
+            None => rec.labels.remove(key),
+        };
+        self.meta.txn(|t| t.put(&rec))
+    }
+}

@@ -1,0 +1,135 @@
+//! Inner mounts: each device's filesystem, mounted detached on demand.
+
+use super::Engine;
+use crate::backend::ActiveDevice;
+use crate::error::{IoContext, Result};
+use crate::meta::DeviceKind;
+use crate::sys::{fsio, mount};
+use crate::types::DeviceId;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A device's filesystem, mounted detached. The mount lives while this (or
+/// any file opened through it) lives; then the kernel drops the mount and
+/// the autoclear loop device under it.
+#[derive(Debug)]
+pub struct Mounted {
+    /// Root directory of the mounted filesystem. Declared first: dropped
+    /// before the device it sits on.
+    root: OwnedFd,
+    active: Box<dyn ActiveDevice>,
+    /// Record id.
+    pub id: DeviceId,
+    /// Backend device id it was mounted from.
+    pub dev: DeviceId,
+    /// Mounted read-only (snapshots).
+    pub read_only: bool,
+    last_used: AtomicU64,
+}
+
+impl Mounted {
+    /// The root directory fd.
+    pub fn root(&self) -> BorrowedFd<'_> {
+        self.root.as_fd()
+    }
+
+    /// Note a use (for idle expiry).
+    pub fn touch(&self) {
+        self.last_used.store(super::now_secs(), Ordering::Relaxed);
+    }
+
+    /// Seconds since the epoch of the last use.
+    pub fn last_used(&self) -> u64 {
+        self.last_used.load(Ordering::Relaxed)
+    }
+
+    /// The block device under it.
+    pub fn device(&self) -> &dyn ActiveDevice {
+        self.active.as_ref()
+    }
+}
+
+impl Engine {
+    /// The mounted filesystem of `id`, mounting it if needed.
+    pub fn mount(&self, id: DeviceId) -> Result<Arc<Mounted>> {
+        if let Some(m) = self.mounts.lock().get(&id) {
+            m.touch();
+            return Ok(m.clone());
+        }
+        let lock = self.lock_of(id);
+        let _g = lock.lock();
+        if let Some(m) = self.mounts.lock().get(&id) {
+            return Ok(m.clone());
+        }
+        let r = self.ready(id)?;
+        let ro = r.kind == DeviceKind::Snapshot;
+        let m = Arc::new(self.mount_dev(r.id, r.dev, ro, &r.fs)?);
+        m.touch();
+        log::info!(
+            "mounted {} (id {}, dev {}, {})",
+            r.name,
+            r.id,
+            r.dev,
+            if ro { "ro" } else { "rw" }
+        );
+        self.mounts.lock().insert(id, m.clone());
+        Ok(m)
+    }
+
+    pub(super) fn mount_dev(
+        &self,
+        id: DeviceId,
+        dev: DeviceId,
+        ro: bool,
+        fs: &str,
+    ) -> Result<Mounted> {
+        let active = self.backend.activate(dev, ro)?;
+        let flags: &[&str] = if ro { &[] } else { &["discard"] };
+        let root = mount::fsmount_detached(fs, active.path(), ro, flags, &[]).ctx(|| {
+            format!(
+                "mount {fs} of device {dev} from {}",
+                active.path().display()
+            )
+        })?;
+        Ok(Mounted {
+            root,
+            active,
+            id,
+            dev,
+            read_only: ro,
+            last_used: AtomicU64::new(0),
+        })
+    }
+
+    /// The mount of `id` if it is mounted.
+    pub fn mounted(&self, id: DeviceId) -> Option<Arc<Mounted>> {
+        self.mounts.lock().get(&id).cloned()
+    }
+
+    /// Forget the mount of `id`: the kernel drops it once the last file
+    /// opened through it is closed.
+    pub fn unmount(&self, id: DeviceId) {
+        if let Some(m) = self.mounts.lock().remove(&id) {
+            let _ = fsio::syncfs(m.root());
+            log::info!("unmounted device id {id}");
+        }
+    }
+
+    /// Ids of mounted devices, with their last use.
+    pub fn mounted_ids(&self) -> Vec<(DeviceId, u64, usize)> {
+        self.mounts
+            .lock()
+            .iter()
+            .map(|(id, m)| (*id, m.last_used(), Arc::strong_count(m)))
+            .collect()
+    }
+
+    /// Flush and drop every mount (shutdown).
+    pub fn unmount_all(&self) {
+        let all: Vec<_> = self.mounts.lock().drain().collect();
+        for (_, m) in all {
+            let _ = fsio::syncfs(m.root());
+        }
+    }
+}

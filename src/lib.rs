@@ -1,0 +1,14 @@
+//! thinfs: a copy-on-write snapshot filesystem.
+//!
+//! Layers, arrows pointing one way:
+//! `cli` (binary) -> `daemon` -> `fuse` -> `engine` -> (`meta`, `backend`) -> `sys`.
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod engine;
+pub mod error;
+pub mod meta;
+pub mod sys;
+pub mod types;
+
+pub use error::{Error, Result};

@@ -1,0 +1,291 @@
+//! The metadata store: sled trees, their key encodings and transactions.
+//!
+//! Trees:
+//! - `devices`: device id (4 bytes, big-endian) -> [`DeviceRecord`] (JSON)
+//! - `names`:   `i` + image name, or `s` + image id + snapshot name -> id
+//! - `children`: parent id + child id -> empty
+//! - `gc`:      backend device id -> empty: devices whose record is gone
+//!   and whose blocks must still be freed (finished at the next open)
+//! - `pool`:    `pool` -> [`PoolRecord`] (JSON)
+//!
+//! Every change goes through [`Meta::txn`]: one sled transaction over all
+//! trees that keeps the indexes in step with the records and bumps the
+//! pool's transaction id. This module knows nothing of backends or mounts.
+
+mod record;
+
+pub use record::{DeviceKind, DeviceRecord, DeviceState, PoolRecord, SCHEMA_VERSION};
+
+use crate::error::{Error, Result};
+use crate::types::{DeviceId, Name};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionalTree};
+use std::collections::BTreeSet;
+use std::path::Path;
+
+/// The open metadata store.
+#[derive(Clone)]
+pub struct Meta {
+    db: sled::Db,
+    devices: sled::Tree,
+    names: sled::Tree,
+    children: sled::Tree,
+    gc: sled::Tree,
+    pool: sled::Tree,
+}
+
+const POOL_KEY: &[u8] = b"pool";
+
+fn name_key(kind: DeviceKind, image: Option<DeviceId>, name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(name.len() + 5);
+    match (kind, image) {
+        (DeviceKind::Snapshot, Some(img)) => {
+            k.push(b's');
+            k.extend_from_slice(&img.key());
+        }
+        _ => k.push(b'i'),
+    }
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+fn rec_name_key(r: &DeviceRecord) -> Vec<u8> {
+    name_key(r.kind, r.parent, r.name.as_str())
+}
+
+fn child_key(parent: DeviceId, child: DeviceId) -> [u8; 8] {
+    let mut k = [0u8; 8];
+    k[..4].copy_from_slice(&parent.key());
+    k[4..].copy_from_slice(&child.key());
+    k
+}
+
+fn decode(v: &[u8]) -> Result<DeviceRecord> {
+    serde_json::from_slice(v).map_err(|e| Error::Corrupt(format!("device record: {e}")))
+}
+
+fn encode<T: serde::Serialize>(r: &T) -> Vec<u8> {
+    // Serialising plain records to JSON cannot fail.
+    serde_json::to_vec(r).unwrap_or_default()
+}
+
+/// The view of all trees inside one transaction.
+pub struct Txn<'a> {
+    devices: &'a TransactionalTree,
+    names: &'a TransactionalTree,
+    children: &'a TransactionalTree,
+    gc: &'a TransactionalTree,
+    pool: &'a TransactionalTree,
+}
+
+type TxResult<T> = std::result::Result<T, ConflictableTransactionError<Error>>;
+
+fn abort<T>(e: Error) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(e))
+}
+
+impl Txn<'_> {
+    /// The record of `id`, as seen inside this transaction.
+    pub fn get(&self, id: DeviceId) -> TxResult<Option<DeviceRecord>> {
+        match self.devices.get(id.key())? {
+            Some(v) => decode(&v).map(Some).or_else(abort),
+            None => Ok(None),
+        }
+    }
+
+    /// Insert or update a record, keeping the name and child indexes in step.
+    /// Fails with `AlreadyExists` if its name is taken by another device.
+    pub fn put(&self, rec: &DeviceRecord) -> TxResult<()> {
+        let old = self.get(rec.id)?;
+        let nk = rec_name_key(rec);
+        if let Some(owner) = self.names.get(&nk)?
+            && owner.as_ref() != rec.id.key()
+        {
+            return abort(Error::AlreadyExists(rec.display_name()));
+        }
+        if let Some(o) = &old {
+            let ok = rec_name_key(o);
+            if ok != nk {
+                self.names.remove(ok)?;
+            }
+            if let Some(p) = o.parent
+                && Some(p) != rec.parent
+            {
+                self.children.remove(&child_key(p, o.id))?;
+            }
+        }
+        self.names.insert(nk, &rec.id.key())?;
+        if let Some(p) = rec.parent {
+            self.children.insert(&child_key(p, rec.id), &[])?;
+        }
+        self.devices.insert(&rec.id.key(), encode(rec))?;
+        Ok(())
+    }
+
+    /// Remove a record and its index entries.
+    pub fn remove(&self, id: DeviceId) -> TxResult<Option<DeviceRecord>> {
+        let Some(old) = self.get(id)? else {
+            return Ok(None);
+        };
+        self.names.remove(rec_name_key(&old))?;
+        if let Some(p) = old.parent {
+            self.children.remove(&child_key(p, id))?;
+        }
+        self.devices.remove(&id.key())?;
+        Ok(Some(old))
+    }
+
+    /// Queue a backend device for deletion.
+    pub fn gc_add(&self, dev: DeviceId) -> TxResult<()> {
+        self.gc.insert(&dev.key(), &[])?;
+        Ok(())
+    }
+
+    /// Bump the pool transaction id.
+    pub fn bump(&self) -> TxResult<u64> {
+        let mut p: PoolRecord = match self.pool.get(POOL_KEY)? {
+            Some(v) => serde_json::from_slice(&v)
+                .map_err(|e| Error::Corrupt(format!("pool record: {e}")))
+                .or_else(abort)?,
+            None => return abort(Error::Corrupt("pool record missing".into())),
+        };
+        p.transaction_id += 1;
+        self.pool.insert(POOL_KEY, encode(&p))?;
+        Ok(p.transaction_id)
+    }
+}
+
+impl Meta {
+    /// Open (or create) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Meta> {
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
+        Ok(Meta {
+            devices: db.open_tree("devices")?,
+            names: db.open_tree("names")?,
+            children: db.open_tree("children")?,
+            gc: db.open_tree("gc")?,
+            pool: db.open_tree("pool")?,
+            db,
+        })
+    }
+
+    /// Run `f` as one transaction over all trees, bump the transaction id,
+    /// and flush to disk before returning.
+    pub fn txn<T>(&self, f: impl Fn(&Txn<'_>) -> TxResult<T>) -> Result<T> {
+        let r = (
+            &self.devices,
+            &self.names,
+            &self.children,
+            &self.gc,
+            &self.pool,
+        )
+            .transaction(|(devices, names, children, gc, pool)| {
+                let t = Txn {
+                    devices,
+                    names,
+                    children,
+                    gc,
+                    pool,
+                };
+                let v = f(&t)?;
+                t.bump()?;
+                Ok(v)
+            });
+        let v = match r {
+            Ok(v) => v,
+            Err(sled::transaction::TransactionError::Abort(e)) => return Err(e),
+            Err(sled::transaction::TransactionError::Storage(e)) => return Err(Error::Meta(e)),
+        };
+        self.db.flush()?;
+        Ok(v)
+    }
+
+    /// The pool record, if the pool was initialised.
+    pub fn pool(&self) -> Result<Option<PoolRecord>> {
+        match self.pool.get(POOL_KEY)? {
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| Error::Corrupt(format!("pool record: {e}"))),
+            None => Ok(None),
+        }
+    }
+
+    /// Write the pool record (initialisation and geometry changes).
+    pub fn set_pool(&self, p: &PoolRecord) -> Result<()> {
+        self.pool.insert(POOL_KEY, encode(p))?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// One record.
+    pub fn get(&self, id: DeviceId) -> Result<Option<DeviceRecord>> {
+        match self.devices.get(id.key())? {
+            Some(v) => decode(&v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// All records, in id order.
+    pub fn list(&self) -> Result<Vec<DeviceRecord>> {
+        self.devices.iter().map(|kv| decode(&kv?.1)).collect()
+    }
+
+    /// The image called `name`.
+    pub fn image_id(&self, name: &Name) -> Result<Option<DeviceId>> {
+        self.id_by_key(&name_key(DeviceKind::Image, None, name.as_str()))
+    }
+
+    /// The snapshot `name` of `image`.
+    pub fn snapshot_id(&self, image: DeviceId, name: &Name) -> Result<Option<DeviceId>> {
+        self.id_by_key(&name_key(DeviceKind::Snapshot, Some(image), name.as_str()))
+    }
+
+    fn id_by_key(&self, k: &[u8]) -> Result<Option<DeviceId>> {
+        match self.names.get(k)? {
+            Some(v) => DeviceId::from_key(&v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Children of `parent` (snapshots of an image, clones of a snapshot).
+    pub fn children(&self, parent: DeviceId) -> Result<Vec<DeviceId>> {
+        self.children
+            .scan_prefix(parent.key())
+            .map(|kv| DeviceId::from_key(&kv?.0[4..]))
+            .collect()
+    }
+
+    /// Backend devices queued for deletion.
+    pub fn gc_list(&self) -> Result<Vec<DeviceId>> {
+        self.gc
+            .iter()
+            .map(|kv| DeviceId::from_key(&kv?.0))
+            .collect()
+    }
+
+    /// Drop a device from the deletion queue once its blocks are freed.
+    pub fn gc_done(&self, dev: DeviceId) -> Result<()> {
+        self.gc.remove(dev.key())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Every backend device id referenced by a record or the gc queue.
+    pub fn used_devs(&self) -> Result<BTreeSet<u32>> {
+        let mut s = BTreeSet::new();
+        for r in self.list()? {
+            s.insert(r.id.get());
+            s.insert(r.dev.get());
+            if let Some(p) = r.pending_dev {
+                s.insert(p.get());
+            }
+        }
+        for g in self.gc_list()? {
+            s.insert(g.get());
+        }
+        Ok(s)
+    }
+}

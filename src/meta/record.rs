@@ -1,0 +1,97 @@
+//! Record types stored in sled.
+
+use crate::types::{Bytes, DeviceId, Name};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Version of the on-disk schema.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// What a device is to the user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    /// Writable, top-level directory (clones too).
+    Image,
+    /// Read-only child of an image.
+    Snapshot,
+}
+
+/// Persistent state of a device (containerd devmapper style). Runtime
+/// states (attached, mounted) are not stored: mounts are detached and die
+/// with the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceState {
+    /// Intent recorded; the backend device may be partly made.
+    Creating,
+    /// Complete and usable.
+    Ready,
+    /// A rollback is in progress: `pending_dev` holds the new content.
+    RollingBack,
+    /// Broken; `error` says why. Shown, never used.
+    Faulty,
+}
+
+/// One device record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    /// Stable identity of this image or snapshot (the key).
+    pub id: DeviceId,
+    /// Backend device holding the blocks (differs from `id` after a rollback).
+    pub dev: DeviceId,
+    /// Image name, or snapshot name within its image.
+    pub name: Name,
+    /// Image or snapshot.
+    pub kind: DeviceKind,
+    /// Snapshot: its image. Clone: the snapshot it came from. Plain image: none.
+    pub parent: Option<DeviceId>,
+    /// Virtual size.
+    pub size: Bytes,
+    /// Filesystem inside (ext4).
+    pub fs: String,
+    /// Persistent state.
+    pub state: DeviceState,
+    /// Second backend device during a rollback.
+    #[serde(default)]
+    pub pending_dev: Option<DeviceId>,
+    /// Why the device is faulty.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Creation time, seconds since the epoch.
+    pub created: u64,
+    /// Pool transaction id at creation: orders snapshots exactly.
+    #[serde(default)]
+    pub seq: u64,
+    /// User labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl DeviceRecord {
+    /// Name for messages: `image` or `image@snap` is not known here, so the
+    /// snapshot form is `#parent@snap`.
+    pub fn display_name(&self) -> String {
+        match (self.kind, self.parent) {
+            (DeviceKind::Snapshot, Some(p)) => format!("#{p}@{}", self.name),
+            _ => self.name.to_string(),
+        }
+    }
+}
+
+/// The pool record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolRecord {
+    /// Schema version.
+    pub schema: u32,
+    /// Backend kind (`reflink`, `dm`).
+    pub backend: String,
+    /// Pool size in bytes.
+    pub size: Bytes,
+    /// Reserve below which new devices are refused.
+    pub reserve: Bytes,
+    /// Default image size.
+    pub default_image_size: Bytes,
+    /// Incremented by every metadata change.
+    pub transaction_id: u64,
+}

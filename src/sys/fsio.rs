@@ -1,0 +1,202 @@
+//! File-system ioctls: FICLONE, FIFREEZE/FITHAW, syncfs, FITRIM, FIEMAP,
+//! XFS extent-size hints, statvfs.
+
+use super::cvt;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+
+const FICLONE: libc::c_ulong = 0x4004_9409;
+const FIFREEZE: libc::c_ulong = 0xC004_5877;
+const FITHAW: libc::c_ulong = 0xC004_5878;
+const FITRIM: libc::c_ulong = 0xC018_5879;
+const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+const FS_IOC_FSGETXATTR: libc::c_ulong = 0x801C_581F;
+const FS_IOC_FSSETXATTR: libc::c_ulong = 0x401C_5820;
+const FS_XFLAG_EXTSIZE: u32 = 0x800;
+const FS_XFLAG_COWEXTSIZE: u32 = 0x10000;
+const FIEMAP_FLAG_SYNC: u32 = 1;
+const FIEMAP_EXTENT_LAST: u32 = 0x1;
+const FIEMAP_EXTENT_SHARED: u32 = 0x2000;
+
+/// Make `dst` share all of `src`'s blocks (reflink).
+pub fn ficlone(dst: impl AsFd, src: impl AsFd) -> io::Result<()> {
+    // SAFETY: FICLONE takes the source fd as its integer argument.
+    cvt(unsafe {
+        libc::ioctl(
+            dst.as_fd().as_raw_fd(),
+            FICLONE,
+            src.as_fd().as_raw_fd() as libc::c_long,
+        )
+    })?;
+    Ok(())
+}
+
+/// Flush the whole filesystem that `fd` is on.
+pub fn syncfs(fd: impl AsFd) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd.
+    cvt(unsafe { libc::syncfs(fd.as_fd().as_raw_fd()) })?;
+    Ok(())
+}
+
+/// Freeze the filesystem that `fd` is on.
+pub fn freeze(fd: impl AsFd) -> io::Result<()> {
+    let mut arg: libc::c_int = 0;
+    // SAFETY: FIFREEZE ignores its int argument; the pointer is valid.
+    cvt(unsafe {
+        libc::ioctl(
+            fd.as_fd().as_raw_fd(),
+            FIFREEZE,
+            &mut arg as *mut libc::c_int,
+        )
+    })?;
+    Ok(())
+}
+
+/// Thaw the filesystem that `fd` is on.
+pub fn thaw(fd: impl AsFd) -> io::Result<()> {
+    let mut arg: libc::c_int = 0;
+    // SAFETY: FITHAW ignores its int argument; the pointer is valid.
+    cvt(unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), FITHAW, &mut arg as *mut libc::c_int) })?;
+    Ok(())
+}
+
+#[repr(C)]
+struct FstrimRange {
+    start: u64,
+    len: u64,
+    minlen: u64,
+}
+
+/// Discard unused blocks of the filesystem `fd` is on; returns bytes trimmed.
+pub fn fitrim(fd: impl AsFd) -> io::Result<u64> {
+    let mut r = FstrimRange {
+        start: 0,
+        len: u64::MAX,
+        minlen: 0,
+    };
+    // SAFETY: r is a valid fstrim_range the kernel reads and updates.
+    cvt(unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), FITRIM, &mut r as *mut FstrimRange) })?;
+    Ok(r.len)
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct FiemapExtent {
+    fe_logical: u64,
+    fe_physical: u64,
+    fe_length: u64,
+    fe_reserved64: [u64; 2],
+    fe_flags: u32,
+    fe_reserved: [u32; 3],
+}
+
+#[repr(C)]
+struct FiemapHead {
+    fm_start: u64,
+    fm_length: u64,
+    fm_flags: u32,
+    fm_mapped_extents: u32,
+    fm_extent_count: u32,
+    fm_reserved: u32,
+}
+
+const BATCH: usize = 512;
+
+#[repr(C)]
+struct FiemapBuf {
+    head: FiemapHead,
+    ext: [FiemapExtent; BATCH],
+}
+
+/// Extent usage of a file: (bytes mapped, bytes mapped and not shared, extent count).
+pub fn fiemap_usage(fd: impl AsFd) -> io::Result<(u64, u64, u64)> {
+    let raw = fd.as_fd().as_raw_fd();
+    let zero = FiemapExtent {
+        fe_logical: 0,
+        fe_physical: 0,
+        fe_length: 0,
+        fe_reserved64: [0; 2],
+        fe_flags: 0,
+        fe_reserved: [0; 3],
+    };
+    let mut buf = Box::new(FiemapBuf {
+        head: FiemapHead {
+            fm_start: 0,
+            fm_length: 0,
+            fm_flags: 0,
+            fm_mapped_extents: 0,
+            fm_extent_count: 0,
+            fm_reserved: 0,
+        },
+        ext: [zero; BATCH],
+    });
+    let (mut total, mut exclusive, mut count) = (0u64, 0u64, 0u64);
+    let mut start = 0u64;
+    loop {
+        buf.head = FiemapHead {
+            fm_start: start,
+            fm_length: u64::MAX - start,
+            fm_flags: FIEMAP_FLAG_SYNC,
+            fm_mapped_extents: 0,
+            fm_extent_count: BATCH as u32,
+            fm_reserved: 0,
+        };
+        // SAFETY: buf is a fiemap header followed by BATCH extents, as
+        // fm_extent_count tells the kernel; it lives across the call.
+        cvt(unsafe { libc::ioctl(raw, FS_IOC_FIEMAP, &mut *buf as *mut FiemapBuf) })?;
+        let n = buf.head.fm_mapped_extents as usize;
+        if n == 0 {
+            break;
+        }
+        let mut last = false;
+        for e in &buf.ext[..n.min(BATCH)] {
+            total += e.fe_length;
+            count += 1;
+            if e.fe_flags & FIEMAP_EXTENT_SHARED == 0 {
+                exclusive += e.fe_length;
+            }
+            start = e.fe_logical + e.fe_length;
+            last |= e.fe_flags & FIEMAP_EXTENT_LAST != 0;
+        }
+        if last {
+            break;
+        }
+    }
+    Ok((total, exclusive, count))
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct FsXattr {
+    fsx_xflags: u32,
+    fsx_extsize: u32,
+    fsx_nextents: u32,
+    fsx_projid: u32,
+    fsx_cowextsize: u32,
+    fsx_pad: [u8; 8],
+}
+
+/// Set XFS extent-size and CoW-extent-size hints on a (still empty) file,
+/// so that random writes allocate in `bytes`-sized chunks and the extent
+/// count (hence FICLONE time) stays bounded.
+pub fn set_extent_hints(fd: impl AsFd, bytes: u32) -> io::Result<()> {
+    let raw = fd.as_fd().as_raw_fd();
+    let mut x = FsXattr::default();
+    // SAFETY: x is a valid struct fsxattr the kernel fills in.
+    cvt(unsafe { libc::ioctl(raw, FS_IOC_FSGETXATTR, &mut x as *mut FsXattr) })?;
+    x.fsx_xflags |= FS_XFLAG_EXTSIZE | FS_XFLAG_COWEXTSIZE;
+    x.fsx_extsize = bytes;
+    x.fsx_cowextsize = bytes;
+    // SAFETY: x is a valid struct fsxattr the kernel reads.
+    cvt(unsafe { libc::ioctl(raw, FS_IOC_FSSETXATTR, &x as *const FsXattr) })?;
+    Ok(())
+}
+
+/// statvfs of the filesystem `fd` is on: (block size, blocks, free, avail, files, ffree).
+pub fn statvfs(fd: impl AsFd) -> io::Result<libc::statvfs> {
+    // SAFETY: zeroed statvfs is a valid out-parameter.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: s is a valid statvfs the kernel fills in.
+    cvt(unsafe { libc::fstatvfs(fd.as_fd().as_raw_fd(), &mut s) })?;
+    Ok(s)
+}
