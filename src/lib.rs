@@ -5,8 +5,11 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod cli;
+pub mod daemon;
 pub mod engine;
 pub mod error;
+pub mod fuse;
 pub mod meta;
 pub mod sys;
 pub mod types;

@@ -1,1 +1,5 @@
-fn main() {}
+//! The `thinfs` binary.
+
+fn main() {
+    std::process::exit(thinfs::cli::main());
+}

@@ -105,7 +105,8 @@ pub fn failpoint(name: &str) {
     }
 }
 
-pub(crate) fn now_secs() -> u64 {
+/// Seconds since the epoch.
+pub fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -81,3 +81,13 @@ pub fn groups_of(pid: u32) -> Vec<libc::gid_t> {
         })
         .unwrap_or_default()
 }
+
+/// Drop the daemon's own supplementary groups (process-wide), so that
+/// operations done as a user never carry root's groups.
+pub fn drop_supplementary_groups() -> io::Result<()> {
+    // SAFETY: an empty list; glibc applies it to every thread.
+    if unsafe { libc::setgroups(0, std::ptr::null()) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -370,3 +370,12 @@ pub fn read_dir_at(dir: &File, off: i64) -> io::Result<Vec<DirEntry>> {
     }
     Ok(out)
 }
+
+/// An O_PATH handle on the file behind an open descriptor.
+pub fn path_handle(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let p = proc_path(fd);
+    // SAFETY: p is a valid C string; the returned fd is new and owned.
+    let nfd = cvt(unsafe { libc::open(p.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) })?;
+    // SAFETY: nfd was just returned by open.
+    Ok(unsafe { OwnedFd::from_raw_fd(nfd) })
+}

@@ -11,6 +11,8 @@ pub mod file;
 pub mod fsio;
 pub mod loopdev;
 pub mod mount;
+pub mod process;
+pub mod signals;
 
 use std::ffi::CString;
 use std::io;

@@ -144,3 +144,11 @@ fn unescape(s: &str) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// Unmount `path` (fails with EBUSY while in use).
+pub fn umount(path: &Path) -> io::Result<()> {
+    let p = cpath(path)?;
+    // SAFETY: p is a valid C string.
+    cvt(unsafe { libc::umount2(p.as_ptr(), 0) })?;
+    Ok(())
+}

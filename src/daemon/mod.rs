@@ -1,0 +1,119 @@
+//! The daemon: opens (and recovers) the pool, mounts the FUSE tree, serves
+//! until a stop signal or an unmount, then tears everything down. It owns
+//! process-level concerns (signals, threads, stale mounts), nothing else.
+
+use crate::engine::{Engine, PoolOptions};
+use crate::error::{Error, IoContext, Result};
+use crate::fuse::{FuseOptions, ThinFs};
+use crate::sys::{creds, mount, signals};
+use fuser::{Config, MountOption, SessionACL};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Everything `thinfs mount` needs.
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    /// Pool to open.
+    pub pool: PoolOptions,
+    /// Where to mount.
+    pub mountpoint: PathBuf,
+    /// FUSE layer options.
+    pub fuse: FuseOptions,
+    /// Unmount inner filesystems idle this long.
+    pub idle: Duration,
+    /// FUSE worker threads.
+    pub threads: usize,
+}
+
+/// Is `p` a FUSE mount whose daemon is gone ("Transport endpoint is not
+/// connected")? Then detach it.
+fn clean_stale(p: &Path) -> Result<()> {
+    match std::fs::metadata(p) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            log::warn!(
+                "{} is a stale mount left by a killed daemon; detaching it",
+                p.display()
+            );
+            mount::umount_lazy(p).ctx(|| format!("detach stale mount {}", p.display()))?;
+            Ok(())
+        }
+        _ => {
+            let canon = std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+            let table = mount::mount_table().ctx(|| "read mount table".into())?;
+            if table.iter().any(|(m, t)| {
+                Path::new(m) == canon && t.starts_with("fuse") && t.contains("thinfs")
+            }) {
+                return Err(Error::Busy(format!(
+                    "thinfs is already mounted at {}",
+                    p.display()
+                )));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Mount and serve until stopped. `ready` is called once the mount works.
+pub fn run(cfg: &MountConfig, ready: impl FnOnce()) -> Result<()> {
+    clean_stale(&cfg.mountpoint)?;
+    std::fs::create_dir_all(&cfg.mountpoint)
+        .ctx(|| format!("create mount point {}", cfg.mountpoint.display()))?;
+    signals::block_stop_signals().ctx(|| "block signals".into())?;
+    creds::drop_supplementary_groups().ctx(|| "drop supplementary groups".into())?;
+    let engine = Arc::new(Engine::open_pool(&cfg.pool)?);
+    let fs = ThinFs::new(engine.clone(), cfg.fuse.clone());
+    let expirer = fs.expirer();
+    let mut fc = Config::default();
+    fc.mount_options = vec![
+        MountOption::FSName("thinfs".into()),
+        MountOption::Subtype("thinfs".into()),
+        MountOption::DefaultPermissions,
+    ];
+    fc.acl = SessionACL::All;
+    fc.n_threads = Some(cfg.threads.max(1));
+    fc.clone_fd = true;
+    let mut session = fuser::Session::new(fs, &cfg.mountpoint, &fc)
+        .ctx(|| format!("mount FUSE at {}", cfg.mountpoint.display()))?;
+    let mut unmounter = session.unmount_callable();
+    let mp = cfg.mountpoint.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Ok(sig) = signals::wait_stop_signal() {
+                log::info!("signal {sig}: unmounting {}", mp.display());
+                if let Err(e) = unmounter.unmount() {
+                    log::error!(
+                        "unmount of {} failed: {e}; detaching it lazily",
+                        mp.display()
+                    );
+                    let _ = mount::umount_lazy(&mp);
+                }
+            }
+        })
+        .ctx(|| "start signal thread".into())?;
+    let idle = cfg.idle;
+    std::thread::Builder::new()
+        .name("expire".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_secs(5).min(idle.max(Duration::from_secs(1))));
+                let n = expirer.expire_idle(idle);
+                if n > 0 {
+                    log::info!("unmounted {n} idle device(s)");
+                }
+            }
+        })
+        .ctx(|| "start expiry thread".into())?;
+    log::info!(
+        "thinfs mounted at {} (state {})",
+        cfg.mountpoint.display(),
+        cfg.pool.state.display()
+    );
+    ready();
+    let r = session.run();
+    engine.unmount_all();
+    drop(engine);
+    log::info!("thinfs at {} stopped", cfg.mountpoint.display());
+    r.ctx(|| "FUSE session".into())
+}

@@ -1,0 +1,334 @@
+//! File operations inside images and snapshots: attributes, open, read,
+//! write, sync, space, seek, copy and extended attributes.
+
+use super::inode::{Inode, Real};
+use super::{Caller, Handle, ThinFs, attr};
+use crate::error::{Error, IoContext, Result};
+use crate::sys::{file, fsio};
+use fuser::{BackingId, FileAttr, TimeOrNow};
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::UNIX_EPOCH;
+
+fn timespec(t: Option<TimeOrNow>) -> libc::timespec {
+    match t {
+        None => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        Some(TimeOrNow::Now) => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        Some(TimeOrNow::SpecificTime(t)) => {
+            let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+            libc::timespec {
+                tv_sec: d.as_secs() as libc::time_t,
+                tv_nsec: d.subsec_nanos() as libc::c_long,
+            }
+        }
+    }
+}
+
+/// What a setattr request asks for.
+#[derive(Debug, Default)]
+pub(super) struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeOrNow>,
+    pub mtime: Option<TimeOrNow>,
+    pub fh: Option<u64>,
+}
+
+impl ThinFs {
+    pub(super) fn getattr_real(&self, i: &Inode, r: &Real) -> Result<FileAttr> {
+        let st = file::fstat(r.fd()).ctx(|| format!("stat inode {:#x}", i.ino))?;
+        Ok(attr::from_stat(i.ino, &st))
+    }
+
+    pub(super) fn setattr_real(
+        &self,
+        c: &Caller,
+        i: &Inode,
+        r: &Real,
+        s: SetAttr,
+    ) -> Result<FileAttr> {
+        if let Some(mode) = s.mode
+            && r.fmt != libc::S_IFLNK
+        {
+            self.as_user(
+                c,
+                false,
+                || "chmod".into(),
+                || file::chmod(r.fd(), mode & 0o7777),
+            )?;
+        }
+        if s.uid.is_some() || s.gid.is_some() {
+            let (u, g) = (s.uid.unwrap_or(u32::MAX), s.gid.unwrap_or(u32::MAX));
+            self.as_user(c, true, || "chown".into(), || file::chown(r.fd(), u, g))?;
+        }
+        if let Some(size) = s.size {
+            let h = match s.fh {
+                Some(fh) => Some(self.handle(fh)?),
+                None => None,
+            };
+            match h.as_deref() {
+                Some(Handle::File { file: f, .. }) => self.as_user(
+                    c,
+                    false,
+                    || "ftruncate".into(),
+                    || file::ftruncate(f.as_fd(), size),
+                )?,
+                _ => self.as_user(
+                    c,
+                    false,
+                    || "truncate".into(),
+                    || file::truncate(r.fd(), size),
+                )?,
+            }
+        }
+        if s.atime.is_some() || s.mtime.is_some() {
+            let ts = [timespec(s.atime), timespec(s.mtime)];
+            self.as_user(c, false, || "utimens".into(), || file::utimens(r.fd(), &ts))?;
+        }
+        self.getattr_real(i, r)
+    }
+
+    /// Open a real file as the caller.
+    pub(super) fn open_real(&self, c: &Caller, r: &Real, flags: i32) -> Result<File> {
+        r.mount.touch();
+        self.as_user(c, false, || "open".into(), || file::reopen(r.fd(), flags))
+    }
+
+    /// The passthrough backing id of inode `i`, shared by all its open
+    /// handles; made with `make` from the first.
+    pub(super) fn backing_for(
+        &self,
+        i: &Inode,
+        make: impl FnOnce() -> std::io::Result<BackingId>,
+    ) -> Option<Arc<BackingId>> {
+        if !self.passthrough.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut b = i.backing.lock();
+        if let Some(id) = b.as_ref() {
+            return Some(id.clone());
+        }
+        match make() {
+            Ok(id) => {
+                let id = Arc::new(id);
+                *b = Some(id.clone());
+                Some(id)
+            }
+            Err(e) => {
+                log::warn!("passthrough unavailable for inode {:#x}: {e}", i.ino);
+                None
+            }
+        }
+    }
+
+    /// Close a handle; the last handle of an inode drops its backing id.
+    pub(super) fn release_handle(&self, fh: u64) {
+        let Some(h) = self.drop_handle(fh) else {
+            return;
+        };
+        if let Handle::File {
+            ino,
+            backing: Some(_),
+            ..
+        } = h.as_ref()
+            && let Some(i) = self.inodes.peek(*ino)
+        {
+            let ino = *ino;
+            drop(h);
+            let mut b = i.backing.lock();
+            if b.as_ref()
+                .map(|a| Arc::strong_count(a) == 1)
+                .unwrap_or(false)
+            {
+                *b = None;
+                log::trace!("inode {ino:#x}: last passthrough handle closed");
+            }
+        }
+    }
+
+    fn file_of(&self, fh: u64) -> Result<Arc<Handle>> {
+        let h = self.handle(fh)?;
+        match h.as_ref() {
+            Handle::File { .. } | Handle::Content(_) => Ok(h),
+            _ => Err(Error::io(
+                "not a file handle",
+                std::io::Error::from_raw_os_error(libc::EISDIR),
+            )),
+        }
+    }
+
+    pub(super) fn read_fh(&self, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {
+        self.stats.reads.fetch_add(1, Ordering::Relaxed);
+        let h = self.file_of(fh)?;
+        match h.as_ref() {
+            Handle::File { file: f, .. } => {
+                let mut buf = vec![0u8; size as usize];
+                let mut done = 0;
+                while done < buf.len() {
+                    let n = f
+                        .read_at(&mut buf[done..], off + done as u64)
+                        .ctx(|| "read".into())?;
+                    if n == 0 {
+                        break;
+                    }
+                    done += n;
+                }
+                buf.truncate(done);
+                Ok(buf)
+            }
+            Handle::Content(data) => {
+                let start = (off as usize).min(data.len());
+                let end = (start + size as usize).min(data.len());
+                Ok(data[start..end].to_vec())
+            }
+            _ => Err(Error::Invalid("read of a directory".into())),
+        }
+    }
+
+    pub(super) fn write_fh(&self, fh: u64, off: u64, data: &[u8]) -> Result<u32> {
+        self.stats.writes.fetch_add(1, Ordering::Relaxed);
+        let h = self.file_of(fh)?;
+        match h.as_ref() {
+            Handle::File { file: f, .. } => {
+                f.write_all_at(data, off).ctx(|| "write".into())?;
+                Ok(data.len() as u32)
+            }
+            _ => Err(Error::ReadOnly(".thinfs files are read-only".into())),
+        }
+    }
+
+    pub(super) fn fsync_fh(&self, fh: u64, datasync: bool) -> Result<()> {
+        let h = self.handle(fh)?;
+        match h.as_ref() {
+            Handle::File { file: f, .. } => file::fsync(f.as_fd(), datasync).ctx(|| "fsync".into()),
+            Handle::Dir { dir, .. } => {
+                file::fsync(dir.lock().as_fd(), datasync).ctx(|| "fsyncdir".into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn real_file(&self, fh: u64) -> Result<Arc<Handle>> {
+        let h = self.handle(fh)?;
+        match h.as_ref() {
+            Handle::File { .. } => Ok(h),
+            _ => Err(Error::io(
+                "not a file in an image",
+                std::io::Error::from_raw_os_error(libc::EBADF),
+            )),
+        }
+    }
+
+    pub(super) fn fallocate_fh(
+        &self,
+        c: &Caller,
+        fh: u64,
+        off: u64,
+        len: u64,
+        mode: i32,
+    ) -> Result<()> {
+        let h = self.real_file(fh)?;
+        let Handle::File { file: f, .. } = h.as_ref() else {
+            return Err(Error::Invalid("fallocate".into()));
+        };
+        self.as_user(
+            c,
+            false,
+            || "fallocate".into(),
+            || file::fallocate(f.as_fd(), mode, off, len),
+        )
+    }
+
+    pub(super) fn lseek_fh(&self, fh: u64, off: i64, whence: i32) -> Result<i64> {
+        let h = self.real_file(fh)?;
+        let Handle::File { file: f, .. } = h.as_ref() else {
+            return Err(Error::Invalid("lseek".into()));
+        };
+        file::lseek(f.as_fd(), off, whence).ctx(|| "lseek".into())
+    }
+
+    pub(super) fn copy_range_fh(
+        &self,
+        fin: u64,
+        off_in: u64,
+        fout: u64,
+        off_out: u64,
+        len: u64,
+    ) -> Result<u64> {
+        let a = self.real_file(fin)?;
+        let b = self.real_file(fout)?;
+        let (Handle::File { file: fa, .. }, Handle::File { file: fb, .. }) =
+            (a.as_ref(), b.as_ref())
+        else {
+            return Err(Error::Invalid("copy_file_range".into()));
+        };
+        file::copy_file_range(fa.as_fd(), off_in, fb.as_fd(), off_out, len)
+            .ctx(|| "copy_file_range".into())
+    }
+
+    /// statfs of the image or snapshot `r` is in.
+    pub(super) fn statfs_real(&self, r: &Real) -> Result<libc::statvfs> {
+        fsio::statvfs(r.fd()).ctx(|| "statfs".into())
+    }
+
+    pub(super) fn getxattr_real(
+        &self,
+        c: &Caller,
+        r: &Real,
+        name: &OsStr,
+        size: u32,
+    ) -> Result<Vec<u8>> {
+        self.as_user(
+            c,
+            false,
+            || format!("getxattr {name:?}"),
+            || file::getxattr(r.fd(), name, size as usize),
+        )
+    }
+
+    pub(super) fn listxattr_real(&self, c: &Caller, r: &Real, size: u32) -> Result<Vec<u8>> {
+        self.as_user(
+            c,
+            false,
+            || "listxattr".into(),
+            || file::listxattr(r.fd(), size as usize),
+        )
+    }
+
+    pub(super) fn setxattr_real(
+        &self,
+        c: &Caller,
+        r: &Real,
+        name: &OsStr,
+        v: &[u8],
+        flags: i32,
+    ) -> Result<()> {
+        self.as_user(
+            c,
+            false,
+            || format!("setxattr {name:?}"),
+            || file::setxattr(r.fd(), name, v, flags),
+        )
+    }
+
+    pub(super) fn removexattr_real(&self, c: &Caller, r: &Real, name: &OsStr) -> Result<()> {
+        self.as_user(
+            c,
+            false,
+            || format!("removexattr {name:?}"),
+            || file::removexattr(r.fd(), name),
+        )
+    }
+}

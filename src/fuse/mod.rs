@@ -1,0 +1,240 @@
+//! The FUSE layer: decodes kernel requests, calls the engine (for the
+//! namespace: images, `.snapshots`, `.thinfs`) or passes file operations
+//! through to the inner filesystems as the calling user, and maps every
+//! error to an errno. No graph logic lives here.
+//!
+//! Files: `inode` (inode numbers and table), `attr` (stat -> FileAttr),
+//! `namespace` (virtual directories and engine calls), `entries` (lookup,
+//! create, link, rename... inside images), `files` (open, read, write,
+//! setattr, xattrs...), `dirs` (readdir), `control` (`.thinfs` content),
+//! `ops` (the `fuser::Filesystem` trait, one line per method).
+
+mod attr;
+mod control;
+mod dirs;
+mod entries;
+mod files;
+mod inode;
+mod namespace;
+mod ops;
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::sys::creds;
+use crate::types::DeviceId;
+use fuser::{BackingId, Request};
+use parking_lot::{Mutex, RwLock};
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
+use std::fs::File;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+pub use inode::{CONTROL_INO, ROOT_INO};
+
+/// Options of the FUSE layer.
+#[derive(Debug, Clone)]
+pub struct FuseOptions {
+    /// Show `.snapshots` and the inner `lost+found` in directory listings.
+    pub show_hidden: bool,
+    /// Attribute and entry cache time.
+    pub ttl: Duration,
+}
+
+impl Default for FuseOptions {
+    fn default() -> Self {
+        FuseOptions {
+            show_hidden: false,
+            ttl: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Counters, readable by tests and `.thinfs`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// READ requests that reached the daemon.
+    pub reads: AtomicU64,
+    /// WRITE requests that reached the daemon.
+    pub writes: AtomicU64,
+    /// Opens answered with kernel passthrough.
+    pub passthrough_opens: AtomicU64,
+}
+
+/// An open file or directory.
+#[derive(Debug)]
+enum Handle {
+    File {
+        file: File,
+        ino: u64,
+        dev: DeviceId,
+        backing: Option<Arc<BackingId>>,
+    },
+    Dir {
+        dir: Mutex<File>,
+        dev: DeviceId,
+        is_root: bool,
+    },
+    Virtual {
+        entries: Vec<(u64, fuser::FileType, OsString)>,
+    },
+    Content(Vec<u8>),
+}
+
+/// Who sent a request.
+#[derive(Debug, Clone, Copy)]
+struct Caller {
+    uid: u32,
+    gid: u32,
+    pid: u32,
+}
+
+impl Caller {
+    fn of(req: &Request) -> Caller {
+        Caller {
+            uid: req.uid(),
+            gid: req.gid(),
+            pid: req.pid(),
+        }
+    }
+}
+
+/// The thinfs FUSE filesystem.
+pub struct ThinFs {
+    engine: Arc<Engine>,
+    inodes: inode::InodeTable,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    next_fh: AtomicU64,
+    open_per_dev: Arc<Mutex<HashMap<DeviceId, usize>>>,
+    dead: RwLock<HashSet<DeviceId>>,
+    opts: FuseOptions,
+    started: SystemTime,
+    passthrough: AtomicBool,
+    stats: Arc<Stats>,
+}
+
+impl ThinFs {
+    /// A filesystem over `engine`.
+    pub fn new(engine: Arc<Engine>, opts: FuseOptions) -> ThinFs {
+        ThinFs {
+            engine,
+            inodes: inode::InodeTable::new(),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            open_per_dev: Arc::new(Mutex::new(HashMap::new())),
+            dead: RwLock::new(HashSet::new()),
+            opts,
+            started: SystemTime::now(),
+            passthrough: AtomicBool::new(false),
+            stats: Arc::new(Stats::default()),
+        }
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    /// Run `f` as the calling user (fsuid/fsgid; supplementary groups too if
+    /// `groups`), mapping an io error to [`Error::Io`] with `what`.
+    fn as_user<T>(
+        &self,
+        c: &Caller,
+        groups: bool,
+        what: impl FnOnce() -> String,
+        f: impl FnOnce() -> std::io::Result<T>,
+    ) -> Result<T> {
+        let gr = if groups && c.uid != 0 {
+            Some(creds::groups_of(c.pid))
+        } else {
+            None
+        };
+        let r = creds::become_user(c.uid, c.gid, gr.as_deref()).and_then(|_g| f());
+        r.map_err(|e| Error::io(what(), e))
+    }
+
+    fn add_handle(&self, h: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let dev = match &h {
+            Handle::File { dev, .. } | Handle::Dir { dev, .. } => Some(*dev),
+            _ => None,
+        };
+        if let Some(d) = dev {
+            *self.open_per_dev.lock().entry(d).or_default() += 1;
+        }
+        self.handles.lock().insert(fh, Arc::new(h));
+        fh
+    }
+
+    fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
+        self.handles.lock().get(&fh).cloned().ok_or_else(|| {
+            Error::io(
+                format!("file handle {fh}"),
+                std::io::Error::from_raw_os_error(libc::EBADF),
+            )
+        })
+    }
+
+    fn drop_handle(&self, fh: u64) -> Option<Arc<Handle>> {
+        let h = self.handles.lock().remove(&fh)?;
+        let dev = match h.as_ref() {
+            Handle::File { dev, .. } | Handle::Dir { dev, .. } => Some(*dev),
+            _ => None,
+        };
+        if let Some(d) = dev {
+            let mut m = self.open_per_dev.lock();
+            if let Some(n) = m.get_mut(&d) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    m.remove(&d);
+                }
+            }
+        }
+        Some(h)
+    }
+
+    /// Number of open files and directories in device `dev`.
+    fn open_count(&self, dev: DeviceId) -> usize {
+        self.open_per_dev.lock().get(&dev).copied().unwrap_or(0)
+    }
+
+    fn is_dead(&self, dev: DeviceId) -> bool {
+        self.dead.read().contains(&dev)
+    }
+
+    /// What the idle-expiry thread needs, usable after the filesystem
+    /// has been handed to the FUSE session.
+    pub fn expirer(&self) -> Expirer {
+        Expirer {
+            engine: self.engine.clone(),
+            open_per_dev: self.open_per_dev.clone(),
+        }
+    }
+}
+
+/// Unmounts inner filesystems that nobody uses.
+#[derive(Clone)]
+pub struct Expirer {
+    engine: Arc<Engine>,
+    open_per_dev: Arc<Mutex<HashMap<DeviceId, usize>>>,
+}
+
+impl Expirer {
+    /// Unmount inner filesystems idle for `idle` or more: no open file or
+    /// directory in them and no use since. Returns how many were dropped.
+    /// (Inodes the kernel still caches keep the filesystem itself alive
+    /// until it forgets them; nothing breaks.)
+    pub fn expire_idle(&self, idle: Duration) -> usize {
+        let now = crate::engine::now_secs();
+        let mut n = 0;
+        for (id, last, _) in self.engine.mounted_ids() {
+            let open = self.open_per_dev.lock().get(&id).copied().unwrap_or(0);
+            if now.saturating_sub(last) >= idle.as_secs() && open == 0 {
+                self.engine.unmount(id);
+                n += 1;
+            }
+        }
+        n
+    }
+}

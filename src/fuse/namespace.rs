@@ -1,0 +1,304 @@
+//! The virtual part of the tree: the root (images), `IMAGE/.snapshots`
+//! and `.thinfs`, and the engine calls that mkdir/rmdir/rename there make.
+
+use super::inode::{self, ControlFile, Inode, Node, Real};
+use super::{Caller, ThinFs, attr};
+use crate::engine::Target;
+use crate::error::{Error, IoContext, Result};
+use crate::sys::file;
+use crate::types::{DeviceId, Name};
+use fuser::{FileAttr, FileType};
+use std::ffi::{OsStr, OsString};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+
+/// Name of the snapshot directory inside every image.
+pub const SNAPDIR: &str = ".snapshots";
+/// Name of the inspection directory at the root.
+pub const CONTROL: &str = ".thinfs";
+
+fn enoent(what: String) -> Error {
+    Error::NotFound(what)
+}
+
+impl ThinFs {
+    /// Names looked up in virtual directories must be valid names; anything
+    /// else simply does not exist.
+    fn lookup_name(name: &OsStr) -> Result<Name> {
+        Name::from_os(name).map_err(|_| enoent(format!("{name:?}")))
+    }
+
+    /// Only root may change the namespace (delegation comes with the CLI).
+    pub(super) fn require_admin(&self, c: &Caller, what: &str) -> Result<()> {
+        if c.uid == 0 {
+            return Ok(());
+        }
+        Err(Error::PermissionDenied(format!(
+            "{what}: needs root (uid {} asked)",
+            c.uid
+        )))
+    }
+
+    /// The root inode of image or snapshot `id`, mounting it if needed.
+    pub(super) fn device_root(&self, id: DeviceId) -> Result<(Arc<Inode>, FileAttr)> {
+        let m = self.engine.mount(id)?;
+        let fd = file::open_path(m.root(), OsStr::new("."))
+            .ctx(|| format!("open root of device id {id}"))?;
+        let st = file::fstat(fd.as_fd()).ctx(|| format!("stat root of device id {id}"))?;
+        let ino = inode::real_ino(id, st.st_ino);
+        let i = self.inodes.remember(ino, || {
+            Node::Real(Real {
+                dev: id,
+                fd,
+                mount: m,
+                is_root: true,
+                fmt: libc::S_IFDIR,
+            })
+        });
+        Ok((i, attr::from_stat(ino, &st)))
+    }
+
+    pub(super) fn lookup_root(&self, name: &OsStr) -> Result<(Arc<Inode>, FileAttr)> {
+        if name == CONTROL {
+            let i = self.inodes.remember(inode::CONTROL_INO, || Node::Control);
+            let a = self.virtual_attr(&i)?;
+            return Ok((i, a));
+        }
+        let n = Self::lookup_name(name)?;
+        let id = self
+            .engine
+            .image_id(&n)?
+            .ok_or_else(|| enoent(format!("no image {n}")))?;
+        self.device_root(id)
+    }
+
+    pub(super) fn lookup_snapdir(
+        &self,
+        image: DeviceId,
+        name: &OsStr,
+    ) -> Result<(Arc<Inode>, FileAttr)> {
+        let n = Self::lookup_name(name)?;
+        let id = self
+            .engine
+            .snapshot_id(image, &n)?
+            .ok_or_else(|| enoent(format!("no snapshot {n}")))?;
+        self.device_root(id)
+    }
+
+    pub(super) fn lookup_control(&self, name: &OsStr) -> Result<(Arc<Inode>, FileAttr)> {
+        let (f, _, ino) = ControlFile::ALL
+            .into_iter()
+            .find(|(_, n, _)| OsStr::new(n) == name)
+            .ok_or_else(|| enoent(format!(".thinfs/{name:?}")))?;
+        let i = self.inodes.remember(ino, || Node::ControlFile(f));
+        let a = self.virtual_attr(&i)?;
+        Ok((i, a))
+    }
+
+    /// `IMAGE/.snapshots` of the image whose root is `root`.
+    pub(super) fn snapdir(&self, image: DeviceId) -> Result<(Arc<Inode>, FileAttr)> {
+        let i = self
+            .inodes
+            .remember(inode::snapdir_ino(image), || Node::SnapDir(image));
+        let a = self.virtual_attr(&i)?;
+        Ok((i, a))
+    }
+
+    /// Attributes of a virtual inode.
+    pub(super) fn virtual_attr(&self, i: &Inode) -> Result<FileAttr> {
+        Ok(match &i.node {
+            Node::Root | Node::Control | Node::SnapDir(_) => {
+                attr::virtual_attr(i.ino, true, 0, self.started)
+            }
+            Node::ControlFile(f) => {
+                let len = self.control_content(*f)?.len() as u64;
+                attr::virtual_attr(i.ino, false, len, self.started)
+            }
+            Node::Real(_) => return Err(Error::Invalid("not a virtual inode".into())),
+        })
+    }
+
+    /// Entries of a virtual directory, without `.` and `..`.
+    pub(super) fn virtual_entries(&self, i: &Inode) -> Result<Vec<(u64, FileType, OsString)>> {
+        let mut v = Vec::new();
+        match &i.node {
+            Node::Root => {
+                v.push((inode::CONTROL_INO, FileType::Directory, CONTROL.into()));
+                for r in self.engine.images()? {
+                    v.push((
+                        inode::real_ino(r.id, 2),
+                        FileType::Directory,
+                        r.name.as_str().into(),
+                    ));
+                }
+            }
+            Node::Control => {
+                for (_, n, ino) in ControlFile::ALL {
+                    v.push((ino, FileType::RegularFile, n.into()));
+                }
+            }
+            Node::SnapDir(image) => {
+                for r in self.engine.snapshots_of(*image)? {
+                    v.push((
+                        inode::real_ino(r.id, 2),
+                        FileType::Directory,
+                        r.name.as_str().into(),
+                    ));
+                }
+            }
+            _ => return Err(Error::Invalid("not a virtual directory".into())),
+        }
+        Ok(v)
+    }
+
+    /// `mkdir MOUNT/NAME`: a new image.
+    pub(super) fn mkdir_image(&self, c: &Caller, name: &OsStr) -> Result<(Arc<Inode>, FileAttr)> {
+        let n = Name::from_os(name)?;
+        self.require_admin(c, &format!("create image {n}"))?;
+        let r = self.engine.create_image(&n, None)?;
+        self.device_root(r.id)
+    }
+
+    /// `mkdir MOUNT/NAME/.snapshots/SNAP`: a snapshot.
+    pub(super) fn mkdir_snapshot(
+        &self,
+        c: &Caller,
+        image: DeviceId,
+        name: &OsStr,
+    ) -> Result<(Arc<Inode>, FileAttr)> {
+        let n = Name::from_os(name)?;
+        self.require_admin(c, &format!("snapshot {n}"))?;
+        let r = self.engine.snapshot(image, &n)?;
+        self.device_root(r.id)
+    }
+
+    fn target_of(&self, id: DeviceId) -> Result<Target> {
+        let r = self.engine.record(id)?;
+        match r.parent {
+            Some(p) if r.kind == crate::meta::DeviceKind::Snapshot => Ok(Target {
+                image: self.engine.record(p)?.name,
+                snap: Some(r.name),
+            }),
+            _ => Ok(Target {
+                image: r.name,
+                snap: None,
+            }),
+        }
+    }
+
+    /// `rmdir MOUNT/NAME`: only an empty image without snapshots.
+    pub(super) fn rmdir_image(&self, c: &Caller, name: &OsStr) -> Result<()> {
+        let n = Self::lookup_name(name)?;
+        let id = self
+            .engine
+            .image_id(&n)?
+            .ok_or_else(|| enoent(format!("no image {n}")))?;
+        self.require_admin(c, &format!("destroy image {n}"))?;
+        if !self.engine.snapshots_of(id)?.is_empty() {
+            return Err(Error::NotEmpty(format!("image {n} has snapshots")));
+        }
+        let m = self.engine.mount(id)?;
+        let dir = file::reopen(m.root(), libc::O_RDONLY | libc::O_DIRECTORY)
+            .ctx(|| format!("open image {n}"))?;
+        let mut off = 0;
+        loop {
+            let ents = file::read_dir_at(&dir, off).ctx(|| format!("read image {n}"))?;
+            if ents.is_empty() {
+                break;
+            }
+            for e in &ents {
+                off = e.off;
+                if e.name != "." && e.name != ".." && e.name != "lost+found" {
+                    return Err(Error::NotEmpty(format!(
+                        "image {n} is not empty ({:?})",
+                        e.name
+                    )));
+                }
+            }
+        }
+        drop(m);
+        if self.open_count(id) > 0 {
+            return Err(Error::Busy(format!("image {n} has open files")));
+        }
+        self.dead.write().insert(id);
+        let r = self.engine.destroy(
+            &Target {
+                image: n,
+                snap: None,
+            },
+            false,
+        );
+        if r.is_err() {
+            self.dead.write().remove(&id);
+        }
+        r
+    }
+
+    /// `rmdir MOUNT/NAME/.snapshots/SNAP`: destroy the snapshot.
+    pub(super) fn rmdir_snapshot(&self, c: &Caller, image: DeviceId, name: &OsStr) -> Result<()> {
+        let n = Self::lookup_name(name)?;
+        let id = self
+            .engine
+            .snapshot_id(image, &n)?
+            .ok_or_else(|| enoent(format!("no snapshot {n}")))?;
+        self.require_admin(c, &format!("destroy snapshot {n}"))?;
+        if self.open_count(id) > 0 {
+            return Err(Error::Busy(format!(
+                "snapshot {n} has {} open file(s)",
+                self.open_count(id)
+            )));
+        }
+        let t = self.target_of(id)?;
+        self.dead.write().insert(id);
+        let r = self.engine.destroy(&t, false);
+        if r.is_err() {
+            self.dead.write().remove(&id);
+        }
+        r
+    }
+
+    /// Rename within the root (images) or within one `.snapshots`.
+    pub(super) fn rename_virtual(
+        &self,
+        c: &Caller,
+        from_dir: &Inode,
+        name: &OsStr,
+        to_dir: &Inode,
+        new: &OsStr,
+        flags: u32,
+    ) -> Result<()> {
+        if flags & libc::RENAME_EXCHANGE != 0 {
+            return Err(Error::Invalid(
+                "RENAME_EXCHANGE of images or snapshots is not supported".into(),
+            ));
+        }
+        let n = Self::lookup_name(name)?;
+        let new = Name::from_os(new)?;
+        let t = match (&from_dir.node, &to_dir.node) {
+            (Node::Root, Node::Root) => Target {
+                image: n,
+                snap: None,
+            },
+            (Node::SnapDir(a), Node::SnapDir(b)) if a == b => {
+                let img = self.engine.record(*a)?;
+                Target {
+                    image: img.name,
+                    snap: Some(n),
+                }
+            }
+            (Node::SnapDir(_), Node::SnapDir(_)) => {
+                return Err(Error::CrossDevice(
+                    "snapshots move only within their own .snapshots".into(),
+                ));
+            }
+            _ => {
+                return Err(Error::CrossDevice(
+                    "cannot move between images, snapshots and .thinfs".into(),
+                ));
+            }
+        };
+        self.require_admin(c, &format!("rename {t}"))?;
+        self.engine.resolve(&t)?;
+        self.engine.rename(&t, &new)
+    }
+}

@@ -1,0 +1,767 @@
+//! The `fuser::Filesystem` trait: each method decodes its request, picks
+//! the virtual or passthrough path by the kind of inode, and replies. Every
+//! error goes to the caller as an errno and to the log as one line.
+
+use super::files::SetAttr;
+use super::inode::Node;
+use super::{Caller, Handle, ThinFs};
+use crate::error::{Error, Result};
+use fuser::{
+    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileHandle, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use std::ffi::OsStr;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+
+/// Map an error to an errno, logging one line. Ordinary outcomes of file
+/// operations (ENOENT, EEXIST, EACCES...) are logged at debug level.
+fn errno(op: &str, ino: u64, e: &Error) -> Errno {
+    let n = e.errno();
+    let quiet = matches!(
+        n,
+        libc::ENOENT
+            | libc::EEXIST
+            | libc::EACCES
+            | libc::ENOTEMPTY
+            | libc::ENODATA
+            | libc::ERANGE
+            | libc::ENOTDIR
+            | libc::EISDIR
+            | libc::ELOOP
+            | libc::ENOTSUP
+            | libc::EROFS
+    );
+    if quiet {
+        log::debug!("{op} (inode {ino:#x}): {e}");
+    } else {
+        log::warn!("{op} (inode {ino:#x}) failed, errno {n}: {e}");
+    }
+    Errno::from_i32(n)
+}
+
+fn no(errno: i32, what: &str) -> Error {
+    Error::io(what.to_string(), std::io::Error::from_raw_os_error(errno))
+}
+
+macro_rules! reply_or {
+    ($reply:expr, $op:expr, $ino:expr, $res:expr, |$v:ident| $ok:expr) => {
+        match $res {
+            Ok($v) => $ok,
+            Err(e) => $reply.error(errno($op, $ino, &e)),
+        }
+    };
+}
+
+impl ThinFs {
+    fn entry_of(
+        &self,
+        parent: u64,
+        name: &OsStr,
+    ) -> Result<(std::sync::Arc<super::inode::Inode>, fuser::FileAttr)> {
+        let p = self.inodes.get(parent)?;
+        match &p.node {
+            Node::Root => self.lookup_root(name),
+            Node::Control => self.lookup_control(name),
+            Node::SnapDir(img) => self.lookup_snapdir(*img, name),
+            Node::Real(_) => self.lookup_real(self.real(&p)?, name),
+            Node::ControlFile(_) => Err(no(libc::ENOTDIR, "lookup in a file")),
+        }
+    }
+
+    fn mkdir_any(
+        &self,
+        c: &Caller,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+    ) -> Result<(std::sync::Arc<super::inode::Inode>, fuser::FileAttr)> {
+        let p = self.inodes.get(parent)?;
+        match &p.node {
+            Node::Root => self.mkdir_image(c, name),
+            Node::SnapDir(img) => self.mkdir_snapshot(c, *img, name),
+            Node::Real(_) => self.mkdir_real(c, self.real(&p)?, name, mode),
+            _ => Err(Error::ReadOnly(".thinfs is read-only".into())),
+        }
+    }
+
+    fn remove_any(&self, c: &Caller, parent: u64, name: &OsStr, dir: bool) -> Result<()> {
+        let p = self.inodes.get(parent)?;
+        match (&p.node, dir) {
+            (Node::Root, true) => self.rmdir_image(c, name),
+            (Node::SnapDir(img), true) => self.rmdir_snapshot(c, *img, name),
+            (Node::Real(_), _) => self.unlink_real(c, self.real(&p)?, name, dir),
+            (Node::Control, _) => Err(Error::ReadOnly(".thinfs is read-only".into())),
+            _ => Err(no(
+                libc::EISDIR,
+                "unlink of an image or snapshot (use rmdir)",
+            )),
+        }
+    }
+
+    fn attr_any(&self, ino: u64) -> Result<fuser::FileAttr> {
+        let i = self.inodes.get(ino)?;
+        match &i.node {
+            Node::Real(_) => self.getattr_real(&i, self.real(&i)?),
+            _ => self.virtual_attr(&i),
+        }
+    }
+
+    fn real_parent(&self, parent: u64, what: &str) -> Result<std::sync::Arc<super::inode::Inode>> {
+        let p = self.inodes.get(parent)?;
+        match &p.node {
+            Node::Real(_) => Ok(p),
+            Node::Control | Node::ControlFile(_) => {
+                Err(Error::ReadOnly(".thinfs is read-only".into()))
+            }
+            _ => Err(Error::PermissionDenied(format!(
+                "{what}: only directories (images, snapshots) can be made here"
+            ))),
+        }
+    }
+}
+
+impl Filesystem for ThinFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let caps = config.capabilities();
+        if caps.contains(InitFlags::FUSE_PASSTHROUGH)
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok()
+        {
+            self.passthrough.store(true, Ordering::Relaxed);
+        }
+        for f in [
+            InitFlags::FUSE_HANDLE_KILLPRIV_V2,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_ATOMIC_O_TRUNC,
+        ] {
+            if caps.contains(f) {
+                let _ = config.add_capabilities(f);
+            }
+        }
+        log::info!(
+            "FUSE session started (kernel ABI {:?}, passthrough {})",
+            config.kernel_abi(),
+            if self.passthrough.load(Ordering::Relaxed) {
+                "on"
+            } else {
+                "off"
+            }
+        );
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        self.engine.unmount_all();
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        reply_or!(
+            reply,
+            "lookup",
+            parent.0,
+            self.entry_of(parent.0, name),
+            |v| reply.entry(&self.opts.ttl, &v.1, Generation(0))
+        )
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.inodes.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        reply_or!(reply, "getattr", ino.0, self.attr_any(ino.0), |a| reply
+            .attr(&self.opts.ttl, &a))
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let c = Caller::of(req);
+        let r = self.inodes.get(ino.0).and_then(|i| {
+            let r = self.real(&i).map_err(|_| {
+                Error::PermissionDenied("attributes of images and snapshots are fixed".into())
+            })?;
+            self.setattr_real(
+                &c,
+                &i,
+                r,
+                SetAttr {
+                    mode,
+                    uid,
+                    gid,
+                    size,
+                    atime,
+                    mtime,
+                    fh: fh.map(|f| f.0),
+                },
+            )
+        });
+        reply_or!(reply, "setattr", ino.0, r, |a| reply
+            .attr(&self.opts.ttl, &a))
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let r = self
+            .inodes
+            .get(ino.0)
+            .and_then(|i| self.readlink_real(self.real(&i)?));
+        reply_or!(reply, "readlink", ino.0, r, |v| reply.data(&v))
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let c = Caller::of(req);
+        let r = self
+            .real_parent(parent.0, "mknod")
+            .and_then(|p| self.mknod_real(&c, self.real(&p)?, name, mode, rdev));
+        reply_or!(reply, "mknod", parent.0, r, |v| reply.entry(
+            &self.opts.ttl,
+            &v.1,
+            Generation(0)
+        ))
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let c = Caller::of(req);
+        reply_or!(
+            reply,
+            "mkdir",
+            parent.0,
+            self.mkdir_any(&c, parent.0, name, mode),
+            |v| reply.entry(&self.opts.ttl, &v.1, Generation(0))
+        )
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let c = Caller::of(req);
+        reply_or!(
+            reply,
+            "unlink",
+            parent.0,
+            self.remove_any(&c, parent.0, name, false),
+            |_v| reply.ok()
+        )
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let c = Caller::of(req);
+        reply_or!(
+            reply,
+            "rmdir",
+            parent.0,
+            self.remove_any(&c, parent.0, name, true),
+            |_v| reply.ok()
+        )
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let c = Caller::of(req);
+        let r = self
+            .real_parent(parent.0, "symlink")
+            .and_then(|p| self.symlink_real(&c, self.real(&p)?, link_name, target.as_os_str()));
+        reply_or!(reply, "symlink", parent.0, r, |v| reply.entry(
+            &self.opts.ttl,
+            &v.1,
+            Generation(0)
+        ))
+    }
+
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let c = Caller::of(req);
+        let r = (|| {
+            let p = self.inodes.get(parent.0)?;
+            let np = self.inodes.get(newparent.0)?;
+            match (&p.node, &np.node) {
+                (Node::Real(_), Node::Real(_)) => self.rename_real(
+                    &c,
+                    self.real(&p)?,
+                    name,
+                    self.real(&np)?,
+                    newname,
+                    flags.bits(),
+                ),
+                (Node::Real(_), _) | (_, Node::Real(_)) => Err(Error::CrossDevice(
+                    "cannot move between images, snapshots and the root".into(),
+                )),
+                _ => self.rename_virtual(&c, &p, name, &np, newname, flags.bits()),
+            }
+        })();
+        reply_or!(reply, "rename", parent.0, r, |_v| reply.ok())
+    }
+
+    fn link(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let c = Caller::of(req);
+        let r = (|| {
+            let i = self.inodes.get(ino.0)?;
+            let p = self.real_parent(newparent.0, "link")?;
+            self.link_real(&c, self.real(&i)?, self.real(&p)?, newname)
+        })();
+        reply_or!(reply, "link", ino.0, r, |v| reply.entry(
+            &self.opts.ttl,
+            &v.1,
+            Generation(0)
+        ))
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let c = Caller::of(req);
+        let i = match self.inodes.get(ino.0) {
+            Ok(i) => i,
+            Err(e) => return reply.error(errno("open", ino.0, &e)),
+        };
+        match &i.node {
+            Node::ControlFile(f) => {
+                if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+                    return reply.error(errno(
+                        "open",
+                        ino.0,
+                        &Error::ReadOnly(".thinfs is read-only".into()),
+                    ));
+                }
+                match self.control_content(*f) {
+                    Ok(data) => {
+                        let fh = self.add_handle(Handle::Content(data));
+                        reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
+                    }
+                    Err(e) => reply.error(errno("open", ino.0, &e)),
+                }
+            }
+            Node::Real(_) => {
+                let r = match self.real(&i) {
+                    Ok(r) => r,
+                    Err(e) => return reply.error(errno("open", ino.0, &e)),
+                };
+                let file = match self.open_real(&c, r, flags.0) {
+                    Ok(f) => f,
+                    Err(e) => return reply.error(errno("open", ino.0, &e)),
+                };
+                let backing = if r.fmt == libc::S_IFREG {
+                    self.backing_for(&i, || reply.open_backing(&file))
+                } else {
+                    None
+                };
+                let dev = r.dev;
+                let fh = self.add_handle(Handle::File {
+                    file,
+                    ino: ino.0,
+                    dev,
+                    backing: backing.clone(),
+                });
+                match backing {
+                    Some(b) => {
+                        self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+                        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b)
+                    }
+                    None => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                }
+            }
+            _ => reply.error(errno(
+                "open",
+                ino.0,
+                &no(libc::EISDIR, "open of a directory"),
+            )),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        reply_or!(
+            reply,
+            "read",
+            ino.0,
+            self.read_fh(fh.0, offset, size),
+            |v| reply.data(&v)
+        )
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        reply_or!(
+            reply,
+            "write",
+            ino.0,
+            self.write_fh(fh.0, offset, data),
+            |n| reply.written(n)
+        )
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok()
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.release_handle(fh.0);
+        reply.ok()
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply_or!(reply, "fsync", ino.0, self.fsync_fh(fh.0, datasync), |_v| {
+            reply.ok()
+        })
+    }
+
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let c = Caller::of(req);
+        let r = self
+            .inodes
+            .get(ino.0)
+            .and_then(|i| self.opendir_any(&c, &i));
+        reply_or!(reply, "opendir", ino.0, r, |fh| reply
+            .opened(FileHandle(fh), FopenFlags::empty()))
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        reply: ReplyDirectory,
+    ) {
+        // readdir_fh replies itself on success (the reply carries the entries).
+        let h = match self.handle(fh.0) {
+            Ok(h) => h,
+            Err(e) => return reply.error(errno("readdir", ino.0, &e)),
+        };
+        drop(h);
+        if let Err(e) = self.readdir_fh(fh.0, offset, reply) {
+            log::warn!("readdir (inode {:#x}) failed: {e}", ino.0);
+        }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.release_handle(fh.0);
+        reply.ok()
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply_or!(
+            reply,
+            "fsyncdir",
+            ino.0,
+            self.fsync_fh(fh.0, datasync),
+            |_v| reply.ok()
+        )
+    }
+
+    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        let r = (|| {
+            let i = self.inodes.get(ino.0)?;
+            if let Node::Real(_) = &i.node {
+                let s = self.statfs_real(self.real(&i)?)?;
+                return Ok((
+                    s.f_blocks,
+                    s.f_bfree,
+                    s.f_bavail,
+                    s.f_files,
+                    s.f_ffree,
+                    s.f_bsize as u32,
+                    s.f_namemax as u32,
+                    s.f_frsize as u32,
+                ));
+            }
+            let p = self.engine.pool_info()?;
+            let bs = 4096u64;
+            Ok((
+                p.status.total / bs,
+                (p.status.total - p.status.used) / bs,
+                p.status.available / bs,
+                0,
+                0,
+                bs as u32,
+                255,
+                bs as u32,
+            ))
+        })();
+        reply_or!(reply, "statfs", ino.0, r, |s| reply
+            .statfs(s.0, s.1, s.2, s.3, s.4, s.5, s.6, s.7))
+    }
+
+    fn setxattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let c = Caller::of(req);
+        let r = self.inodes.get(ino.0).and_then(|i| match &i.node {
+            Node::Real(_) => self.setxattr_real(&c, self.real(&i)?, name, value, flags),
+            _ => Err(Error::PermissionDenied(
+                "no extended attributes on virtual directories".into(),
+            )),
+        });
+        reply_or!(reply, "setxattr", ino.0, r, |_v| reply.ok())
+    }
+
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let c = Caller::of(req);
+        let r = self.inodes.get(ino.0).and_then(|i| match &i.node {
+            Node::Real(_) => self.getxattr_real(&c, self.real(&i)?, name, size),
+            _ => Err(no(
+                libc::ENODATA,
+                "virtual directories have no extended attributes",
+            )),
+        });
+        reply_or!(reply, "getxattr", ino.0, r, |v| if size == 0 {
+            reply.size(v.len() as u32)
+        } else {
+            reply.data(&v)
+        })
+    }
+
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let c = Caller::of(req);
+        let r = self.inodes.get(ino.0).and_then(|i| match &i.node {
+            Node::Real(_) => self.listxattr_real(&c, self.real(&i)?, size),
+            _ => Ok(Vec::new()),
+        });
+        reply_or!(reply, "listxattr", ino.0, r, |v| if size == 0 {
+            reply.size(v.len() as u32)
+        } else {
+            reply.data(&v)
+        })
+    }
+
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let c = Caller::of(req);
+        let r = self.inodes.get(ino.0).and_then(|i| match &i.node {
+            Node::Real(_) => self.removexattr_real(&c, self.real(&i)?, name),
+            _ => Err(no(
+                libc::ENODATA,
+                "virtual directories have no extended attributes",
+            )),
+        });
+        reply_or!(reply, "removexattr", ino.0, r, |_v| reply.ok())
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // default_permissions: the kernel checks access itself.
+        reply.ok()
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let c = Caller::of(req);
+        let r = self
+            .real_parent(parent.0, "create")
+            .and_then(|p| self.create_real(&c, self.real(&p)?, name, mode, flags));
+        match r {
+            Ok((i, attr, file)) => {
+                let Some(real) = i.real() else {
+                    return reply.error(Errno::from_i32(libc::EIO));
+                };
+                let dev = real.dev;
+                let backing = self.backing_for(&i, || reply.open_backing(&file));
+                let fh = self.add_handle(Handle::File {
+                    file,
+                    ino: i.ino,
+                    dev,
+                    backing: backing.clone(),
+                });
+                match backing {
+                    Some(b) => {
+                        self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+                        reply.created_passthrough(
+                            &self.opts.ttl,
+                            &attr,
+                            Generation(0),
+                            FileHandle(fh),
+                            FopenFlags::empty(),
+                            &b,
+                        )
+                    }
+                    None => reply.created(
+                        &self.opts.ttl,
+                        &attr,
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::empty(),
+                    ),
+                }
+            }
+            Err(e) => reply.error(errno("create", parent.0, &e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let c = Caller::of(req);
+        reply_or!(
+            reply,
+            "fallocate",
+            ino.0,
+            self.fallocate_fh(&c, fh.0, offset, length, mode),
+            |_v| reply.ok()
+        )
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        reply_or!(
+            reply,
+            "lseek",
+            ino.0,
+            self.lseek_fh(fh.0, offset, whence),
+            |o| reply.offset(o)
+        )
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        _ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let r = self.copy_range_fh(fh_in.0, offset_in, fh_out.0, offset_out, len);
+        reply_or!(reply, "copy_file_range", ino_in.0, r, |n| reply
+            .written(n as u32))
+    }
+}

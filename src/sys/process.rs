@@ -1,0 +1,40 @@
+//! Process helpers for `thinfs mount --daemon`: a pipe whose write end a
+//! child inherits (to say "ready"), and leaving the controlling terminal.
+
+use super::cvt;
+use std::fs::File;
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+
+/// A pipe: (read end, close-on-exec; write end, inherited by children).
+pub fn ready_pipe() -> io::Result<(File, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: fds is a valid array of two ints.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: pipe2 returned two fresh fds that we now own.
+    let (r, w) = unsafe { (File::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: clearing FD_CLOEXEC on an fd we own.
+    cvt(unsafe { libc::fcntl(fds[1], libc::F_SETFD, 0) })?;
+    Ok((r, w))
+}
+
+/// Take ownership of an inherited fd number (from the environment).
+pub fn inherited_fd(n: i32) -> io::Result<File> {
+    // SAFETY: fcntl F_GETFD only checks that the fd is open.
+    cvt(unsafe { libc::fcntl(n, libc::F_GETFD) })?;
+    // SAFETY: the parent passed us this fd for our sole use.
+    Ok(unsafe { File::from_raw_fd(n) })
+}
+
+/// Start a new session (leave the terminal's process group).
+pub fn setsid() -> io::Result<()> {
+    // SAFETY: no arguments.
+    cvt(unsafe { libc::setsid() })?;
+    Ok(())
+}
+
+/// Effective uid of this process.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    unsafe { libc::geteuid() }
+}
