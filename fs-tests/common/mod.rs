@@ -134,3 +134,174 @@ pub fn wait_no_loops(dir: &Path) -> Vec<String> {
     }
     loops_under(dir)
 }
+
+/// A running `thinfs mount` daemon on a scratch mount point, stopped (and
+/// its mount removed) on drop, even when the test panics.
+pub struct TestMount {
+    pub scratch: Scratch,
+    pub mnt: PathBuf,
+    pub state: PathBuf,
+    child: Option<std::process::Child>,
+    extra: Vec<String>,
+}
+
+pub fn thinfs_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_thinfs"))
+}
+
+impl TestMount {
+    pub fn start(tag: &str) -> TestMount {
+        Self::start_with(tag, &[])
+    }
+
+    pub fn start_with(tag: &str, extra: &[&str]) -> TestMount {
+        let scratch = Scratch::new(tag);
+        let mnt = scratch.path().join("mnt");
+        let state = scratch.path().join("state");
+        let mut m = TestMount {
+            scratch,
+            mnt,
+            state,
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        m.spawn();
+        m
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.scratch.path().join("daemon.log")
+    }
+
+    /// Start the daemon (again) and wait for the mount to answer.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log file");
+        let child = std::process::Command::new(thinfs_bin())
+            .arg("mount")
+            .arg("--state")
+            .arg(&self.state)
+            .args([
+                "--pool-size",
+                "8G",
+                "--image-size",
+                "1G",
+                "--reserve",
+                "64M",
+            ])
+            .args(&self.extra)
+            .arg(&self.mnt)
+            .env("RUST_LOG", "debug")
+            .stdout(log.try_clone().expect("dup"))
+            .stderr(log)
+            .spawn()
+            .expect("start thinfs mount");
+        self.child = Some(child);
+        for _ in 0..200 {
+            // Reading (not stat) needs a live daemon: a stale mount may still
+            // answer stat from the kernel cache.
+            if std::fs::read(self.mnt.join(".thinfs/pool.json")).is_ok() {
+                return;
+            }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                let log = self.log();
+                let tail: Vec<&str> = log.lines().filter(|l| !l.contains(" DEBUG ")).collect();
+                panic!("thinfs mount exited early ({st}):\n{}", tail.join("\n"));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("mount did not come up: {}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// SIGKILL the daemon, as a crash would; the mount stays, stale.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stop the daemon cleanly; returns its exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        for _ in 0..200 {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        c.wait().ok()
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+}
+
+impl Drop for TestMount {
+    fn drop(&mut self) {
+        self.stop();
+        // A killed or stuck daemon leaves its mount: detach it.
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        if mounts.contains(&format!(" {} ", self.mnt.display())) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.mnt)
+                .status();
+        }
+        wait_no_loops(self.scratch.path());
+    }
+}
+
+/// Run a shell command as `nobody` (uid/gid 65534, no groups); returns
+/// (success, stdout+stderr).
+pub fn as_nobody(cmd: &str) -> (bool, String) {
+    as_user(65534, 65534, &[], cmd)
+}
+
+/// Run a shell command as uid/gid with the given supplementary groups.
+pub fn as_user(uid: u32, gid: u32, groups: &[u32], cmd: &str) -> (bool, String) {
+    let mut c = std::process::Command::new("setpriv");
+    c.arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"));
+    if groups.is_empty() {
+        c.arg("--clear-groups");
+    } else {
+        c.arg(format!(
+            "--groups={}",
+            groups
+                .iter()
+                .map(|g| g.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        ));
+    }
+    let o = c.args(["sh", "-c", cmd]).output().expect("run setpriv");
+    let mut s = String::from_utf8_lossy(&o.stdout).into_owned();
+    s.push_str(&String::from_utf8_lossy(&o.stderr));
+    (o.status.success(), s)
+}
+
+/// errno of an io error (panics if it has none).
+pub fn errno(e: &std::io::Error) -> i32 {
+    e.raw_os_error()
+        .unwrap_or_else(|| panic!("no errno in {e}"))
+}

@@ -148,7 +148,7 @@ fn spawn_daemon(a: &MountArgs) -> Result<()> {
 
 /// `thinfs umount`.
 pub fn umount(mp: &Path) -> Result<()> {
-    match std::fs::metadata(mp) {
+    match mount::probe(mp) {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
             mount::umount_lazy(mp).ctx(|| format!("detach stale mount {}", mp.display()))?;
             println!("detached stale mount {}", mp.display());
@@ -161,7 +161,7 @@ pub fn umount(mp: &Path) -> Result<()> {
     let table = mount::mount_table().ctx(|| "read mount table".into())?;
     if !table
         .iter()
-        .any(|(m, t)| Path::new(m) == canon && t.starts_with("fuse") && t.contains("thinfs"))
+        .any(|m| Path::new(&m.point) == canon && m.is_thinfs())
     {
         return Err(Error::Invalid(format!(
             "thinfs is not mounted at {}",

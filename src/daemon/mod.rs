@@ -29,7 +29,7 @@ pub struct MountConfig {
 /// Is `p` a FUSE mount whose daemon is gone ("Transport endpoint is not
 /// connected")? Then detach it.
 fn clean_stale(p: &Path) -> Result<()> {
-    match std::fs::metadata(p) {
+    match mount::probe(p) {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
             log::warn!(
                 "{} is a stale mount left by a killed daemon; detaching it",
@@ -41,9 +41,10 @@ fn clean_stale(p: &Path) -> Result<()> {
         _ => {
             let canon = std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
             let table = mount::mount_table().ctx(|| "read mount table".into())?;
-            if table.iter().any(|(m, t)| {
-                Path::new(m) == canon && t.starts_with("fuse") && t.contains("thinfs")
-            }) {
+            if table
+                .iter()
+                .any(|m| Path::new(&m.point) == canon && m.is_thinfs())
+            {
                 return Err(Error::Busy(format!(
                     "thinfs is already mounted at {}",
                     p.display()

@@ -45,6 +45,8 @@ pub struct Engine {
     /// One lock per image/snapshot id for changes that involve it.
     locks: Mutex<HashMap<DeviceId, Arc<Mutex<()>>>>,
     mounts: Mutex<HashMap<DeviceId, Arc<Mounted>>>,
+    /// Last id handed out.
+    last_id: std::sync::atomic::AtomicU32,
     /// flock on the state directory, held while the engine lives.
     lock_file: Option<std::fs::File>,
 }
@@ -125,6 +127,7 @@ impl Engine {
             locks: Mutex::new(HashMap::new()),
             mounts: Mutex::new(HashMap::new()),
             lock_file: None,
+            last_id: std::sync::atomic::AtomicU32::new(0),
         };
         e.recover()?;
         Ok(e)
@@ -235,23 +238,26 @@ impl Engine {
     }
 
     /// Allocate a free device id (not used by any record, pending device,
-    /// gc entry or backend device). Caller holds `alloc`.
+    /// gc entry or backend device). Ids rise and wrap around, so a freed id
+    /// is not handed out again soon. Caller holds `alloc`.
     fn alloc_dev(&self) -> Result<DeviceId> {
         let mut used = self.meta.used_devs()?;
         for d in self.backend.list()? {
             used.insert(d.get());
         }
-        let mut cand = 1u32;
-        for u in &used {
-            if *u == cand {
-                cand += 1;
-            } else if *u > cand {
-                break;
+        let start = self
+            .last_id
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .max(*used.last().unwrap_or(&0));
+        let mut cand = start;
+        for _ in 0..=DeviceId::MAX {
+            cand = if cand >= DeviceId::MAX { 1 } else { cand + 1 };
+            if !used.contains(&cand) {
+                self.last_id
+                    .store(cand, std::sync::atomic::Ordering::Relaxed);
+                return DeviceId::new(cand);
             }
         }
-        if cand > DeviceId::MAX {
-            return Err(Error::NoSpace("all 2^24 device ids are in use".into()));
-        }
-        DeviceId::new(cand)
+        Err(Error::NoSpace("all 2^24 device ids are in use".into()))
     }
 }

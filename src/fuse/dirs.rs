@@ -75,8 +75,8 @@ impl ThinFs {
                         .map(|r| r.kind == DeviceKind::Image)
                         .unwrap_or(false);
                 let mut off = offset;
-                if image_root && self.opts.show_hidden {
-                    if off == 0 {
+                if image_root && self.opts.show_hidden && off == 0 {
+                    {
                         if reply.add(
                             INodeNo(inode::snapdir_ino(*dev)),
                             SNAPS_COOKIE,

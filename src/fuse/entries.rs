@@ -15,14 +15,10 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 impl ThinFs {
-    /// The real node of an inode, unless its device was destroyed.
+    /// The real node of an inode.
     pub(super) fn real<'a>(&self, i: &'a Inode) -> Result<&'a Real> {
         match &i.node {
-            Node::Real(r) if !self.is_dead(r.dev) => Ok(r),
-            Node::Real(_) => Err(Error::io(
-                format!("inode {:#x} of a destroyed device", i.ino),
-                std::io::Error::from_raw_os_error(libc::ESTALE),
-            )),
+            Node::Real(r) => Ok(r),
             _ => Err(Error::Invalid(format!("inode {:#x} is virtual", i.ino))),
         }
     }

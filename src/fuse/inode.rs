@@ -187,6 +187,20 @@ impl InodeTable {
         }
     }
 
+    /// Drop every inode of a destroyed device (and its `.snapshots`): the
+    /// kernel's later requests for them get ESTALE, and a new device that
+    /// reuses the id starts with fresh inodes.
+    pub fn purge_dev(&self, dev: DeviceId) -> usize {
+        let mut m = self.map.lock();
+        let before = m.len();
+        m.retain(|_, i| match &i.node {
+            Node::Real(r) => r.dev != dev,
+            Node::SnapDir(d) => *d != dev,
+            _ => true,
+        });
+        before - m.len()
+    }
+
     /// Number of inodes held.
     #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> usize {

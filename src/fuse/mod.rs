@@ -23,8 +23,8 @@ use crate::error::{Error, Result};
 use crate::sys::creds;
 use crate::types::DeviceId;
 use fuser::{BackingId, Request};
-use parking_lot::{Mutex, RwLock};
-use std::collections::{HashMap, HashSet};
+use parking_lot::Mutex;
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::File;
 use std::sync::Arc;
@@ -107,7 +107,6 @@ pub struct ThinFs {
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     open_per_dev: Arc<Mutex<HashMap<DeviceId, usize>>>,
-    dead: RwLock<HashSet<DeviceId>>,
     opts: FuseOptions,
     started: SystemTime,
     passthrough: AtomicBool,
@@ -123,7 +122,6 @@ impl ThinFs {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             open_per_dev: Arc::new(Mutex::new(HashMap::new())),
-            dead: RwLock::new(HashSet::new()),
             opts,
             started: SystemTime::now(),
             passthrough: AtomicBool::new(false),
@@ -199,8 +197,10 @@ impl ThinFs {
         self.open_per_dev.lock().get(&dev).copied().unwrap_or(0)
     }
 
-    fn is_dead(&self, dev: DeviceId) -> bool {
-        self.dead.read().contains(&dev)
+    /// Forget everything of a destroyed device.
+    fn purge(&self, dev: DeviceId) {
+        let n = self.inodes.purge_dev(dev);
+        log::debug!("dropped {n} inode(s) of destroyed device id {dev}");
     }
 
     /// What the idle-expiry thread needs, usable after the filesystem

@@ -220,18 +220,15 @@ impl ThinFs {
         if self.open_count(id) > 0 {
             return Err(Error::Busy(format!("image {n} has open files")));
         }
-        self.dead.write().insert(id);
-        let r = self.engine.destroy(
+        self.engine.destroy(
             &Target {
                 image: n,
                 snap: None,
             },
             false,
-        );
-        if r.is_err() {
-            self.dead.write().remove(&id);
-        }
-        r
+        )?;
+        self.purge(id);
+        Ok(())
     }
 
     /// `rmdir MOUNT/NAME/.snapshots/SNAP`: destroy the snapshot.
@@ -249,12 +246,9 @@ impl ThinFs {
             )));
         }
         let t = self.target_of(id)?;
-        self.dead.write().insert(id);
-        let r = self.engine.destroy(&t, false);
-        if r.is_err() {
-            self.dead.write().remove(&id);
-        }
-        r
+        self.engine.destroy(&t, false)?;
+        self.purge(id);
+        Ok(())
     }
 
     /// Rename within the root (images) or within one `.snapshots`.

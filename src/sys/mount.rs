@@ -110,8 +110,26 @@ pub fn umount_lazy(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Mount points (field 5 of /proc/self/mountinfo) with their fs type.
-pub fn mount_table() -> io::Result<Vec<(String, String)>> {
+/// One line of /proc/self/mountinfo.
+#[derive(Debug, Clone)]
+pub struct MountEntry {
+    /// Mount point.
+    pub point: String,
+    /// Filesystem type (`fuse`, `fuse.thinfs`, `ext4`...).
+    pub fstype: String,
+    /// Source (`thinfs` for ours).
+    pub source: String,
+}
+
+impl MountEntry {
+    /// Is this a thinfs FUSE mount?
+    pub fn is_thinfs(&self) -> bool {
+        self.fstype.starts_with("fuse") && (self.source == "thinfs" || self.fstype == "fuse.thinfs")
+    }
+}
+
+/// The mount table of this process.
+pub fn mount_table() -> io::Result<Vec<MountEntry>> {
     let text = std::fs::read_to_string("/proc/self/mountinfo")?;
     let mut out = Vec::new();
     for line in text.lines() {
@@ -119,8 +137,12 @@ pub fn mount_table() -> io::Result<Vec<(String, String)>> {
         let Some(dash) = fields.iter().position(|f| *f == "-") else {
             continue;
         };
-        if fields.len() > dash + 1 && fields.len() > 4 {
-            out.push((unescape(fields[4]), fields[dash + 1].to_string()));
+        if fields.len() > dash + 2 && fields.len() > 4 {
+            out.push(MountEntry {
+                point: unescape(fields[4]),
+                fstype: fields[dash + 1].to_string(),
+                source: unescape(fields[dash + 2]),
+            });
         }
     }
     Ok(out)
@@ -150,5 +172,17 @@ pub fn umount(path: &Path) -> io::Result<()> {
     let p = cpath(path)?;
     // SAFETY: p is a valid C string.
     cvt(unsafe { libc::umount2(p.as_ptr(), 0) })?;
+    Ok(())
+}
+
+/// Ask the filesystem at `path` for its statistics: unlike `stat`, which
+/// the kernel may answer from cache, this reaches a FUSE daemon, so a dead
+/// one shows up as ENOTCONN.
+pub fn probe(path: &Path) -> io::Result<()> {
+    let p = cpath(path)?;
+    // SAFETY: zeroed statvfs is a valid out-parameter; p is a valid C string.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    cvt(unsafe { libc::statvfs(p.as_ptr(), &mut s) })?;
     Ok(())
 }
