@@ -197,6 +197,19 @@ impl ThinFs {
         self.open_per_dev.lock().get(&dev).copied().unwrap_or(0)
     }
 
+    /// Open files in `dev` after giving just-closed ones a moment: the
+    /// kernel sends RELEASE asynchronously after the last close(2).
+    fn open_count_settled(&self, dev: DeviceId) -> usize {
+        for _ in 0..50 {
+            let n = self.open_count(dev);
+            if n == 0 {
+                return 0;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.open_count(dev)
+    }
+
     /// Forget everything of a destroyed device.
     fn purge(&self, dev: DeviceId) {
         let n = self.inodes.purge_dev(dev);

@@ -217,7 +217,7 @@ impl ThinFs {
             }
         }
         drop(m);
-        if self.open_count(id) > 0 {
+        if self.open_count_settled(id) > 0 {
             return Err(Error::Busy(format!("image {n} has open files")));
         }
         self.engine.destroy(
@@ -239,11 +239,9 @@ impl ThinFs {
             .snapshot_id(image, &n)?
             .ok_or_else(|| enoent(format!("no snapshot {n}")))?;
         self.require_admin(c, &format!("destroy snapshot {n}"))?;
-        if self.open_count(id) > 0 {
-            return Err(Error::Busy(format!(
-                "snapshot {n} has {} open file(s)",
-                self.open_count(id)
-            )));
+        let open = self.open_count_settled(id);
+        if open > 0 {
+            return Err(Error::Busy(format!("snapshot {n} has {open} open file(s)")));
         }
         let t = self.target_of(id)?;
         self.engine.destroy(&t, false)?;
