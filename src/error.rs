@@ -75,6 +75,24 @@ pub enum Error {
     /// A metadata record could not be decoded.
     #[error("corrupt metadata record: {0}")]
     Corrupt(String),
+    /// The daemon refused or failed a request (CLI side).
+    #[error("{message}")]
+    Daemon {
+        /// The daemon's message.
+        message: String,
+        /// The daemon's errno.
+        errno: i32,
+    },
+    /// No daemon answers on the control socket.
+    #[error(
+        "thinfs is not running: no daemon answers on {socket} ({why}); start one with `thinfs mount`"
+    )]
+    NotRunning {
+        /// Socket path tried.
+        socket: String,
+        /// The connect error.
+        why: String,
+    },
     /// A failpoint fired (crash tests only).
     #[error("failpoint {0} fired")]
     Failpoint(String),
@@ -107,6 +125,8 @@ impl Error {
             Error::ReadOnly(_) => libc::EROFS,
             Error::CrossDevice(_) => libc::EXDEV,
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            Error::Daemon { errno, .. } => *errno,
+            Error::NotRunning { .. } => libc::ENOTCONN,
             Error::Faulty { .. } | Error::Meta(_) | Error::Corrupt(_) | Error::Failpoint(_) => {
                 libc::EIO
             }

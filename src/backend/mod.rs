@@ -21,7 +21,7 @@ pub trait ActiveDevice: Send + Sync + std::fmt::Debug {
 }
 
 /// Space used by one device.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct Usage {
     /// Bytes mapped (allocated) in the device.
     pub mapped: u64,
@@ -32,7 +32,7 @@ pub struct Usage {
 }
 
 /// Pool-wide status.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct PoolStatus {
     /// Backend kind.
     pub backend: String,

@@ -1,29 +1,255 @@
 //! The `thinfs` command line: argument parsing, exit codes (0 ok,
 //! 1 operation failed, 2 usage) and human output. `mount` runs the daemon
-//! in this process; the other verbs talk to a running daemon.
+//! in this process; the other verbs talk to a running daemon over its
+//! control socket.
 
+mod client;
 mod mount;
+mod show;
 
-use clap::{Parser, Subcommand};
+use crate::daemon::proto::{DEFAULT_SOCKET, Op};
+use crate::error::Result;
+use clap::{CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
 
 /// Copy-on-write snapshot filesystem: images and snapshots as directories.
 #[derive(Debug, Parser)]
 #[command(name = "thinfs", version, about, propagate_version = true)]
 pub struct Cli {
+    /// Control socket of the daemon (or $THINFS_SOCKET)
+    #[arg(long, global = true, env = "THINFS_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Mount thinfs (foreground unless --daemon), creating the pool if needed.
+    /// Mount thinfs (foreground unless --daemon), creating the pool if needed
     Mount(mount::MountArgs),
-    /// Unmount thinfs at MOUNTPOINT (also cleans a mount whose daemon died).
+    /// Unmount thinfs at MOUNTPOINT (also cleans a mount whose daemon died)
     Umount {
-        /// The mount point.
+        /// The mount point
         mountpoint: PathBuf,
     },
+    /// Create an empty image
+    Create {
+        /// Image name
+        name: String,
+        /// Virtual size (e.g. 10G) [default: the mount's --image-size]
+        #[arg(long)]
+        size: Option<String>,
+    },
+    /// Take a snapshot: NAME@SNAP
+    Snapshot {
+        /// NAME@SNAP
+        target: String,
+    },
+    /// Make a writable image NEW from snapshot NAME@SNAP
+    Clone {
+        /// NAME@SNAP
+        source: String,
+        /// New image name
+        new: String,
+    },
+    /// Put image NAME back to snapshot NAME@SNAP
+    Rollback {
+        /// NAME@SNAP
+        target: String,
+        /// Destroy snapshots newer than SNAP (refused otherwise)
+        #[arg(long)]
+        destroy_newer: bool,
+    },
+    /// Destroy an image (with -r: and its snapshots) or a snapshot
+    Destroy {
+        /// NAME or NAME@SNAP
+        target: String,
+        /// Also destroy the image's snapshots
+        #[arg(short = 'r', long)]
+        recursive: bool,
+    },
+    /// Rename an image (OLD NEW) or a snapshot (NAME@OLD NAME@NEW or NAME@OLD NEW)
+    Rename {
+        /// NAME or NAME@SNAP
+        old: String,
+        /// New name
+        new: String,
+    },
+    /// Grow an image (online)
+    Resize {
+        /// Image name
+        name: String,
+        /// New size (e.g. 20G)
+        size: String,
+    },
+    /// Set (KEY=VALUE) or remove (KEY) a label
+    Label {
+        /// NAME or NAME@SNAP
+        target: String,
+        /// KEY=VALUE to set, KEY to remove
+        label: String,
+    },
+    /// List images and snapshots (any user)
+    List {
+        /// Which devices
+        #[arg(short = 't', long = "type", default_value = "all", value_parser = ["image", "snapshot", "all"])]
+        kind: String,
+        /// Columns, comma-separated (name,type,state,size,used,exclusive,parent,id,created,mounted,labels,error)
+        #[arg(short = 'o', default_value = "name,type,state,size,used,parent")]
+        fields: String,
+        /// No header line
+        #[arg(short = 'H')]
+        no_header: bool,
+        /// JSON output (stable, see README)
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the parent/child graph (any user)
+    Tree {
+        /// Graphviz output
+        #[arg(long)]
+        dot: bool,
+        /// JSON output
+        #[arg(long)]
+        json: bool,
+    },
+    /// Everything about one image or snapshot (any user)
+    Info {
+        /// NAME or NAME@SNAP
+        target: String,
+        /// JSON output
+        #[arg(long)]
+        json: bool,
+    },
+    /// Exclusive and shared space per device (any user)
+    Usage {
+        /// JSON output
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pool status (any user)
+    Pool {
+        /// JSON output
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print shell completions
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff)
+    Man,
+}
+
+fn print(
+    v: serde_json::Value,
+    json: bool,
+    human: impl FnOnce(serde_json::Value) -> Result<String>,
+) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        print!("{}", human(v)?);
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let sock = cli.socket.as_path();
+    let call = |op| client::call(sock, op);
+    match cli.cmd {
+        Cmd::Mount(a) => mount::mount(a),
+        Cmd::Umount { mountpoint } => mount::umount(&mountpoint),
+        Cmd::Create { name, size } => {
+            call(Op::Create {
+                name: name.clone(),
+                size,
+            })?;
+            println!("created image {name}");
+            Ok(())
+        }
+        Cmd::Snapshot { target } => {
+            call(Op::Snapshot {
+                target: target.clone(),
+            })?;
+            println!("snapshot {target} taken");
+            Ok(())
+        }
+        Cmd::Clone { source, new } => {
+            call(Op::Clone {
+                source: source.clone(),
+                name: new.clone(),
+            })?;
+            println!("cloned {source} to image {new}");
+            Ok(())
+        }
+        Cmd::Rollback {
+            target,
+            destroy_newer,
+        } => {
+            call(Op::Rollback {
+                target: target.clone(),
+                destroy_newer,
+            })?;
+            println!("rolled back to {target}");
+            Ok(())
+        }
+        Cmd::Destroy { target, recursive } => {
+            call(Op::Destroy {
+                target: target.clone(),
+                recursive,
+            })?;
+            println!("destroyed {target}");
+            Ok(())
+        }
+        Cmd::Rename { old, new } => {
+            call(Op::Rename {
+                from: old.clone(),
+                to: new.clone(),
+            })?;
+            println!("renamed {old} to {new}");
+            Ok(())
+        }
+        Cmd::Resize { name, size } => {
+            call(Op::Resize {
+                name: name.clone(),
+                size: size.clone(),
+            })?;
+            println!("resized {name} to {size}");
+            Ok(())
+        }
+        Cmd::Label { target, label } => {
+            let (key, value) = match label.split_once('=') {
+                Some((k, v)) => (k.to_string(), Some(v.to_string())),
+                None => (label.clone(), None),
+            };
+            call(Op::Label { target, key, value })?;
+            Ok(())
+        }
+        Cmd::List {
+            kind,
+            fields,
+            no_header,
+            json,
+        } => {
+            let fields: Vec<String> = fields.split(',').map(|s| s.trim().to_string()).collect();
+            print(call(Op::List { kind })?, json, |v| {
+                show::list(v, &fields, !no_header)
+            })
+        }
+        Cmd::Tree { dot, json } => print(call(Op::Tree)?, json, |v| show::tree(v, dot)),
+        Cmd::Info { target, json } => print(call(Op::Info { target })?, json, show::info),
+        Cmd::Usage { json } => print(call(Op::Usage)?, json, show::usage),
+        Cmd::Pool { json } => print(call(Op::Pool)?, json, show::pool),
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "thinfs", &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Man => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .map_err(|e| crate::error::Error::io("write man page", e)),
+    }
 }
 
 /// Parse arguments, run, and return the exit code.
@@ -36,11 +262,7 @@ pub fn main() -> i32 {
             return code;
         }
     };
-    let r = match cli.cmd {
-        Cmd::Mount(a) => mount::mount(a),
-        Cmd::Umount { mountpoint } => mount::umount(&mountpoint),
-    };
-    match r {
+    match run(cli) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("thinfs: {e}");

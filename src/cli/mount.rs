@@ -1,67 +1,163 @@
-//! `thinfs mount` and `thinfs umount`.
+//! `thinfs mount` (with its TOML config file) and `thinfs umount`.
 
-use crate::daemon::{self, MountConfig};
+use crate::daemon::{self, MountConfig, proto};
 use crate::engine::{BackendChoice, PoolOptions};
 use crate::error::{Error, IoContext, Result};
 use crate::fuse::FuseOptions;
 use crate::sys::{mount, process};
 use crate::types::Bytes;
 use clap::Args;
+use serde::Deserialize;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const READY_ENV: &str = "THINFS_READY_FD";
+/// Config file read when `--config` is not given, if it exists.
+pub const DEFAULT_CONFIG: &str = "/etc/thinfs/config.toml";
 
-/// Arguments of `thinfs mount`.
+/// Arguments of `thinfs mount`. Each option overrides the config file.
 #[derive(Debug, Args)]
 pub struct MountArgs {
-    /// State directory (metadata and pool).
-    #[arg(long, default_value = "/var/lib/thinfs")]
-    state: PathBuf,
-    /// Block backend.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "reflink", "dm"])]
-    backend: String,
-    /// Size of a new pool (e.g. 64G); an existing pool keeps its size.
-    #[arg(long, default_value = "64G")]
-    pool_size: String,
-    /// Free space below which new images and snapshots are refused (default 5% of the pool).
+    /// TOML config file [default: /etc/thinfs/config.toml if present]
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// State directory (metadata and pool) [default: /var/lib/thinfs]
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// Block backend: auto, reflink or dm [default: auto]
+    #[arg(long)]
+    backend: Option<String>,
+    /// Size of a new pool; an existing pool keeps its size [default: 64G]
+    #[arg(long)]
+    pool_size: Option<String>,
+    /// Free space below which new images and snapshots are refused [default: 5% of the pool]
     #[arg(long)]
     reserve: Option<String>,
-    /// Size of images made by mkdir.
-    #[arg(long, default_value = "10G")]
-    image_size: String,
-    /// Show .snapshots and lost+found in directory listings.
+    /// Size of images made by mkdir or `thinfs create` [default: 10G]
+    #[arg(long)]
+    image_size: Option<String>,
+    /// Show .snapshots and lost+found in directory listings
     #[arg(long)]
     show_hidden: bool,
-    /// Unmount inner filesystems idle this many seconds.
-    #[arg(long, default_value_t = 300)]
-    idle_secs: u64,
-    /// FUSE worker threads.
-    #[arg(long, default_value_t = 4)]
-    threads: usize,
-    /// Detach once the mount is ready (log goes to STATE/thinfs.log).
+    /// Unmount snapshots and images idle this many seconds [default: 300]
+    #[arg(long)]
+    idle_secs: Option<u64>,
+    /// Members of this group may create, snapshot, clone and destroy, as root may
+    #[arg(long)]
+    admin_group: Option<String>,
+    /// Control socket [default: /run/thinfs/thinfs.sock]
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// FUSE worker threads [default: 4]
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Detach once the mount is ready (log goes to STATE/thinfs.log)
     #[arg(long)]
     daemon: bool,
-    /// Where to mount.
+    /// Where to mount
     mountpoint: PathBuf,
 }
 
+/// The config file: the same settings as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    state: Option<PathBuf>,
+    backend: Option<String>,
+    pool_size: Option<String>,
+    reserve: Option<String>,
+    image_size: Option<String>,
+    show_hidden: Option<bool>,
+    idle_secs: Option<u64>,
+    admin_group: Option<String>,
+    socket: Option<PathBuf>,
+    threads: Option<usize>,
+}
+
+fn load_config(path: Option<&Path>) -> Result<FileConfig> {
+    let (p, must) = match path {
+        Some(p) => (p.to_path_buf(), true),
+        None => (PathBuf::from(DEFAULT_CONFIG), false),
+    };
+    let text = match std::fs::read_to_string(&p) {
+        Ok(t) => t,
+        Err(e) if !must && e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(FileConfig::default());
+        }
+        Err(e) => return Err(Error::io(format!("read config {}", p.display()), e)),
+    };
+    toml::from_str(&text).map_err(|e| Error::Invalid(format!("config {}: {e}", p.display())))
+}
+
+/// Resolve a group name (or number) to its gid from /etc/group.
+fn group_gid(name: &str) -> Result<u32> {
+    if let Ok(n) = name.parse::<u32>() {
+        return Ok(n);
+    }
+    let text = std::fs::read_to_string("/etc/group").ctx(|| "read /etc/group".into())?;
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() >= 3 && f[0] == name)
+                .then(|| f[2].parse::<u32>().ok())
+                .flatten()
+        })
+        .next()
+        .ok_or_else(|| Error::NotFound(format!("no group named {name:?} in /etc/group")))
+}
+
 fn config(a: &MountArgs) -> Result<MountConfig> {
-    let mut pool = PoolOptions::new(&a.state);
-    pool.backend = a.backend.parse::<BackendChoice>()?;
-    pool.pool_size = Bytes::parse(&a.pool_size)?;
-    pool.reserve = a.reserve.as_deref().map(Bytes::parse).transpose()?;
-    pool.default_image_size = Bytes::parse(&a.image_size)?;
+    let f = load_config(a.config.as_deref())?;
+    let state = a
+        .state
+        .clone()
+        .or(f.state)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/thinfs"));
+    let mut pool = PoolOptions::new(&state);
+    pool.backend = a
+        .backend
+        .as_deref()
+        .or(f.backend.as_deref())
+        .unwrap_or("auto")
+        .parse::<BackendChoice>()?;
+    pool.pool_size = Bytes::parse(
+        a.pool_size
+            .as_deref()
+            .or(f.pool_size.as_deref())
+            .unwrap_or("64G"),
+    )?;
+    pool.reserve = a
+        .reserve
+        .as_deref()
+        .or(f.reserve.as_deref())
+        .map(Bytes::parse)
+        .transpose()?;
+    pool.default_image_size = Bytes::parse(
+        a.image_size
+            .as_deref()
+            .or(f.image_size.as_deref())
+            .unwrap_or("10G"),
+    )?;
+    let admin_group = match a.admin_group.clone().or(f.admin_group) {
+        Some(g) => Some((g.clone(), group_gid(&g)?)),
+        None => None,
+    };
     Ok(MountConfig {
         pool,
         mountpoint: a.mountpoint.clone(),
         fuse: FuseOptions {
-            show_hidden: a.show_hidden,
+            show_hidden: a.show_hidden || f.show_hidden.unwrap_or(false),
+            admin_group,
             ..FuseOptions::default()
         },
-        idle: Duration::from_secs(a.idle_secs),
-        threads: a.threads,
+        idle: Duration::from_secs(a.idle_secs.or(f.idle_secs).unwrap_or(300)),
+        threads: a.threads.or(f.threads).unwrap_or(4),
+        socket: a
+            .socket
+            .clone()
+            .or(f.socket)
+            .unwrap_or_else(|| PathBuf::from(proto::DEFAULT_SOCKET)),
     })
 }
 
@@ -81,7 +177,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
         ));
     }
     if a.daemon {
-        return spawn_daemon(&a);
+        return spawn_daemon(&cfg);
     }
     init_log();
     let ready_fd = std::env::var(READY_ENV)
@@ -100,9 +196,10 @@ pub fn mount(a: MountArgs) -> Result<()> {
 }
 
 /// Re-run ourselves in the background and wait until the mount is ready.
-fn spawn_daemon(a: &MountArgs) -> Result<()> {
-    std::fs::create_dir_all(&a.state).ctx(|| format!("create {}", a.state.display()))?;
-    let log_path = a.state.join("thinfs.log");
+fn spawn_daemon(cfg: &MountConfig) -> Result<()> {
+    let state = &cfg.pool.state;
+    std::fs::create_dir_all(state).ctx(|| format!("create {}", state.display()))?;
+    let log_path = state.join("thinfs.log");
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -128,10 +225,11 @@ fn spawn_daemon(a: &MountArgs) -> Result<()> {
     match rd.read(&mut b) {
         Ok(1) => {
             println!(
-                "thinfs mounted at {} (pid {}, log {})",
-                a.mountpoint.display(),
+                "thinfs mounted at {} (pid {}, log {}, control socket {})",
+                cfg.mountpoint.display(),
                 child.id(),
-                log_path.display()
+                log_path.display(),
+                cfg.socket.display()
             );
             Ok(())
         }

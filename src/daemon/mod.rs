@@ -2,6 +2,9 @@
 //! until a stop signal or an unmount, then tears everything down. It owns
 //! process-level concerns (signals, threads, stale mounts), nothing else.
 
+pub mod control;
+pub mod proto;
+
 use crate::engine::{Engine, PoolOptions};
 use crate::error::{Error, IoContext, Result};
 use crate::fuse::{FuseOptions, ThinFs};
@@ -24,6 +27,8 @@ pub struct MountConfig {
     pub idle: Duration,
     /// FUSE worker threads.
     pub threads: usize,
+    /// Control socket path.
+    pub socket: PathBuf,
 }
 
 /// Is `p` a FUSE mount whose daemon is gone ("Transport endpoint is not
@@ -63,7 +68,9 @@ pub fn run(cfg: &MountConfig, ready: impl FnOnce()) -> Result<()> {
     signals::block_stop_signals().ctx(|| "block signals".into())?;
     creds::drop_supplementary_groups().ctx(|| "drop supplementary groups".into())?;
     let engine = Arc::new(Engine::open_pool(&cfg.pool)?);
+    let listener = control::bind(&cfg.socket)?;
     let fs = ThinFs::new(engine.clone(), cfg.fuse.clone());
+    let core = fs.core();
     let expirer = fs.expirer();
     let mut fc = Config::default();
     fc.mount_options = vec![
@@ -76,7 +83,13 @@ pub fn run(cfg: &MountConfig, ready: impl FnOnce()) -> Result<()> {
     fc.clone_fd = true;
     let mut session = fuser::Session::new(fs, &cfg.mountpoint, &fc)
         .ctx(|| format!("mount FUSE at {}", cfg.mountpoint.display()))?;
+    core.set_notifier(session.notifier());
     let mut unmounter = session.unmount_callable();
+    let ctl_core = core.clone();
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || control::serve(listener, ctl_core))
+        .ctx(|| "start control socket thread".into())?;
     let mp = cfg.mountpoint.clone();
     std::thread::Builder::new()
         .name("signals".into())
@@ -107,12 +120,14 @@ pub fn run(cfg: &MountConfig, ready: impl FnOnce()) -> Result<()> {
         })
         .ctx(|| "start expiry thread".into())?;
     log::info!(
-        "thinfs mounted at {} (state {})",
+        "thinfs mounted at {} (state {}, control socket {})",
         cfg.mountpoint.display(),
-        cfg.pool.state.display()
+        cfg.pool.state.display(),
+        cfg.socket.display()
     );
     ready();
     let r = session.run();
+    let _ = std::fs::remove_file(&cfg.socket);
     engine.unmount_all();
     drop(engine);
     log::info!("thinfs at {} stopped", cfg.mountpoint.display());

@@ -4,10 +4,10 @@ use super::Engine;
 use crate::backend::{PoolStatus, Usage};
 use crate::error::Result;
 use crate::meta::{DeviceKind, DeviceRecord};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Everything known about one device.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeviceInfo {
     /// Full name: `image` or `image@snap`.
     pub full_name: String,
@@ -25,7 +25,7 @@ pub struct DeviceInfo {
 }
 
 /// Pool status plus counts.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PoolInfo {
     /// Backend status.
     #[serde(flatten)]

@@ -1,6 +1,6 @@
 //! Content of the read-only inspection files in `.thinfs/`.
 
-use super::ThinFs;
+use super::Core;
 use super::inode::ControlFile;
 use crate::error::{Error, Result};
 use std::sync::atomic::Ordering;
@@ -12,7 +12,7 @@ fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-impl ThinFs {
+impl Core {
     /// Bytes of a `.thinfs` file, made fresh.
     pub(super) fn control_content(&self, f: ControlFile) -> Result<Vec<u8>> {
         match f {

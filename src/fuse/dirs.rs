@@ -4,7 +4,7 @@
 
 use super::inode::{self, Inode, Node};
 use super::namespace::SNAPDIR;
-use super::{Caller, Handle, ThinFs, attr};
+use super::{Caller, Core, Handle, attr};
 use crate::error::{Error, IoContext, Result};
 use crate::meta::DeviceKind;
 use crate::sys::file;
@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 /// non-negative `i64`s, so this one never collides).
 const SNAPS_COOKIE: u64 = u64::MAX - 1;
 
-impl ThinFs {
+impl Core {
     pub(super) fn opendir_any(&self, c: &Caller, i: &Inode) -> Result<u64> {
         let h = match &i.node {
             Node::Real(_) => {

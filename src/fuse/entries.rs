@@ -4,7 +4,7 @@
 
 use super::inode::{self, Inode, Node, Real};
 use super::namespace::SNAPDIR;
-use super::{Caller, ThinFs, attr};
+use super::{Caller, Core, attr};
 use crate::error::{Error, IoContext, Result};
 use crate::meta::DeviceKind;
 use crate::sys::file;
@@ -14,7 +14,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
-impl ThinFs {
+impl Core {
     /// The real node of an inode.
     pub(super) fn real<'a>(&self, i: &'a Inode) -> Result<&'a Real> {
         match &i.node {

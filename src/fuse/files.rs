@@ -2,7 +2,7 @@
 //! write, sync, space, seek, copy and extended attributes.
 
 use super::inode::{Inode, Real};
-use super::{Caller, Handle, ThinFs, attr};
+use super::{Caller, Core, Handle, attr};
 use crate::error::{Error, IoContext, Result};
 use crate::sys::{file, fsio};
 use fuser::{BackingId, FileAttr, TimeOrNow};
@@ -46,7 +46,7 @@ pub(super) struct SetAttr {
     pub fh: Option<u64>,
 }
 
-impl ThinFs {
+impl Core {
     pub(super) fn getattr_real(&self, i: &Inode, r: &Real) -> Result<FileAttr> {
         let st = file::fstat(r.fd()).ctx(|| format!("stat inode {:#x}", i.ino))?;
         Ok(attr::from_stat(i.ino, &st))

@@ -9,6 +9,7 @@
 //! setattr, xattrs...), `dirs` (readdir), `control` (`.thinfs` content),
 //! `ops` (the `fuser::Filesystem` trait, one line per method).
 
+mod admin;
 mod attr;
 mod control;
 mod dirs;
@@ -40,6 +41,8 @@ pub struct FuseOptions {
     pub show_hidden: bool,
     /// Attribute and entry cache time.
     pub ttl: Duration,
+    /// Members of this group may change images and snapshots, as root may.
+    pub admin_group: Option<(String, u32)>,
 }
 
 impl Default for FuseOptions {
@@ -47,6 +50,7 @@ impl Default for FuseOptions {
         FuseOptions {
             show_hidden: false,
             ttl: Duration::from_secs(1),
+            admin_group: None,
         }
     }
 }
@@ -82,12 +86,15 @@ enum Handle {
     Content(Vec<u8>),
 }
 
-/// Who sent a request.
+/// Who sent a request (FUSE request or control-socket peer).
 #[derive(Debug, Clone, Copy)]
-struct Caller {
-    uid: u32,
-    gid: u32,
-    pid: u32,
+pub struct Caller {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+    /// Process id (for supplementary groups).
+    pub pid: u32,
 }
 
 impl Caller {
@@ -100,8 +107,19 @@ impl Caller {
     }
 }
 
-/// The thinfs FUSE filesystem.
-pub struct ThinFs {
+/// The thinfs FUSE filesystem, as handed to the FUSE session.
+pub struct ThinFs(Arc<Core>);
+
+impl std::ops::Deref for ThinFs {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        &self.0
+    }
+}
+
+/// The state of the filesystem, shared by the FUSE session and the
+/// control socket (which changes the namespace too: destroy, rollback).
+pub struct Core {
     engine: Arc<Engine>,
     inodes: inode::InodeTable,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
@@ -111,12 +129,24 @@ pub struct ThinFs {
     started: SystemTime,
     passthrough: AtomicBool,
     stats: Arc<Stats>,
+    notifier: std::sync::OnceLock<fuser::Notifier>,
 }
 
 impl ThinFs {
     /// A filesystem over `engine`.
     pub fn new(engine: Arc<Engine>, opts: FuseOptions) -> ThinFs {
-        ThinFs {
+        ThinFs(Arc::new(Core::new(engine, opts)))
+    }
+
+    /// The shared core, for the control socket.
+    pub fn core(&self) -> Arc<Core> {
+        self.0.clone()
+    }
+}
+
+impl Core {
+    fn new(engine: Arc<Engine>, opts: FuseOptions) -> Core {
+        Core {
             engine,
             inodes: inode::InodeTable::new(),
             handles: Mutex::new(HashMap::new()),
@@ -126,6 +156,7 @@ impl ThinFs {
             started: SystemTime::now(),
             passthrough: AtomicBool::new(false),
             stats: Arc::new(Stats::default()),
+            notifier: std::sync::OnceLock::new(),
         }
     }
 

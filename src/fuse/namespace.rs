@@ -2,7 +2,7 @@
 //! and `.thinfs`, and the engine calls that mkdir/rmdir/rename there make.
 
 use super::inode::{self, ControlFile, Inode, Node, Real};
-use super::{Caller, ThinFs, attr};
+use super::{Caller, Core, attr};
 use crate::engine::Target;
 use crate::error::{Error, IoContext, Result};
 use crate::sys::file;
@@ -21,20 +21,29 @@ fn enoent(what: String) -> Error {
     Error::NotFound(what)
 }
 
-impl ThinFs {
+impl Core {
     /// Names looked up in virtual directories must be valid names; anything
     /// else simply does not exist.
     fn lookup_name(name: &OsStr) -> Result<Name> {
         Name::from_os(name).map_err(|_| enoent(format!("{name:?}")))
     }
 
-    /// Only root may change the namespace (delegation comes with the CLI).
-    pub(super) fn require_admin(&self, c: &Caller, what: &str) -> Result<()> {
+    /// Only root and members of the admin group may change the namespace.
+    pub fn require_admin(&self, c: &Caller, what: &str) -> Result<()> {
         if c.uid == 0 {
             return Ok(());
         }
+        if let Some((name, gid)) = &self.opts.admin_group {
+            if c.gid == *gid || crate::sys::creds::groups_of(c.pid).contains(gid) {
+                return Ok(());
+            }
+            return Err(Error::PermissionDenied(format!(
+                "{what} needs root or group {name} (uid {} is in neither)",
+                c.uid
+            )));
+        }
         Err(Error::PermissionDenied(format!(
-            "{what}: needs root (uid {} asked)",
+            "{what} needs root (uid {} asked)",
             c.uid
         )))
     }

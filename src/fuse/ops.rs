@@ -4,7 +4,7 @@
 
 use super::files::SetAttr;
 use super::inode::Node;
-use super::{Caller, Handle, ThinFs};
+use super::{Caller, Core, Handle, ThinFs};
 use crate::error::{Error, Result};
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileHandle, Filesystem, FopenFlags,
@@ -56,7 +56,7 @@ macro_rules! reply_or {
     };
 }
 
-impl ThinFs {
+impl Core {
     fn entry_of(
         &self,
         parent: u64,

@@ -13,6 +13,7 @@ pub mod loopdev;
 pub mod mount;
 pub mod process;
 pub mod signals;
+pub mod socket;
 
 use std::ffi::CString;
 use std::io;

@@ -1,0 +1,241 @@
+//! Human output of inspection verbs (`--json` prints the daemon's data).
+
+use crate::engine::{DeviceInfo, PoolInfo};
+use crate::error::{Error, Result};
+use crate::types::Bytes;
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// Fields `thinfs list -o` accepts.
+pub const FIELDS: &[&str] = &[
+    "name",
+    "type",
+    "state",
+    "size",
+    "used",
+    "exclusive",
+    "parent",
+    "id",
+    "created",
+    "mounted",
+    "labels",
+    "error",
+];
+
+fn devices(v: Value) -> Result<Vec<DeviceInfo>> {
+    serde_json::from_value(v).map_err(|e| Error::Corrupt(format!("device list: {e}")))
+}
+
+fn field(d: &DeviceInfo, f: &str) -> String {
+    let r = &d.record;
+    match f {
+        "name" => d.full_name.clone(),
+        "type" => match (r.kind, r.parent) {
+            (crate::meta::DeviceKind::Snapshot, _) => "snapshot".into(),
+            (_, Some(_)) => "clone".into(),
+            _ => "image".into(),
+        },
+        "state" => format!("{:?}", r.state).to_lowercase(),
+        "size" => r.size.human(),
+        "used" => d
+            .usage
+            .map(|u| Bytes(u.mapped).human())
+            .unwrap_or_else(|| "-".into()),
+        "exclusive" => d
+            .usage
+            .map(|u| Bytes(u.exclusive).human())
+            .unwrap_or_else(|| "-".into()),
+        "parent" => d.parent_name.clone().unwrap_or_else(|| "-".into()),
+        "id" => r.id.to_string(),
+        "created" => r.created.to_string(),
+        "mounted" => if d.mounted { "yes" } else { "no" }.into(),
+        "labels" => {
+            if r.labels.is_empty() {
+                "-".into()
+            } else {
+                r.labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }
+        }
+        "error" => r.error.clone().unwrap_or_else(|| "-".into()),
+        _ => String::new(),
+    }
+}
+
+/// `thinfs list`.
+pub fn list(v: Value, fields: &[String], header: bool) -> Result<String> {
+    for f in fields {
+        if !FIELDS.contains(&f.as_str()) {
+            return Err(Error::Invalid(format!(
+                "unknown field {f:?} (fields: {})",
+                FIELDS.join(",")
+            )));
+        }
+    }
+    let rows: Vec<Vec<String>> = devices(v)?
+        .iter()
+        .map(|d| fields.iter().map(|f| field(d, f)).collect())
+        .collect();
+    let mut widths: Vec<usize> = fields
+        .iter()
+        .map(|f| if header { f.len() } else { 0 })
+        .collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: &[String], out: &mut String| {
+        let l: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        out.push_str(l.join("  ").trim_end());
+        out.push('\n');
+    };
+    if header {
+        line(
+            &fields.iter().map(|f| f.to_uppercase()).collect::<Vec<_>>(),
+            &mut out,
+        );
+    }
+    for r in &rows {
+        line(r, &mut out);
+    }
+    Ok(out)
+}
+
+/// `thinfs tree` (text or Graphviz).
+pub fn tree(v: Value, dot: bool) -> Result<String> {
+    let devs = devices(v)?;
+    let mut kids: BTreeMap<Option<u32>, Vec<&DeviceInfo>> = BTreeMap::new();
+    for d in &devs {
+        kids.entry(d.record.parent.map(|p| p.get()))
+            .or_default()
+            .push(d);
+    }
+    for v in kids.values_mut() {
+        v.sort_by_key(|d| {
+            (
+                d.record.kind == crate::meta::DeviceKind::Image,
+                d.record.seq,
+            )
+        });
+    }
+    if dot {
+        let mut out = String::from("digraph thinfs {\n  rankdir=LR;\n");
+        for d in &devs {
+            let shape = if d.record.kind == crate::meta::DeviceKind::Snapshot {
+                "ellipse"
+            } else {
+                "box"
+            };
+            out.push_str(&format!(
+                "  d{} [label={:?}, shape={shape}];\n",
+                d.record.id, d.full_name
+            ));
+        }
+        for d in &devs {
+            if let Some(p) = d.record.parent {
+                out.push_str(&format!("  d{p} -> d{};\n", d.record.id));
+            }
+        }
+        out.push_str("}\n");
+        return Ok(out);
+    }
+    let mut out = String::new();
+    fn walk(
+        d: &DeviceInfo,
+        depth: usize,
+        kids: &BTreeMap<Option<u32>, Vec<&DeviceInfo>>,
+        out: &mut String,
+    ) {
+        let kind = field(d, "type");
+        out.push_str(&format!("{}{} ({kind})\n", "  ".repeat(depth), d.full_name));
+        for k in kids.get(&Some(d.record.id.get())).into_iter().flatten() {
+            walk(k, depth + 1, kids, out);
+        }
+    }
+    let mut roots: Vec<&&DeviceInfo> = kids.get(&None).into_iter().flatten().collect();
+    roots.sort_by(|a, b| a.full_name.cmp(&b.full_name));
+    for r in roots {
+        walk(r, 0, &kids, &mut out);
+    }
+    Ok(out)
+}
+
+/// `thinfs info`.
+pub fn info(v: Value) -> Result<String> {
+    let d: DeviceInfo =
+        serde_json::from_value(v).map_err(|e| Error::Corrupt(format!("info: {e}")))?;
+    let mut out = String::new();
+    for f in [
+        "name",
+        "type",
+        "id",
+        "state",
+        "error",
+        "size",
+        "used",
+        "exclusive",
+        "parent",
+        "created",
+        "mounted",
+        "labels",
+    ] {
+        out.push_str(&format!("{f:<10} {}\n", field(&d, f)));
+    }
+    out.push_str(&format!(
+        "{:<10} {}\n",
+        "children",
+        if d.children.is_empty() {
+            "-".into()
+        } else {
+            d.children.join(", ")
+        }
+    ));
+    Ok(out)
+}
+
+/// `thinfs usage`.
+pub fn usage(v: Value) -> Result<String> {
+    let devs = devices(v)?;
+    let mut out = list(
+        serde_json::to_value(&devs).map_err(|e| Error::Corrupt(e.to_string()))?,
+        &["name".into(), "exclusive".into(), "used".into()],
+        true,
+    )?;
+    let (ex, mapped) = devs
+        .iter()
+        .filter_map(|d| d.usage)
+        .fold((0, 0), |(a, b), u| (a + u.exclusive, b + u.mapped));
+    out.push_str(&format!(
+        "total: {} exclusive, {} mapped ({} shared between devices)\n",
+        Bytes(ex),
+        Bytes(mapped),
+        Bytes(mapped.saturating_sub(ex))
+    ));
+    Ok(out)
+}
+
+/// `thinfs pool`.
+pub fn pool(v: Value) -> Result<String> {
+    let p: PoolInfo =
+        serde_json::from_value(v).map_err(|e| Error::Corrupt(format!("pool: {e}")))?;
+    Ok(format!(
+        "backend         {}\nlayout          {}\ndata used       {} of {} ({} free)\nreserve         {}\ndevices         {}\ntransaction id  {}\n",
+        p.status.backend,
+        p.status.detail,
+        Bytes(p.status.used),
+        Bytes(p.status.total),
+        Bytes(p.status.available),
+        Bytes(p.reserve),
+        p.devices,
+        p.transaction_id
+    ))
+}
