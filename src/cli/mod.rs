@@ -26,7 +26,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Mount thinfs (foreground unless --daemon), creating the pool if needed
-    Mount(mount::MountArgs),
+    Mount(Box<mount::MountArgs>),
     /// Unmount thinfs at MOUNTPOINT (also cleans a mount whose daemon died)
     Umount {
         /// The mount point
@@ -159,7 +159,7 @@ fn run(cli: Cli) -> Result<()> {
     let sock = cli.socket.as_path();
     let call = |op| client::call(sock, op);
     match cli.cmd {
-        Cmd::Mount(a) => mount::mount(a),
+        Cmd::Mount(a) => mount::mount(*a),
         Cmd::Umount { mountpoint } => mount::umount(&mountpoint),
         Cmd::Create { name, size } => {
             call(Op::Create {
