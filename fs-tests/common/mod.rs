@@ -192,6 +192,8 @@ impl TestMount {
                 "--reserve",
                 "64M",
             ])
+            .arg("--socket")
+            .arg(self.socket())
             .args(&self.extra)
             .arg(&self.mnt)
             .env("RUST_LOG", "debug")
@@ -216,6 +218,28 @@ impl TestMount {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         panic!("mount did not come up: {}", self.log());
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.scratch.path().join("ctl.sock")
+    }
+
+    /// Run the thinfs CLI against this daemon as root.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(thinfs_bin())
+            .args(args)
+            .env("THINFS_SOCKET", self.socket())
+            .output()
+            .expect("run thinfs")
+    }
+
+    /// The shell command line that runs the CLI against this daemon.
+    pub fn cli_sh(&self, args: &str) -> String {
+        format!(
+            "THINFS_SOCKET={} {} {args}",
+            self.socket().display(),
+            thinfs_bin().display()
+        )
     }
 
     pub fn log(&self) -> String {

@@ -45,6 +45,8 @@ pub struct Engine {
     /// One lock per image/snapshot id for changes that involve it.
     locks: Mutex<HashMap<DeviceId, Arc<Mutex<()>>>>,
     mounts: Mutex<HashMap<DeviceId, Arc<Mounted>>>,
+    /// Mounts dropped from `mounts` that may still be in use.
+    retired: Mutex<HashMap<DeviceId, std::sync::Weak<Mounted>>>,
     /// Last id handed out.
     last_id: std::sync::atomic::AtomicU32,
     /// flock on the state directory, held while the engine lives.
@@ -126,6 +128,7 @@ impl Engine {
             alloc: Mutex::new(()),
             locks: Mutex::new(HashMap::new()),
             mounts: Mutex::new(HashMap::new()),
+            retired: Mutex::new(HashMap::new()),
             lock_file: None,
             last_id: std::sync::atomic::AtomicU32::new(0),
         };

@@ -102,7 +102,8 @@ impl Engine {
         Ok(())
     }
 
-    /// Grow an image to `size` (online if mounted).
+    /// Grow an image to `size`: online if mounted (needs CAP_SYS_RESOURCE:
+    /// without it, EPERM, and the caller may unmount and retry offline).
     pub fn resize(&self, target: &Target, size: Bytes) -> Result<()> {
         let rec = self.resolve(target)?;
         if rec.kind != DeviceKind::Image {
@@ -119,9 +120,10 @@ impl Engine {
                 why: "shrinking an image is not supported",
             });
         }
+        if rec.size == size {
+            return Ok(());
+        }
         self.backend.resize(rec.dev, size)?;
-        rec.size = size;
-        self.meta.txn(|t| t.put(&rec))?;
         let grow = |path: &std::path::Path| -> Result<()> {
             let out = Command::new("resize2fs")
                 .arg(path)
@@ -138,9 +140,15 @@ impl Engine {
         match self.mounted(rec.id) {
             Some(m) => {
                 m.device().refresh_capacity()?;
-                grow(m.device().path())?;
+                let blocks = size.0
+                    / crate::sys::fsio::statvfs(m.root())
+                        .ctx(|| "statfs".into())?
+                        .f_frsize;
+                crate::sys::fsio::ext4_resize(m.root(), blocks)
+                    .ctx(|| format!("grow ext4 of {target} online"))?;
             }
             None => {
+                self.wait_released(rec.id, std::time::Duration::from_secs(10))?;
                 let active = self.backend.activate(rec.dev, false)?;
                 let out = Command::new("e2fsck")
                     .args(["-f", "-p"])
@@ -156,6 +164,8 @@ impl Engine {
                 grow(active.path())?;
             }
         }
+        rec.size = size;
+        self.meta.txn(|t| t.put(&rec))?;
         log::info!("resized {target} to {size}");
         Ok(())
     }

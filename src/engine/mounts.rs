@@ -112,7 +112,33 @@ impl Engine {
     pub fn unmount(&self, id: DeviceId) {
         if let Some(m) = self.mounts.lock().remove(&id) {
             let _ = fsio::syncfs(m.root());
+            self.retired.lock().insert(id, Arc::downgrade(&m));
             log::info!("unmounted device id {id}");
+        }
+    }
+
+    /// Wait until the filesystem of `id` is really gone (every user of an
+    /// earlier mount dropped it), so that the device can be used offline.
+    pub fn wait_released(&self, id: DeviceId, timeout: std::time::Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let alive = self
+                .retired
+                .lock()
+                .get(&id)
+                .map(|w| w.strong_count() > 0)
+                .unwrap_or(false)
+                || self.mounted(id).is_some();
+            if !alive {
+                self.retired.lock().remove(&id);
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(crate::error::Error::Busy(format!(
+                    "device id {id} is still in use"
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
 

@@ -161,10 +161,21 @@ impl Core {
         Ok(())
     }
 
-    /// `thinfs resize NAME SIZE`.
+    /// `thinfs resize NAME SIZE`: online where the kernel lets us (needs
+    /// CAP_SYS_RESOURCE); otherwise, if no file is open in the image, it is
+    /// unmounted, grown offline, and mounted again on next use.
     pub fn admin_resize(&self, c: &Caller, t: &Target, size: Bytes) -> Result<()> {
         self.require_admin(c, &format!("resize {t}"))?;
-        self.engine.resize(t, size)
+        match self.engine.resize(t, size) {
+            Err(e) if e.errno() == libc::EPERM => {
+                let r = self.engine.resolve(t)?;
+                log::warn!("online resize of {t} refused ({e}); resizing offline");
+                self.ensure_unused(&r, "resize (offline)")?;
+                self.forget_device(&r);
+                self.engine.resize(t, size)
+            }
+            other => other,
+        }
     }
 
     /// `thinfs label TARGET KEY[=VALUE]`.

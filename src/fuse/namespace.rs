@@ -116,9 +116,17 @@ impl Core {
     /// Attributes of a virtual inode.
     pub(super) fn virtual_attr(&self, i: &Inode) -> Result<FileAttr> {
         Ok(match &i.node {
-            Node::Root | Node::Control | Node::SnapDir(_) => {
-                attr::virtual_attr(i.ino, true, 0, self.started)
+            Node::Root | Node::SnapDir(_) => {
+                let mut a = attr::virtual_attr(i.ino, true, 0, self.started);
+                // The admin group may mkdir/rmdir/mv here: let the kernel's
+                // permission check through for it; the daemon checks again.
+                if let Some((_, gid)) = &self.opts.admin_group {
+                    a.gid = *gid;
+                    a.perm = 0o775;
+                }
+                a
             }
+            Node::Control => attr::virtual_attr(i.ino, true, 0, self.started),
             Node::ControlFile(f) => {
                 let len = self.control_content(*f)?.len() as u64;
                 attr::virtual_attr(i.ino, false, len, self.started)

@@ -200,3 +200,20 @@ pub fn statvfs(fd: impl AsFd) -> io::Result<libc::statvfs> {
     cvt(unsafe { libc::fstatvfs(fd.as_fd().as_raw_fd(), &mut s) })?;
     Ok(s)
 }
+
+const EXT4_IOC_RESIZE_FS: libc::c_ulong = 0x4008_6610;
+
+/// Grow a mounted ext4 filesystem (the one `fd` is on) to `blocks` blocks.
+/// This is what resize2fs does online; it works on detached mounts, which
+/// resize2fs cannot find.
+pub fn ext4_resize(fd: impl AsFd, blocks: u64) -> io::Result<()> {
+    // SAFETY: the kernel reads one u64 from the pointer given.
+    cvt(unsafe {
+        libc::ioctl(
+            fd.as_fd().as_raw_fd(),
+            EXT4_IOC_RESIZE_FS,
+            &blocks as *const u64,
+        )
+    })?;
+    Ok(())
+}
