@@ -39,7 +39,9 @@ pub use inode::{CONTROL_INO, ROOT_INO};
 pub struct FuseOptions {
     /// Show `.snapshots` and the inner `lost+found` in directory listings.
     pub show_hidden: bool,
-    /// Attribute and entry cache time.
+    /// Attribute and entry cache time. Every change to an image goes through
+    /// this mount, and changes made by the CLI (rollback, destroy, rename)
+    /// invalidate the kernel's entries, so a long time is safe.
     pub ttl: Duration,
     /// Members of this group may change images and snapshots, as root may.
     pub admin_group: Option<(String, u32)>,
@@ -49,7 +51,7 @@ impl Default for FuseOptions {
     fn default() -> Self {
         FuseOptions {
             show_hidden: false,
-            ttl: Duration::from_secs(1),
+            ttl: Duration::from_secs(10),
             admin_group: None,
         }
     }

@@ -15,7 +15,7 @@ use fuser::{
 use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 /// Map an error to an errno, logging one line. Ordinary outcomes of file
 /// operations (ENOENT, EEXIST, EACCES...) are logged at debug level.
@@ -102,6 +102,13 @@ impl Core {
         }
     }
 
+    fn is_real(&self, ino: u64) -> bool {
+        self.inodes
+            .peek(ino)
+            .map(|i| matches!(i.node, Node::Real(_)))
+            .unwrap_or(false)
+    }
+
     fn attr_any(&self, ino: u64) -> Result<fuser::FileAttr> {
         let i = self.inodes.get(ino)?;
         match &i.node {
@@ -159,13 +166,24 @@ impl Filesystem for ThinFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        reply_or!(
-            reply,
-            "lookup",
-            parent.0,
-            self.entry_of(parent.0, name),
-            |v| reply.entry(&self.opts.ttl, &v.1, Generation(0))
-        )
+        match self.entry_of(parent.0, name) {
+            Ok((i, a)) => {
+                let ttl = if matches!(i.node, Node::ControlFile(_)) {
+                    Duration::ZERO
+                } else {
+                    self.opts.ttl
+                };
+                reply.entry(&ttl, &a, Generation(0))
+            }
+            // Inside an image every creation goes through this mount, so a
+            // missing name may be cached as a negative entry.
+            Err(e) if e.errno() == libc::ENOENT && self.is_real(parent.0) => {
+                let mut a = super::attr::virtual_attr(0, false, 0, std::time::UNIX_EPOCH);
+                a.ino = INodeNo(0);
+                reply.entry(&self.opts.ttl, &a, Generation(0))
+            }
+            Err(e) => reply.error(errno("lookup", parent.0, &e)),
+        }
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -173,8 +191,13 @@ impl Filesystem for ThinFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let ttl = if ino.0 > super::CONTROL_INO && ino.0 < 16 {
+            Duration::ZERO
+        } else {
+            self.opts.ttl
+        };
         reply_or!(reply, "getattr", ino.0, self.attr_any(ino.0), |a| reply
-            .attr(&self.opts.ttl, &a))
+            .attr(&ttl, &a))
     }
 
     fn setattr(
@@ -408,9 +431,9 @@ impl Filesystem for ThinFs {
                 match backing {
                     Some(b) => {
                         self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
-                        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b)
+                        reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &b)
                     }
-                    None => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                    None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH),
                 }
             }
             _ => reply.error(errno(
@@ -692,7 +715,7 @@ impl Filesystem for ThinFs {
                             &attr,
                             Generation(0),
                             FileHandle(fh),
-                            FopenFlags::empty(),
+                            FopenFlags::FOPEN_NOFLUSH,
                             &b,
                         )
                     }
@@ -701,7 +724,7 @@ impl Filesystem for ThinFs {
                         &attr,
                         Generation(0),
                         FileHandle(fh),
-                        FopenFlags::empty(),
+                        FopenFlags::FOPEN_NOFLUSH,
                     ),
                 }
             }

@@ -1,5 +1,5 @@
 //! File-system ioctls: FICLONE, FIFREEZE/FITHAW, syncfs, FITRIM, FIEMAP,
-//! XFS extent-size hints, statvfs.
+//! EXT4_IOC_RESIZE_FS, statvfs.
 
 use super::cvt;
 use std::io;
@@ -10,10 +10,6 @@ const FIFREEZE: libc::c_ulong = 0xC004_5877;
 const FITHAW: libc::c_ulong = 0xC004_5878;
 const FITRIM: libc::c_ulong = 0xC018_5879;
 const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
-const FS_IOC_FSGETXATTR: libc::c_ulong = 0x801C_581F;
-const FS_IOC_FSSETXATTR: libc::c_ulong = 0x401C_5820;
-const FS_XFLAG_EXTSIZE: u32 = 0x800;
-const FS_XFLAG_COWEXTSIZE: u32 = 0x10000;
 const FIEMAP_FLAG_SYNC: u32 = 1;
 const FIEMAP_EXTENT_LAST: u32 = 0x1;
 const FIEMAP_EXTENT_SHARED: u32 = 0x2000;
@@ -163,33 +159,6 @@ pub fn fiemap_usage(fd: impl AsFd) -> io::Result<(u64, u64, u64)> {
         }
     }
     Ok((total, exclusive, count))
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct FsXattr {
-    fsx_xflags: u32,
-    fsx_extsize: u32,
-    fsx_nextents: u32,
-    fsx_projid: u32,
-    fsx_cowextsize: u32,
-    fsx_pad: [u8; 8],
-}
-
-/// Set XFS extent-size and CoW-extent-size hints on a (still empty) file,
-/// so that random writes allocate in `bytes`-sized chunks and the extent
-/// count (hence FICLONE time) stays bounded.
-pub fn set_extent_hints(fd: impl AsFd, bytes: u32) -> io::Result<()> {
-    let raw = fd.as_fd().as_raw_fd();
-    let mut x = FsXattr::default();
-    // SAFETY: x is a valid struct fsxattr the kernel fills in.
-    cvt(unsafe { libc::ioctl(raw, FS_IOC_FSGETXATTR, &mut x as *mut FsXattr) })?;
-    x.fsx_xflags |= FS_XFLAG_EXTSIZE | FS_XFLAG_COWEXTSIZE;
-    x.fsx_extsize = bytes;
-    x.fsx_cowextsize = bytes;
-    // SAFETY: x is a valid struct fsxattr the kernel reads.
-    cvt(unsafe { libc::ioctl(raw, FS_IOC_FSSETXATTR, &x as *const FsXattr) })?;
-    Ok(())
 }
 
 /// statvfs of the filesystem `fd` is on: (block size, blocks, free, avail, files, ffree).

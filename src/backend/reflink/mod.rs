@@ -9,9 +9,11 @@
 //! - `devices/NNNNNNNN.img`: one sparse image file per thin device.
 //!
 //! Snapshot = FICLONE of the image file (the engine freezes the origin's
-//! filesystem around it). Files get XFS extent-size hints so that random
-//! writes do not fragment them into hundreds of thousands of extents, which
-//! would make FICLONE slow.
+//! filesystem around it). FICLONE time grows with the file's extent count
+//! (about two extents per scattered write). XFS extent-size hints do not
+//! bound it (written/unwritten boundaries still split extents) and they
+//! allocate whole hint-sized chunks, so they are not used: measured, a
+//! 1 MiB hint turned 79 MiB of random 4 KiB writes into 1.1 GiB used.
 
 mod pool;
 

@@ -12,10 +12,6 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// Extent-size hint for device files (1 MiB): bounds the extent count, and
-/// so the FICLONE time, after random writes.
-const EXTENT_HINT: u32 = 1 << 20;
-
 /// The pool file's name in the state directory.
 pub const POOL_FILE: &str = "pool.img";
 
@@ -255,8 +251,6 @@ impl Backend for ReflinkPool {
                 Some(libc::EEXIST) => Error::AlreadyExists(format!("backend device {dev}")),
                 _ => Error::io(format!("create device file {}", dev_name(dev)), e),
             })?;
-        // Hints only exist on XFS; elsewhere (btrfs) they are not needed.
-        let _ = fsio::set_extent_hints(&f, EXTENT_HINT);
         f.set_len(size.0).ctx(|| format!("size device {dev}"))?;
         f.sync_all().ctx(|| format!("sync device {dev}"))?;
         self.sync_dir()
@@ -272,7 +266,6 @@ impl Backend for ReflinkPool {
                 Some(libc::EEXIST) => Error::AlreadyExists(format!("backend device {new}")),
                 _ => Error::io(format!("create device file {}", dev_name(new)), e),
             })?;
-        let _ = fsio::set_extent_hints(&dst, EXTENT_HINT);
         fsio::ficlone(&dst, &src).ctx(|| format!("reflink device {origin} to {new}"))?;
         let len = src
             .metadata()
