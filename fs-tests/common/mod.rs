@@ -233,12 +233,18 @@ impl TestMount {
             .expect("run thinfs")
     }
 
-    /// The shell command line that runs the CLI against this daemon.
+    /// The shell command line that runs the CLI against this daemon. The
+    /// binary is copied into the scratch directory first: the build tree
+    /// may not be reachable by other users (e.g. under a 0700 temp dir).
     pub fn cli_sh(&self, args: &str) -> String {
+        let copy = self.scratch.path().join("thinfs-cli");
+        if !copy.exists() {
+            std::fs::copy(thinfs_bin(), &copy).expect("copy thinfs binary");
+        }
         format!(
             "THINFS_SOCKET={} {} {args}",
             self.socket().display(),
-            thinfs_bin().display()
+            copy.display()
         )
     }
 
