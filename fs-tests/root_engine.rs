@@ -281,7 +281,23 @@ fn check_consistent(e: &thinfs::engine::Engine) {
         .map(|d| d.get())
         .collect();
     backend.sort();
-    assert_eq!(devs, backend, "backend devices must match the records");
+    if on_dm() {
+        // dm-thin cannot list its devices: probe every id the test could
+        // have used; only the recorded ones may exist.
+        for id in 1..=24u32 {
+            let exists = e
+                .backend()
+                .exists(thinfs::types::DeviceId::new(id).unwrap())
+                .unwrap();
+            assert_eq!(
+                exists,
+                devs.contains(&id),
+                "thin id {id}: exists {exists}, records {devs:?}"
+            );
+        }
+    } else {
+        assert_eq!(devs, backend, "backend devices must match the records");
+    }
     assert!(e.meta().gc_list().unwrap().is_empty());
 }
 
@@ -324,7 +340,9 @@ fn root_crash_at_every_step_recovers() {
         // A kill while the origin is frozen leaves the frozen filesystem (and
         // the devices under it) alive until the next open thaws it; any other
         // kill leaves nothing at all.
-        if *fp != "snapshot.frozen" {
+        // On dm-thin, device-mapper devices outlive the process by design
+        // (the next open tears them down; checked after the reopen below).
+        if *fp != "snapshot.frozen" && !on_dm() {
             assert!(
                 wait_no_loops(s.path()).is_empty(),
                 "{fp}: the killed process left loop devices"
@@ -375,7 +393,9 @@ fn root_fsynced_data_survives_kill() {
     );
     assert!(killed(&o), "{:?}", o);
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "fsynced");
-    assert!(wait_no_loops(s.path()).is_empty());
+    if !on_dm() {
+        assert!(wait_no_loops(s.path()).is_empty());
+    }
     let e = open(s.path());
     let img = e.resolve(&Target::parse("base").unwrap()).unwrap();
     let m = e.mount(img.id).unwrap();

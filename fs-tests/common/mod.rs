@@ -65,9 +65,19 @@ impl Drop for Scratch {
     }
 }
 
-/// Pool options for tests: a small pool.
+/// Are the tests running on dm-thin (`THINFS_TEST_BACKEND=dm`)?
+pub fn on_dm() -> bool {
+    std::env::var("THINFS_TEST_BACKEND").as_deref() == Ok("dm")
+}
+
+/// Pool options for tests: a small pool, on the backend named by
+/// `THINFS_TEST_BACKEND` (`reflink` by default; `scripts/dm-test` sets `dm`).
 pub fn opts(state: &Path) -> PoolOptions {
     let mut o = PoolOptions::new(state.join("state"));
+    o.backend = std::env::var("THINFS_TEST_BACKEND")
+        .unwrap_or_else(|_| "reflink".into())
+        .parse()
+        .expect("THINFS_TEST_BACKEND: reflink or dm");
     o.pool_size = Bytes(8 << 30);
     o.reserve = Some(Bytes(128 << 20));
     o.default_image_size = Bytes(1 << 30);

@@ -4,8 +4,9 @@
 //! named by a 24-bit [`DeviceId`]. It knows nothing of names, the graph or
 //! filesystems: the engine owns those. Implementations: [`reflink`] (the
 //! embedded default: sparse image files on a reflink-capable XFS, attached
-//! through loop devices). The dm-thin backend comes next.
+//! through loop devices) and [`dm`] (Linux dm-thin).
 
+pub mod dm;
 pub mod reflink;
 
 use crate::error::Result;
@@ -16,8 +17,8 @@ use std::path::Path;
 pub trait ActiveDevice: Send + Sync + std::fmt::Debug {
     /// The block device node.
     fn path(&self) -> &Path;
-    /// Re-read the device size after a resize.
-    fn refresh_capacity(&self) -> Result<()>;
+    /// Make the live device `size` bytes long after a resize.
+    fn refresh_capacity(&self, size: Bytes) -> Result<()>;
 }
 
 /// Space used by one device.
@@ -61,8 +62,13 @@ pub trait Backend: Send + Sync {
     fn exists(&self, dev: DeviceId) -> Result<bool>;
     /// All devices in the pool.
     fn list(&self) -> Result<Vec<DeviceId>>;
-    /// Attach the device as a block device.
-    fn activate(&self, dev: DeviceId, read_only: bool) -> Result<Box<dyn ActiveDevice>>;
+    /// Attach the device as a block device of `size` bytes.
+    fn activate(
+        &self,
+        dev: DeviceId,
+        size: Bytes,
+        read_only: bool,
+    ) -> Result<Box<dyn ActiveDevice>>;
     /// Grow the device to `size`.
     fn resize(&self, dev: DeviceId, size: Bytes) -> Result<()>;
     /// Space used by the device.
@@ -71,4 +77,25 @@ pub trait Backend: Send + Sync {
     fn status(&self) -> Result<PoolStatus>;
     /// Return freed space to the layer below (best effort).
     fn trim(&self) -> Result<()>;
+}
+
+/// A daemon killed while an image's filesystem was frozen for a snapshot
+/// leaves that filesystem frozen, and so alive, with the block device under
+/// it. Reach the superblock again by mounting the same block device, thaw
+/// it, and let it go. Harmless on a device whose filesystem is not frozen.
+pub(crate) fn thaw_leftover(dev: &Path) {
+    use crate::sys::{fsio, mount};
+    let m = mount::fsmount_detached("ext4", dev, false, &[], &[])
+        .or_else(|_| mount::fsmount_detached("ext4", dev, true, &[], &[]));
+    match m {
+        Ok(fd) => match fsio::thaw(&fd) {
+            Ok(()) => log::warn!(
+                "recovery: thawed a filesystem left frozen by a crash on {}",
+                dev.display()
+            ),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) => log::error!("recovery: cannot thaw {}: {e}", dev.display()),
+        },
+        Err(e) => log::debug!("recovery: no filesystem to thaw on {}: {e}", dev.display()),
+    }
 }

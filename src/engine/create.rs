@@ -107,7 +107,7 @@ impl Engine {
     }
 
     fn mkfs(&self, rec: &DeviceRecord) -> Result<()> {
-        let active = self.backend.activate(rec.dev, false)?;
+        let active = self.backend.activate(rec.dev, rec.size, false)?;
         let out = Command::new("mkfs.ext4")
             .args([
                 "-q",

@@ -139,7 +139,7 @@ impl Engine {
         };
         match self.mounted(rec.id) {
             Some(m) => {
-                m.device().refresh_capacity()?;
+                m.device().refresh_capacity(size)?;
                 let blocks = size.0
                     / crate::sys::fsio::statvfs(m.root())
                         .ctx(|| "statfs".into())?
@@ -149,7 +149,7 @@ impl Engine {
             }
             None => {
                 self.wait_released(rec.id, std::time::Duration::from_secs(10))?;
-                let active = self.backend.activate(rec.dev, false)?;
+                let active = self.backend.activate(rec.dev, size, false)?;
                 let out = Command::new("e2fsck")
                     .args(["-f", "-p"])
                     .arg(active.path())

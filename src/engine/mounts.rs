@@ -64,7 +64,7 @@ impl Engine {
         }
         let r = self.ready(id)?;
         let ro = r.kind == DeviceKind::Snapshot;
-        let m = Arc::new(self.mount_dev(r.id, r.dev, ro, &r.fs)?);
+        let m = Arc::new(self.mount_dev(&r, ro)?);
         m.touch();
         log::info!(
             "mounted {} (id {}, dev {}, {})",
@@ -77,14 +77,9 @@ impl Engine {
         Ok(m)
     }
 
-    pub(super) fn mount_dev(
-        &self,
-        id: DeviceId,
-        dev: DeviceId,
-        ro: bool,
-        fs: &str,
-    ) -> Result<Mounted> {
-        let active = self.backend.activate(dev, ro)?;
+    pub(super) fn mount_dev(&self, r: &crate::meta::DeviceRecord, ro: bool) -> Result<Mounted> {
+        let (id, dev, fs) = (r.id, r.dev, r.fs.as_str());
+        let active = self.backend.activate(dev, r.size, ro)?;
         let flags: &[&str] = if ro { &[] } else { &["discard"] };
         let root = mount::fsmount_detached(fs, active.path(), ro, flags, &[]).ctx(|| {
             format!(

@@ -2,6 +2,7 @@
 
 use super::{Engine, EngineConfig};
 use crate::backend::Backend;
+use crate::backend::dm::DmPool;
 use crate::backend::reflink::ReflinkPool;
 use crate::error::{Error, IoContext, Result};
 use crate::meta::{Meta, PoolRecord, SCHEMA_VERSION};
@@ -108,17 +109,24 @@ impl Engine {
                     p.backend
                 )));
             }
-            (_, BackendChoice::Dm) => {
-                return Err(Error::Invalid(
-                    "the dm-thin backend is not built yet; use --backend reflink (the default)"
-                        .into(),
-                ));
-            }
-            _ => "reflink".to_string(),
+            (Some(p), _) => p.backend.clone(),
+            (None, BackendChoice::Dm) => "dm".to_string(),
+            (None, BackendChoice::Reflink) => "reflink".to_string(),
+            (None, BackendChoice::Auto) => match crate::backend::dm::available() {
+                Ok(()) => {
+                    log::info!("backend auto: dm-thin is available, using it");
+                    "dm".to_string()
+                }
+                Err(why) => {
+                    log::info!("backend auto: {why}; using the embedded reflink pool");
+                    "reflink".to_string()
+                }
+            },
         };
         let size = existing.as_ref().map(|p| p.size).unwrap_or(opts.pool_size);
         let backend: Arc<dyn Backend> = match kind.as_str() {
             "reflink" => Arc::new(ReflinkPool::open(&opts.state, size)?),
+            "dm" => Arc::new(DmPool::open(&opts.state, size)?),
             other => {
                 return Err(Error::Invalid(format!(
                     "unknown backend {other:?} in pool record"

@@ -99,22 +99,7 @@ fn thaw_leftovers(pool_file: &Path) {
     let all = sys::loopdev::attached();
     for pool_loop in all.iter().filter(|l| l.backing_file == want) {
         for inner in all.iter().filter(|l| l.backing_dev == pool_loop.own_dev) {
-            let m = mount::fsmount_detached("ext4", &inner.path, false, &[], &[])
-                .or_else(|_| mount::fsmount_detached("ext4", &inner.path, true, &[], &[]));
-            match m {
-                Ok(fd) => match fsio::thaw(&fd) {
-                    Ok(()) => log::warn!(
-                        "recovery: thawed a filesystem left frozen by a crash on {}",
-                        inner.path.display()
-                    ),
-                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-                    Err(e) => log::error!("recovery: cannot thaw {}: {e}", inner.path.display()),
-                },
-                Err(e) => log::error!(
-                    "recovery: cannot reach leftover {}: {e}",
-                    inner.path.display()
-                ),
-            }
+            crate::backend::thaw_leftover(&inner.path);
         }
     }
 }
@@ -232,7 +217,7 @@ impl ActiveDevice for LoopActive {
     fn path(&self) -> &Path {
         self.0.path()
     }
-    fn refresh_capacity(&self) -> Result<()> {
+    fn refresh_capacity(&self, _size: Bytes) -> Result<()> {
         self.0
             .refresh_capacity()
             .ctx(|| format!("refresh size of {}", self.0.path().display()))
@@ -316,7 +301,12 @@ impl Backend for ReflinkPool {
         Ok(out)
     }
 
-    fn activate(&self, dev: DeviceId, read_only: bool) -> Result<Box<dyn ActiveDevice>> {
+    fn activate(
+        &self,
+        dev: DeviceId,
+        _size: Bytes,
+        read_only: bool,
+    ) -> Result<Box<dyn ActiveDevice>> {
         let flags = if read_only {
             libc::O_RDONLY
         } else {

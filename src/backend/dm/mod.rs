@@ -1,0 +1,18 @@
+//! The dm-thin backend (Linux device-mapper, through the `devicemapper`
+//! crate): O(1) snapshots, pool-level accounting, no fragmentation penalty.
+//!
+//! Layout in the state directory: `dm-meta.img` and `dm-data.img`, sparse
+//! files attached to autoclear loop devices, under linear devices
+//! `thinfs-<tag>-meta` / `-data`, under the pool `thinfs-<tag>-pool`
+//! (data block size 64 KiB, metadata sized 48 bytes per data block, at
+//! least 16 MiB; `error_if_no_space`, so writers get ENOSPC instead of
+//! hanging). Thin device N is `thinfs-<tag>-N`, activated only while its
+//! filesystem is mounted.
+//!
+//! dm-thin has no "list devices" message: every device the engine makes is
+//! recorded (intent first) in sled, so recovery never needs to discover
+//! unknown thin ids; `exists` probes by activating.
+
+mod pool;
+
+pub use pool::{DmPool, available};

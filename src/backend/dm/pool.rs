@@ -1,0 +1,541 @@
+//! The dm-thin pool: set up, recover, thin devices, status.
+
+use crate::backend::{ActiveDevice, Backend, PoolStatus, Usage};
+use crate::error::{Error, IoContext, Result};
+use crate::sys::loopdev::LoopDevice;
+use crate::types::{Bytes, DeviceId};
+use devicemapper::{
+    DM, DataBlocks, DevId, Device, DmDevice, DmFlags, DmName, DmNameBuf, DmOptions, LinearDev,
+    LinearDevTargetParams, LinearTargetParams, Sectors, TargetLine, ThinDev, ThinDevId,
+    ThinPoolDev, ThinPoolStatus, ThinStatus,
+};
+use parking_lot::Mutex;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Data block size: 64 KiB.
+const BLOCK_SECTORS: u64 = 128;
+const META_FILE: &str = "dm-meta.img";
+const DATA_FILE: &str = "dm-data.img";
+
+fn dmerr(what: impl Into<String>, e: devicemapper::DmError) -> Error {
+    Error::io(
+        format!("{}: {e}", what.into()),
+        std::io::Error::from_raw_os_error(libc::EIO),
+    )
+}
+
+/// Is device-mapper with the thin-pool target usable here?
+pub fn available() -> std::result::Result<(), String> {
+    if !Path::new("/dev/mapper/control").exists() {
+        let _ = std::process::Command::new("modprobe")
+            .arg("dm-thin-pool")
+            .output();
+    }
+    if !Path::new("/dev/mapper/control").exists() {
+        return Err("no /dev/mapper/control (kernel without device-mapper)".into());
+    }
+    let dm = DM::new().map_err(|e| format!("device-mapper: {e}"))?;
+    let has = |dm: &DM| {
+        dm.list_versions()
+            .map(|v| v.iter().any(|(n, ..)| n == "thin-pool"))
+            .unwrap_or(false)
+    };
+    if !has(&dm) {
+        let _ = std::process::Command::new("modprobe")
+            .arg("dm-thin-pool")
+            .output();
+        if !has(&dm) {
+            return Err("the dm thin-pool target is not available (module dm-thin-pool)".into());
+        }
+    }
+    Ok(())
+}
+
+struct Shared {
+    dm: DM,
+    tag: String,
+    pool: Mutex<Option<ThinPoolDev>>,
+    meta: Mutex<Option<LinearDev>>,
+    data: Mutex<Option<LinearDev>>,
+    _loops: Vec<LoopDevice>,
+    detail: String,
+}
+
+impl Shared {
+    fn name(&self, what: &str) -> Result<DmNameBuf> {
+        DmNameBuf::new(format!("thinfs-{}-{what}", self.tag)).map_err(|e| dmerr("dm name", e))
+    }
+
+    fn msg(&self, m: &str) -> Result<()> {
+        let name = self.name("pool")?;
+        self.dm
+            .target_msg(&DevId::Name(&name), None, m)
+            .map(|_| ())
+            .map_err(|e| dmerr(format!("thin-pool message {m:?}"), e))
+    }
+
+    fn thin_name(&self, dev: DeviceId) -> Result<DmNameBuf> {
+        self.name(&dev.get().to_string())
+    }
+
+    fn is_active(&self, dev: DeviceId) -> Result<bool> {
+        let n = self.thin_name(dev)?;
+        devicemapper::device_exists(&self.dm, &n).map_err(|e| dmerr("device lookup", e))
+    }
+
+    fn remove(&self, name: &DmName) {
+        let id = DevId::Name(name);
+        let _ = self.dm.device_suspend(&id, DmOptions::default());
+        for _ in 0..50 {
+            if self.dm.device_remove(&id, DmOptions::default()).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Err(e) = self.dm.device_remove(
+            &id,
+            DmOptions::default().set_flags(DmFlags::DM_DEFERRED_REMOVE),
+        ) {
+            log::error!("cannot remove dm device {name}: {e}");
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Active thin devices are gone (each holds an Arc of this); take the
+        // pool down so the loop devices under it autoclear.
+        if let Some(mut p) = self.pool.lock().take() {
+            let _ = p.teardown(&self.dm);
+        }
+        for l in [&self.meta, &self.data] {
+            if let Some(mut d) = l.lock().take() {
+                let _ = d.teardown(&self.dm);
+            }
+        }
+    }
+}
+
+/// An open dm-thin pool.
+pub struct DmPool(Arc<Shared>);
+
+fn tag_of(state: &Path) -> String {
+    let p = std::fs::canonicalize(state).unwrap_or_else(|_| state.to_path_buf());
+    // FNV-1a: a short stable tag per state directory.
+    let mut h: u32 = 0x811c9dc5;
+    for b in p.to_string_lossy().bytes() {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x01000193);
+    }
+    format!("{h:08x}")
+}
+
+fn device_of(path: &Path) -> Result<Device> {
+    let rdev = std::fs::metadata(path)
+        .ctx(|| format!("stat {}", path.display()))?
+        .rdev();
+    Ok(Device::from(rdev as libc::dev_t))
+}
+
+fn sparse(path: &Path, size: u64) -> Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .ctx(|| format!("create {}", path.display()))?;
+    f.set_len(size).ctx(|| format!("size {}", path.display()))
+}
+
+impl DmPool {
+    /// Open the pool in `state`, creating it (`size` bytes of data) if new.
+    /// Leftover dm devices of a crashed daemon are torn down first.
+    pub fn open(state: &Path, size: Bytes) -> Result<DmPool> {
+        available().map_err(Error::Invalid)?;
+        let dm = DM::new().map_err(|e| dmerr("open /dev/mapper/control", e))?;
+        let tag = tag_of(state);
+        cleanup_leftovers(&dm, &tag)?;
+        let meta_path: PathBuf = state.join(META_FILE);
+        let data_path: PathBuf = state.join(DATA_FILE);
+        let fresh = !data_path.exists();
+        let data_size = if fresh {
+            size.0 / (BLOCK_SECTORS * 512) * (BLOCK_SECTORS * 512)
+        } else {
+            std::fs::metadata(&data_path)
+                .ctx(|| "stat data file".into())?
+                .len()
+        };
+        if data_size < 64 << 20 {
+            return Err(Error::InvalidSize {
+                input: Bytes(data_size).human(),
+                why: "a dm pool needs at least 64M of data",
+            });
+        }
+        // 48 bytes of metadata per data block, at least 16M, at most 16G.
+        let meta_size =
+            ((data_size / (BLOCK_SECTORS * 512)) * 48).clamp(16 << 20, 16 << 30) / 4096 * 4096;
+        if fresh {
+            let _ = std::fs::remove_file(&meta_path);
+            sparse(&meta_path, meta_size)?;
+            sparse(&data_path, data_size)?;
+        }
+        let open = |p: &Path| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(p)
+                .ctx(|| format!("open {}", p.display()))
+        };
+        let meta_file = open(&meta_path)?;
+        let meta_len = meta_file.metadata().ctx(|| "stat meta".into())?.len();
+        let ml = LoopDevice::attach(&meta_file, false, "thinfs-dm-meta")
+            .ctx(|| "attach metadata file".into())?;
+        let dl = LoopDevice::attach(&open(&data_path)?, false, "thinfs-dm-data")
+            .ctx(|| "attach data file".into())?;
+        let name =
+            |w: &str| DmNameBuf::new(format!("thinfs-{tag}-{w}")).map_err(|e| dmerr("dm name", e));
+        let linear = |w: &str, lo: &LoopDevice, len: u64| -> Result<LinearDev> {
+            let table = vec![TargetLine::new(
+                Sectors(0),
+                Sectors(len / 512),
+                LinearDevTargetParams::Linear(LinearTargetParams::new(
+                    device_of(lo.path())?,
+                    Sectors(0),
+                )),
+            )];
+            LinearDev::setup(&dm, &name(w)?, None, table)
+                .map_err(|e| dmerr(format!("linear device {w}"), e))
+        };
+        let meta = linear("meta", &ml, meta_len)?;
+        let data = linear("data", &dl, data_size)?;
+        let features = vec!["error_if_no_space".to_string()];
+        // Low water mark: 1% of the data blocks.
+        let lwm = DataBlocks((data_size / (BLOCK_SECTORS * 512) / 100).max(1));
+        let pool = if fresh {
+            ThinPoolDev::new(
+                &dm,
+                &name("pool")?,
+                None,
+                meta,
+                data,
+                Sectors(BLOCK_SECTORS),
+                lwm,
+                features,
+            )
+        } else {
+            ThinPoolDev::setup(
+                &dm,
+                &name("pool")?,
+                None,
+                meta,
+                data,
+                Sectors(BLOCK_SECTORS),
+                lwm,
+                features,
+            )
+        }
+        .map_err(|e| dmerr("thin-pool", e))?;
+        let detail = format!(
+            "dm-thin pool thinfs-{tag}-pool: data {} in {}, metadata {} in {}, 64K blocks",
+            Bytes(data_size),
+            data_path.display(),
+            Bytes(meta_len),
+            meta_path.display()
+        );
+        Ok(DmPool(Arc::new(Shared {
+            dm,
+            tag,
+            pool: Mutex::new(Some(pool)),
+            meta: Mutex::new(None),
+            data: Mutex::new(None),
+            _loops: vec![ml, dl],
+            detail,
+        })))
+    }
+
+    fn with_pool<T>(&self, f: impl FnOnce(&ThinPoolDev) -> Result<T>) -> Result<T> {
+        let g = self.0.pool.lock();
+        let p = g
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("dm pool is closed".into()))?;
+        f(p)
+    }
+
+    fn thin_id(dev: DeviceId) -> Result<ThinDevId> {
+        ThinDevId::new_u64(dev.get() as u64).map_err(|e| dmerr("thin id", e))
+    }
+
+    /// Activate `dev` for a moment to read its status or check it exists.
+    fn probe(&self, dev: DeviceId) -> Result<ThinStatus> {
+        let s = &self.0;
+        let name = self.0.name(&format!("probe-{}", dev.get()))?;
+        let mut t = self.with_pool(|p| {
+            ThinDev::setup(&s.dm, &name, None, Sectors(8), p, Self::thin_id(dev)?)
+                .map_err(|e| dmerr("probe", e))
+        })?;
+        let st = t.status(&s.dm, DmOptions::default());
+        let _ = t.teardown(&s.dm);
+        st.map_err(|e| dmerr("thin status", e))
+    }
+}
+
+/// Tear down dm devices named `thinfs-<tag>-*` left by a killed daemon
+/// (thin devices first, then the pool, then the linear devices).
+fn cleanup_leftovers(dm: &DM, tag: &str) -> Result<()> {
+    let prefix = format!("thinfs-{tag}-");
+    let list = dm.list_devices().map_err(|e| dmerr("list dm devices", e))?;
+    let mut ours: Vec<String> = list
+        .iter()
+        .map(|(n, ..)| n.to_string())
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    if ours.is_empty() {
+        return Ok(());
+    }
+    let rank = |n: &str| match n.strip_prefix(&prefix) {
+        Some("pool") => 1,
+        Some("meta") | Some("data") => 2,
+        _ => 0,
+    };
+    ours.sort_by_key(|n| rank(n));
+    for n in ours {
+        log::warn!("recovery: removing dm device {n} left by an earlier daemon");
+        let name = DmNameBuf::new(n.clone()).map_err(|e| dmerr("dm name", e))?;
+        let id = DevId::Name(&name);
+        if rank(&n) == 0 {
+            // Resume it (a crash may have left it suspended), then thaw a
+            // filesystem a crash may have left frozen on it.
+            let _ = dm.device_suspend(&id, DmOptions::default());
+            if let Ok(info) = dm.device_info(&id) {
+                crate::backend::thaw_leftover(&PathBuf::from(format!(
+                    "/dev/dm-{}",
+                    info.device().minor
+                )));
+            }
+        }
+        let _ = dm.device_suspend(&id, DmOptions::default());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match dm.device_remove(&id, DmOptions::default()) {
+                Ok(_) => break,
+                Err(e) if Instant::now() > deadline => {
+                    return Err(Error::Busy(format!("dm device {n} is still in use: {e}")));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A thin device activated as a block device; removed on drop.
+struct DmActive {
+    shared: Arc<Shared>,
+    dev: Mutex<ThinDev>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for DmActive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DmActive({})", self.path.display())
+    }
+}
+
+impl ActiveDevice for DmActive {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn refresh_capacity(&self, size: Bytes) -> Result<()> {
+        let mut d = self.dev.lock();
+        let mut line = d.table().table.clone();
+        line.length = Sectors(size.0 / 512);
+        d.set_table(&self.shared.dm, line)
+            .map_err(|e| dmerr("grow thin device", e))
+    }
+}
+
+impl Drop for DmActive {
+    fn drop(&mut self) {
+        let name = self.dev.lock().name().to_owned();
+        self.shared.remove(&name);
+    }
+}
+
+impl Backend for DmPool {
+    fn kind(&self) -> &'static str {
+        "dm"
+    }
+
+    fn create(&self, dev: DeviceId, _size: Bytes) -> Result<()> {
+        self.0.msg(&format!("create_thin {}", dev.get()))
+    }
+
+    fn snapshot(&self, origin: DeviceId, new: DeviceId) -> Result<()> {
+        let s = &self.0;
+        let active = s.is_active(origin)?;
+        let oname = s.thin_name(origin)?;
+        let id = DevId::Name(&oname);
+        if active {
+            // Suspend the origin (flushing it) around the metadata change.
+            // The engine has frozen the filesystem already: skip dm's own freeze.
+            s.dm.device_suspend(
+                &id,
+                DmOptions::default().set_flags(DmFlags::DM_SUSPEND | DmFlags::DM_SKIP_LOCKFS),
+            )
+            .map_err(|e| dmerr("suspend origin", e))?;
+        }
+        let r = s.msg(&format!("create_snap {} {}", new.get(), origin.get()));
+        if active && let Err(e) = s.dm.device_suspend(&id, DmOptions::default()) {
+            log::error!("resume of {oname:?} failed: {e}");
+        }
+        r
+    }
+
+    fn delete(&self, dev: DeviceId) -> Result<()> {
+        let s = &self.0;
+        if s.is_active(dev)? {
+            s.remove(&s.thin_name(dev)?);
+        }
+        match s.msg(&format!("delete {}", dev.get())) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if self.exists(dev)? {
+                    Err(e)
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    fn exists(&self, dev: DeviceId) -> Result<bool> {
+        if self.0.is_active(dev)? {
+            return Ok(true);
+        }
+        Ok(self.probe(dev).is_ok())
+    }
+
+    fn list(&self) -> Result<Vec<DeviceId>> {
+        // dm-thin cannot list its thin ids; every id is recorded in sled
+        // before it is created (see the module doc).
+        Ok(Vec::new())
+    }
+
+    fn activate(
+        &self,
+        dev: DeviceId,
+        size: Bytes,
+        read_only: bool,
+    ) -> Result<Box<dyn ActiveDevice>> {
+        let s = &self.0;
+        let name = s.thin_name(dev)?;
+        if s.is_active(dev)? {
+            return Err(Error::Busy(format!("thin device {dev} is already active")));
+        }
+        let t = self.with_pool(|p| {
+            ThinDev::setup(
+                &s.dm,
+                &name,
+                None,
+                Sectors(size.0 / 512),
+                p,
+                Self::thin_id(dev)?,
+            )
+            .map_err(|e| dmerr(format!("activate thin device {dev}"), e))
+        })?;
+        let path = t.devnode();
+        // Wait for devtmpfs to show the node.
+        for _ in 0..100 {
+            if path.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = read_only;
+        Ok(Box::new(DmActive {
+            shared: s.clone(),
+            dev: Mutex::new(t),
+            path,
+        }))
+    }
+
+    fn resize(&self, _dev: DeviceId, _size: Bytes) -> Result<()> {
+        // Thin devices have no size of their own: the table length is set
+        // at activation (and refreshed on a live device).
+        Ok(())
+    }
+
+    fn usage(&self, dev: DeviceId) -> Result<Usage> {
+        let s = &self.0;
+        let st = if s.is_active(dev)? {
+            let n = s.thin_name(dev)?;
+            let (_, status) =
+                s.dm.table_status(&DevId::Name(&n), DmOptions::default())
+                    .map_err(|e| dmerr("thin status", e))?;
+            status
+                .first()
+                .map(|(_, _, _, line)| line.parse::<ThinStatus>())
+                .transpose()
+                .map_err(|e| dmerr("parse thin status", e))?
+                .unwrap_or(ThinStatus::Error)
+        } else {
+            self.probe(dev)?
+        };
+        match st {
+            ThinStatus::Working(w) => {
+                let mapped = *w.nr_mapped_sectors * 512;
+                Ok(Usage {
+                    mapped,
+                    // dm-thin does not say which blocks are shared.
+                    exclusive: mapped,
+                    extents: 0,
+                })
+            }
+            _ => Err(Error::Faulty {
+                name: format!("thin device {dev}"),
+                reason: "dm reports it failed".into(),
+            }),
+        }
+    }
+
+    fn status(&self) -> Result<PoolStatus> {
+        let s = &self.0;
+        let st = self.with_pool(|p| {
+            p.status(&s.dm, DmOptions::default())
+                .map_err(|e| dmerr("pool status", e))
+        })?;
+        match st {
+            ThinPoolStatus::Working(w) => {
+                let bs = BLOCK_SECTORS * 512;
+                let total = *w.usage.total_data * bs;
+                let used = *w.usage.used_data * bs;
+                Ok(PoolStatus {
+                    backend: "dm".into(),
+                    total,
+                    used,
+                    available: total - used,
+                    detail: format!(
+                        "{}; metadata {}/{} blocks used; {:?}{}",
+                        s.detail,
+                        *w.usage.used_meta,
+                        *w.usage.total_meta,
+                        w.summary,
+                        if w.needs_check { "; NEEDS CHECK" } else { "" }
+                    ),
+                })
+            }
+            other => Err(Error::Faulty {
+                name: "dm pool".into(),
+                reason: format!("{other:?}"),
+            }),
+        }
+    }
+
+    fn trim(&self) -> Result<()> {
+        Ok(())
+    }
+}
