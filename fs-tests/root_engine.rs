@@ -401,3 +401,189 @@ fn root_fsynced_data_survives_kill() {
     let m = e.mount(img.id).unwrap();
     assert_eq!(read_file(m.root(), "durable.txt").unwrap(), b"committed");
 }
+
+// ---- dm-thin only: run in the QEMU guest by scripts/dm-test ----
+
+fn dm_opts(s: &Scratch, data: Bytes) -> thinfs::engine::PoolOptions {
+    let mut o = opts(s.path());
+    o.backend = thinfs::engine::BackendChoice::Dm;
+    o.pool_size = data;
+    o
+}
+
+#[test]
+#[ignore = "needs dm-thin: scripts/dm-test runs it in a QEMU guest"]
+fn dm_thousand_snapshots_and_metadata_returns() {
+    let s = Scratch::new("dm1000");
+    let e = thinfs::engine::Engine::open_pool(&dm_opts(&s, Bytes(2 << 30))).unwrap();
+    let img = e.create_image(&n("base"), None).unwrap();
+    let m = e.mount(img.id).unwrap();
+    write_file(m.root(), "f", &pattern(8 << 20, 3));
+    drop(m);
+    let meta0 = e
+        .pool_info()
+        .unwrap()
+        .status
+        .meta_used
+        .expect("dm reports metadata");
+    let t = std::time::Instant::now();
+    let mut ids = Vec::new();
+    for i in 0..1000 {
+        ids.push(e.snapshot(img.id, &n(&format!("s{i}"))).unwrap().id);
+    }
+    let took = t.elapsed();
+    let meta1 = e.pool_info().unwrap().status.meta_used.unwrap();
+    println!(
+        "dm: 1000 snapshots in {:.1} s; metadata used {meta0} -> {meta1} bytes",
+        took.as_secs_f64()
+    );
+    assert!(meta1 > meta0, "snapshots must use metadata");
+    let sm = e.mount(ids[500]).unwrap();
+    assert_eq!(read_file(sm.root(), "f").unwrap(), pattern(8 << 20, 3));
+    drop(sm);
+    e.unmount(ids[500]);
+    for i in 0..1000 {
+        e.destroy(&Target::parse(&format!("base@s{i}")).unwrap(), false)
+            .unwrap();
+    }
+    let meta2 = e.pool_info().unwrap().status.meta_used.unwrap();
+    println!("dm: after destroying them, metadata used {meta2} bytes");
+    assert!(
+        meta2 <= meta0 + (64 << 10),
+        "metadata must return to its start: {meta0} -> {meta2}"
+    );
+}
+
+#[test]
+#[ignore = "needs dm-thin: scripts/dm-test runs it in a QEMU guest"]
+fn dm_out_of_space_gives_enospc_and_fs_survives() {
+    let s = Scratch::new("dmfull");
+    let e = thinfs::engine::Engine::open_pool(&dm_opts(&s, Bytes(256 << 20))).unwrap();
+    let filler = e.create_image(&n("filler"), None).unwrap();
+    let img = e.create_image(&n("big"), None).unwrap();
+    {
+        let fm = e.mount(filler.id).unwrap();
+        write_file(fm.root(), "ballast", &pattern(64 << 20, 1));
+    }
+    e.unmount(filler.id);
+    let m = e.mount(img.id).unwrap();
+    write_file(m.root(), "keep", b"fsynced before the pool filled");
+    // Fill the pool: the writer must get an error (ENOSPC or EIO), not hang.
+    let fd = thinfs::sys::file::openat(
+        m.root(),
+        "fill".as_ref(),
+        libc::O_WRONLY | libc::O_CREAT,
+        0o644,
+    )
+    .unwrap();
+    let mut f = std::fs::File::from(fd);
+    let chunk = pattern(4 << 20, 2);
+    let mut err = None;
+    for _ in 0..128 {
+        use std::io::Write;
+        if let Err(x) = f.write_all(&chunk).and_then(|_| f.sync_data()) {
+            err = Some(x);
+            break;
+        }
+    }
+    let err = err.expect("filling a 256M pool with 512M must fail");
+    println!("dm: writer got {err} when the pool filled");
+    // dm-thin fails the bio with "no space"; ext4 reports it as EIO or ENOSPC.
+    assert!(
+        matches!(err.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EIO)),
+        "{err}"
+    );
+    drop(f);
+    let st = e.pool_info().unwrap().status;
+    println!(
+        "dm: pool at {} of {} bytes; {}",
+        st.used, st.total, st.detail
+    );
+    // New devices are refused below the reserve.
+    assert!(matches!(
+        e.create_image(&n("more"), None),
+        Err(thinfs::error::Error::NoSpace(_))
+    ));
+    drop(m);
+    e.unmount(img.id);
+    e.wait_released(img.id, std::time::Duration::from_secs(10))
+        .unwrap();
+    // Free space, then the filesystem must check clean.
+    e.destroy(&Target::parse("filler").unwrap(), false).unwrap();
+    let act = e.backend().activate(img.dev, img.size, false).unwrap();
+    let out = Command::new("e2fsck")
+        .args(["-fn"])
+        .arg(act.path())
+        .output()
+        .unwrap();
+    println!(
+        "dm: e2fsck -fn: {}",
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or("")
+    );
+    drop(act);
+    let code = out.status.code().unwrap_or(8);
+    assert!(
+        code == 0,
+        "filesystem not clean after the pool filled (e2fsck exit {code}): {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // The engine keeps serving: the fsynced file is there, new images work.
+    // Deleting the big file gives its blocks back (ext4 discard -> dm-thin).
+    let m = e.mount(img.id).unwrap();
+    assert_eq!(
+        read_file(m.root(), "keep").unwrap(),
+        b"fsynced before the pool filled"
+    );
+    thinfs::sys::file::unlinkat(m.root(), "fill".as_ref(), false).unwrap();
+    thinfs::sys::fsio::syncfs(m.root()).unwrap();
+    let _ = thinfs::sys::fsio::fitrim(m.root());
+    drop(m);
+    let st = e.pool_info().unwrap().status;
+    println!(
+        "dm: after deleting the file, pool at {} of {} bytes",
+        st.used, st.total
+    );
+    e.create_image(&n("after"), None).unwrap();
+}
+
+#[test]
+#[ignore = "needs dm-thin: scripts/dm-test runs it in a QEMU guest"]
+fn dm_snapshot_time_does_not_grow_with_data() {
+    let mut lines = Vec::new();
+    for backend in [
+        thinfs::engine::BackendChoice::Dm,
+        thinfs::engine::BackendChoice::Reflink,
+    ] {
+        let s = Scratch::new("dmlat");
+        let mut o = dm_opts(&s, Bytes(4 << 30));
+        o.backend = backend;
+        let e = thinfs::engine::Engine::open_pool(&o).unwrap();
+        let img = e.create_image(&n("base"), Some(Bytes(4 << 30))).unwrap();
+        let m = e.mount(img.id).unwrap();
+        let mut med = Vec::new();
+        for (label, mb) in [("64M", 64usize), ("1G", 960)] {
+            write_file(m.root(), &format!("d{mb}"), &pattern(mb << 20, mb as u64));
+            let mut lat = Vec::new();
+            for i in 0..9 {
+                let t = std::time::Instant::now();
+                let r = e.snapshot(img.id, &n(&format!("{label}-{i}"))).unwrap();
+                lat.push(t.elapsed().as_secs_f64() * 1e3);
+                e.destroy_id(r.id).unwrap();
+            }
+            lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            med.push(lat[4]);
+            lines.push(format!("{backend:?} {label}: p50 {:.1} ms", lat[4]));
+        }
+        lines.push(format!("{backend:?} ratio 1G/64M: {:.2}", med[1] / med[0]));
+        assert!(
+            med[1] < med[0] * 10.0 + 20.0,
+            "{backend:?} snapshot time grew with data: {med:?}"
+        );
+    }
+    for l in lines {
+        println!("dm-latency: {l}");
+    }
+}

@@ -45,6 +45,12 @@ pub struct PoolStatus {
     pub available: u64,
     /// How the pool is laid out, for humans.
     pub detail: String,
+    /// Metadata bytes used (dm-thin).
+    #[serde(default)]
+    pub meta_used: Option<u64>,
+    /// Metadata bytes in all (dm-thin).
+    #[serde(default)]
+    pub meta_total: Option<u64>,
 }
 
 /// A pool of thin devices.

@@ -526,6 +526,9 @@ impl Backend for DmPool {
                         w.summary,
                         if w.needs_check { "; NEEDS CHECK" } else { "" }
                     ),
+                    // Metadata blocks are 4 KiB.
+                    meta_used: Some(*w.usage.used_meta * 4096),
+                    meta_total: Some(*w.usage.total_meta * 4096),
                 })
             }
             other => Err(Error::Faulty {

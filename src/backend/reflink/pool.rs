@@ -358,6 +358,8 @@ impl Backend for ReflinkPool {
             used: (s.f_blocks - s.f_bfree) * bs,
             available: s.f_bavail * bs,
             detail: self.detail.clone(),
+            meta_used: None,
+            meta_total: None,
         })
     }
 
