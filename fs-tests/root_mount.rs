@@ -112,6 +112,18 @@ fn root_mount_image_snapshot_roundtrip() {
     let devs: serde_json::Value =
         serde_json::from_slice(&read(&m.path(".thinfs/devices.json"))).unwrap();
     assert_eq!(devs.as_array().unwrap().len(), 2);
+    let mut info: Vec<String> = fs::read_dir(m.path(".thinfs/info"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    info.sort();
+    assert_eq!(info, vec!["renamed".to_string(), "renamed@v2".to_string()]);
+    let one: serde_json::Value =
+        serde_json::from_slice(&read(&m.path(".thinfs/info/renamed@v2"))).unwrap();
+    assert_eq!(one["full_name"], "renamed@v2");
+    assert_eq!(one["kind"], "snapshot");
+    assert_eq!(one["parent_name"], "renamed");
+    assert!(!m.path(".thinfs/info/nope").exists());
     let e = fs::write(m.path(".thinfs/tree"), b"x").unwrap_err();
     assert!(
         matches!(errno(&e), libc::EACCES | libc::EROFS | libc::EPERM),
@@ -444,4 +456,41 @@ fn root_mount_umount_command_and_show_hidden() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+#[test]
+fn root_mount_idle_devices_are_unmounted_and_come_back() {
+    let m = TestMount::start_with("idle", &["--idle-secs", "1"]);
+    fs::create_dir(m.path("img")).unwrap();
+    fs::write(m.path("img/f"), b"data").unwrap();
+    fs::create_dir(m.path("img/.snapshots/s")).unwrap();
+    assert_eq!(read(&m.path("img/.snapshots/s/f")), b"data");
+    let mounted = |m: &TestMount| pool_json(m)["fuse"]["mounted_devices"].as_u64().unwrap();
+    assert_eq!(mounted(&m), 2);
+    let mut n = 2;
+    for _ in 0..100 {
+        n = mounted(&m);
+        if n == 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(n, 0, "idle image and snapshot must be unmounted");
+    assert!(
+        m.log().contains("unmounted 2 idle device(s)") || m.log().contains("idle device"),
+        "{}",
+        m.log()
+    );
+    // Used again: mounted again on demand, content intact.
+    assert_eq!(read(&m.path("img/.snapshots/s/f")), b"data");
+    fs::write(m.path("img/g"), b"more").unwrap();
+    assert_eq!(read(&m.path("img/g")), b"more");
+    // A file held open keeps its device mounted.
+    let f = fs::File::open(m.path("img/f")).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert!(
+        mounted(&m) >= 1,
+        "a device with an open file must stay mounted"
+    );
+    drop(f);
 }

@@ -83,6 +83,14 @@ pub trait Backend: Send + Sync {
     fn status(&self) -> Result<PoolStatus>;
     /// Return freed space to the layer below (best effort).
     fn trim(&self) -> Result<()>;
+    /// The backend's own transaction id, if it keeps one (dm-thin).
+    fn transaction_id(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
+    /// Bring the backend's transaction id to `id` (the metadata's).
+    fn set_transaction_id(&self, _id: u64) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A daemon killed while an image's filesystem was frozen for a snapshot

@@ -71,7 +71,7 @@ pub fn run(cfg: &MountConfig, ready: impl FnOnce()) -> Result<()> {
     let listener = control::bind(&cfg.socket)?;
     let fs = ThinFs::new(engine.clone(), cfg.fuse.clone());
     let core = fs.core();
-    let expirer = fs.expirer();
+    let expirer = core.clone();
     let mut fc = Config::default();
     fc.mount_options = vec![
         MountOption::FSName("thinfs".into()),

@@ -133,6 +133,24 @@ impl Engine {
             last_id: std::sync::atomic::AtomicU32::new(0),
         };
         e.recover()?;
+        // Keep the backend's transaction id (dm-thin) in step with sled's.
+        // They differ only if a crash fell between the two; recovery above
+        // has reconciled the records with the backend already.
+        let meta_txid = e.meta.pool()?.map(|p| p.transaction_id).unwrap_or(0);
+        if let Some(pool_txid) = e.backend.transaction_id()? {
+            if pool_txid != meta_txid {
+                log::warn!(
+                    "recovery: backend transaction id {pool_txid} differs from the metadata's {meta_txid} (a crash fell between them); reconciled"
+                );
+            }
+            e.backend.set_transaction_id(meta_txid)?;
+            let b = e.backend.clone();
+            e.meta.set_commit_hook(Box::new(move |id| {
+                if let Err(err) = b.set_transaction_id(id) {
+                    log::error!("cannot set the backend transaction id to {id}: {err}");
+                }
+            }));
+        }
         Ok(e)
     }
 

@@ -137,6 +137,21 @@ impl Engine {
         }
     }
 
+    /// Filesystems really mounted now: those in the table plus unmounted
+    /// ones still held (by cached inodes or open files).
+    pub fn live_mounts(&self) -> usize {
+        let mut ids: std::collections::HashSet<DeviceId> =
+            self.mounts.lock().keys().copied().collect();
+        self.retired.lock().retain(|id, w| {
+            let alive = w.strong_count() > 0;
+            if alive {
+                ids.insert(*id);
+            }
+            alive
+        });
+        ids.len()
+    }
+
     /// Ids of mounted devices, with their last use.
     pub fn mounted_ids(&self) -> Vec<(DeviceId, u64, usize)> {
         self.mounts

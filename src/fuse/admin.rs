@@ -61,6 +61,28 @@ impl Core {
         self.inval(p, &n);
     }
 
+    /// Unmount images and snapshots idle for `idle` or more (no open file
+    /// or directory in them, no use since) and ask the kernel to drop their
+    /// directory entries, so that it forgets their inodes and the
+    /// filesystem really goes away. Returns how many were expired.
+    pub fn expire_idle(&self, idle: std::time::Duration) -> usize {
+        let now = crate::engine::now_secs();
+        let mut n = 0;
+        for (id, last, _) in self.engine.mounted_ids() {
+            if now.saturating_sub(last) < idle.as_secs() || self.open_count(id) > 0 {
+                continue;
+            }
+            let Ok(r) = self.engine.record(id) else {
+                continue;
+            };
+            self.engine.unmount(id);
+            let (p, name) = self.entry_of_record(&r);
+            self.inval(p, &name);
+            n += 1;
+        }
+        n
+    }
+
     /// `thinfs create`.
     pub fn admin_create(&self, c: &Caller, name: &Name, size: Option<Bytes>) -> Result<DeviceInfo> {
         self.require_admin(c, &format!("create {name}"))?;

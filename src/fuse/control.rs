@@ -26,13 +26,14 @@ impl Core {
                         "writes_in_daemon": self.stats.writes.load(Ordering::Relaxed),
                         "passthrough_opens": self.stats.passthrough_opens.load(Ordering::Relaxed),
                         "inodes": self.inodes.len(),
-                        "mounted_devices": self.engine.mounted_ids().len(),
+                        "mounted_devices": self.engine.live_mounts(),
                     }
                 });
                 json(&v)
             }
             ControlFile::DevicesJson => json(&self.engine.list_info(true)?),
             ControlFile::Tree => Ok(self.engine.tree_text()?.into_bytes()),
+            ControlFile::Info(id) => json(&self.engine.info(&self.engine.record(id)?, true)?),
         }
     }
 }

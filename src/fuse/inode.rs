@@ -24,9 +24,14 @@ pub const CONTROL_INO: u64 = 2;
 const INNER_BITS: u32 = 40;
 const SNAPDIR_LOW: u64 = (1 << INNER_BITS) - 1;
 
+/// `/.thinfs/info`: one JSON file per image and snapshot.
+pub const INFO_INO: u64 = 6;
+
 /// Files in `.thinfs`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ControlFile {
+    /// `.thinfs/info/NAME[@SNAP]`: one device, JSON.
+    Info(DeviceId),
     /// Pool status, JSON.
     PoolJson,
     /// Every device with usage, JSON.
@@ -55,6 +60,8 @@ pub enum Node {
     ControlFile(ControlFile),
     /// `IMAGE/.snapshots`.
     SnapDir(DeviceId),
+    /// `.thinfs/info`.
+    InfoDir,
     /// A file or directory inside an image or snapshot.
     Real(Real),
 }
@@ -108,6 +115,11 @@ pub fn real_ino(dev: DeviceId, inner: u64) -> u64 {
     ((dev.get() as u64) << INNER_BITS) | (inner & SNAPDIR_LOW)
 }
 
+/// Inode number of `.thinfs/info/NAME`.
+pub fn info_ino(dev: DeviceId) -> u64 {
+    ((dev.get() as u64) << INNER_BITS) | (SNAPDIR_LOW - 1)
+}
+
 /// Inode number of `IMAGE/.snapshots`.
 pub fn snapdir_ino(image: DeviceId) -> u64 {
     ((image.get() as u64) << INNER_BITS) | SNAPDIR_LOW
@@ -125,6 +137,7 @@ impl InodeTable {
         let t = InodeTable::default();
         t.insert_static(ROOT_INO, Node::Root);
         t.insert_static(CONTROL_INO, Node::Control);
+        t.insert_static(INFO_INO, Node::InfoDir);
         for (f, _, ino) in ControlFile::ALL {
             t.insert_static(ino, Node::ControlFile(f));
         }
@@ -196,6 +209,7 @@ impl InodeTable {
         m.retain(|_, i| match &i.node {
             Node::Real(r) => r.dev != dev,
             Node::SnapDir(d) => *d != dev,
+            Node::ControlFile(ControlFile::Info(d)) => *d != dev,
             _ => true,
         });
         before - m.len()

@@ -248,39 +248,4 @@ impl Core {
         let n = self.inodes.purge_dev(dev);
         log::debug!("dropped {n} inode(s) of destroyed device id {dev}");
     }
-
-    /// What the idle-expiry thread needs, usable after the filesystem
-    /// has been handed to the FUSE session.
-    pub fn expirer(&self) -> Expirer {
-        Expirer {
-            engine: self.engine.clone(),
-            open_per_dev: self.open_per_dev.clone(),
-        }
-    }
-}
-
-/// Unmounts inner filesystems that nobody uses.
-#[derive(Clone)]
-pub struct Expirer {
-    engine: Arc<Engine>,
-    open_per_dev: Arc<Mutex<HashMap<DeviceId, usize>>>,
-}
-
-impl Expirer {
-    /// Unmount inner filesystems idle for `idle` or more: no open file or
-    /// directory in them and no use since. Returns how many were dropped.
-    /// (Inodes the kernel still caches keep the filesystem itself alive
-    /// until it forgets them; nothing breaks.)
-    pub fn expire_idle(&self, idle: Duration) -> usize {
-        let now = crate::engine::now_secs();
-        let mut n = 0;
-        for (id, last, _) in self.engine.mounted_ids() {
-            let open = self.open_per_dev.lock().get(&id).copied().unwrap_or(0);
-            if now.saturating_sub(last) >= idle.as_secs() && open == 0 {
-                self.engine.unmount(id);
-                n += 1;
-            }
-        }
-        n
-    }
 }

@@ -95,11 +95,30 @@ impl Core {
     }
 
     pub(super) fn lookup_control(&self, name: &OsStr) -> Result<(Arc<Inode>, FileAttr)> {
+        if name == "info" {
+            let i = self.inodes.remember(inode::INFO_INO, || Node::InfoDir);
+            let a = self.virtual_attr(&i)?;
+            return Ok((i, a));
+        }
         let (f, _, ino) = ControlFile::ALL
             .into_iter()
             .find(|(_, n, _)| OsStr::new(n) == name)
             .ok_or_else(|| enoent(format!(".thinfs/{name:?}")))?;
         let i = self.inodes.remember(ino, || Node::ControlFile(f));
+        let a = self.virtual_attr(&i)?;
+        Ok((i, a))
+    }
+
+    /// `.thinfs/info/NAME[@SNAP]`.
+    pub(super) fn lookup_info(&self, name: &OsStr) -> Result<(Arc<Inode>, FileAttr)> {
+        let t = name
+            .to_str()
+            .and_then(|s| Target::parse(s).ok())
+            .ok_or_else(|| enoent(format!(".thinfs/info/{name:?}")))?;
+        let r = self.engine.resolve(&t)?;
+        let i = self.inodes.remember(inode::info_ino(r.id), || {
+            Node::ControlFile(ControlFile::Info(r.id))
+        });
         let a = self.virtual_attr(&i)?;
         Ok((i, a))
     }
@@ -126,7 +145,7 @@ impl Core {
                 }
                 a
             }
-            Node::Control => attr::virtual_attr(i.ino, true, 0, self.started),
+            Node::Control | Node::InfoDir => attr::virtual_attr(i.ino, true, 0, self.started),
             Node::ControlFile(f) => {
                 let len = self.control_content(*f)?.len() as u64;
                 attr::virtual_attr(i.ino, false, len, self.started)
@@ -150,8 +169,18 @@ impl Core {
                 }
             }
             Node::Control => {
+                v.push((inode::INFO_INO, FileType::Directory, "info".into()));
                 for (_, n, ino) in ControlFile::ALL {
                     v.push((ino, FileType::RegularFile, n.into()));
+                }
+            }
+            Node::InfoDir => {
+                for r in self.engine.meta().list()? {
+                    v.push((
+                        inode::info_ino(r.id),
+                        FileType::RegularFile,
+                        self.engine.full_name(&r).into(),
+                    ));
                 }
             }
             Node::SnapDir(image) => {

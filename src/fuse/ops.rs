@@ -66,6 +66,7 @@ impl Core {
         match &p.node {
             Node::Root => self.lookup_root(name),
             Node::Control => self.lookup_control(name),
+            Node::InfoDir => self.lookup_info(name),
             Node::SnapDir(img) => self.lookup_snapdir(*img, name),
             Node::Real(_) => self.lookup_real(self.real(&p)?, name),
             Node::ControlFile(_) => Err(no(libc::ENOTDIR, "lookup in a file")),
@@ -94,7 +95,9 @@ impl Core {
             (Node::Root, true) => self.rmdir_image(c, name),
             (Node::SnapDir(img), true) => self.rmdir_snapshot(c, *img, name),
             (Node::Real(_), _) => self.unlink_real(c, self.real(&p)?, name, dir),
-            (Node::Control, _) => Err(Error::ReadOnly(".thinfs is read-only".into())),
+            (Node::Control | Node::InfoDir, _) => {
+                Err(Error::ReadOnly(".thinfs is read-only".into()))
+            }
             _ => Err(no(
                 libc::EISDIR,
                 "unlink of an image or snapshot (use rmdir)",
@@ -121,7 +124,7 @@ impl Core {
         let p = self.inodes.get(parent)?;
         match &p.node {
             Node::Real(_) => Ok(p),
-            Node::Control | Node::ControlFile(_) => {
+            Node::Control | Node::InfoDir | Node::ControlFile(_) => {
                 Err(Error::ReadOnly(".thinfs is read-only".into()))
             }
             _ => Err(Error::PermissionDenied(format!(
@@ -191,7 +194,13 @@ impl Filesystem for ThinFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let ttl = if ino.0 > super::CONTROL_INO && ino.0 < 16 {
+        // .thinfs files change under the kernel: never cache their size.
+        let control = self
+            .inodes
+            .peek(ino.0)
+            .map(|i| matches!(i.node, Node::ControlFile(_)))
+            .unwrap_or(false);
+        let ttl = if control {
             Duration::ZERO
         } else {
             self.opts.ttl

@@ -23,9 +23,13 @@ use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use std::collections::BTreeSet;
 use std::path::Path;
 
+/// Called with the new transaction id after every committed change.
+pub type CommitHook = Box<dyn Fn(u64) + Send + Sync>;
+
 /// The open metadata store.
 #[derive(Clone)]
 pub struct Meta {
+    hook: std::sync::Arc<std::sync::OnceLock<CommitHook>>,
     db: sled::Db,
     devices: sled::Tree,
     names: sled::Tree,
@@ -163,6 +167,7 @@ impl Meta {
             .mode(sled::Mode::HighThroughput)
             .open()?;
         Ok(Meta {
+            hook: Default::default(),
             devices: db.open_tree("devices")?,
             names: db.open_tree("names")?,
             children: db.open_tree("children")?,
@@ -200,7 +205,18 @@ impl Meta {
             Err(sled::transaction::TransactionError::Storage(e)) => return Err(Error::Meta(e)),
         };
         self.db.flush()?;
+        if let Some(h) = self.hook.get()
+            && let Some(p) = self.pool()?
+        {
+            h(p.transaction_id);
+        }
         Ok(v)
+    }
+
+    /// Install the hook run after every committed transaction (the engine
+    /// keeps the backend's transaction id in step with it).
+    pub fn set_commit_hook(&self, h: CommitHook) {
+        let _ = self.hook.set(h);
     }
 
     /// The pool record, if the pool was initialised.

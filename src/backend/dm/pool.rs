@@ -541,4 +541,27 @@ impl Backend for DmPool {
     fn trim(&self) -> Result<()> {
         Ok(())
     }
+
+    fn transaction_id(&self) -> Result<Option<u64>> {
+        let s = &self.0;
+        match self.with_pool(|p| {
+            p.status(&s.dm, DmOptions::default())
+                .map_err(|e| dmerr("pool status", e))
+        })? {
+            ThinPoolStatus::Working(w) => Ok(Some(w.transaction_id)),
+            other => Err(Error::Faulty {
+                name: "dm pool".into(),
+                reason: format!("{other:?}"),
+            }),
+        }
+    }
+
+    fn set_transaction_id(&self, id: u64) -> Result<()> {
+        if let Some(cur) = self.transaction_id()?
+            && cur != id
+        {
+            self.0.msg(&format!("set_transaction_id {cur} {id}"))?;
+        }
+        Ok(())
+    }
 }
