@@ -446,6 +446,12 @@ fn dm_thousand_snapshots_and_metadata_returns() {
         e.destroy(&Target::parse(&format!("base@s{i}")).unwrap(), false)
             .unwrap();
     }
+    // The pool's transaction id follows sled's.
+    assert_eq!(
+        e.backend().transaction_id().unwrap(),
+        Some(e.pool_info().unwrap().transaction_id),
+        "dm-thin transaction id must be in step with the metadata"
+    );
     let meta2 = e.pool_info().unwrap().status.meta_used.unwrap();
     println!("dm: after destroying them, metadata used {meta2} bytes");
     assert!(
