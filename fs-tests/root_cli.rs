@@ -202,6 +202,15 @@ fn root_cli_clone_rollback_destroy_rename_resize_label() {
     );
     fails(&m.cli(&["resize", "base", "100M"]), 1, "shrinking");
 
+    // fsck: refused while a file is open, clean otherwise.
+    let held = fs::File::open(m.path("base/f")).unwrap();
+    fails(&m.cli(&["fsck", "base"]), 1, "open in it");
+    drop(held);
+    assert!(ok(&m.cli(&["fsck", "base"])).contains("base: clean"));
+    assert_eq!(fs::read(m.path("base/f")).unwrap(), b"one");
+    let (good, out) = as_nobody(&m.cli_sh("fsck base"));
+    assert!(!good && out.contains("needs root"), "{out}");
+
     // Labels.
     ok(&m.cli(&["label", "base", "owner=ci"]));
     assert!(ok(&m.cli(&["info", "base"])).contains("owner=ci"));

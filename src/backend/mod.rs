@@ -19,6 +19,9 @@ pub trait ActiveDevice: Send + Sync + std::fmt::Debug {
     fn path(&self) -> &Path;
     /// Make the live device `size` bytes long after a resize.
     fn refresh_capacity(&self, size: Bytes) -> Result<()>;
+    /// A filesystem is now mounted on it: handles needed only to set it up
+    /// may be let go (saves a file descriptor per mounted device).
+    fn mounted(&self) {}
 }
 
 /// Space used by one device.

@@ -82,6 +82,11 @@ enum Cmd {
         /// New size (e.g. 20G)
         size: String,
     },
+    /// Check and repair an image's filesystem (e2fsck; unmounts it first)
+    Fsck {
+        /// NAME or NAME@SNAP
+        target: String,
+    },
     /// Set (KEY=VALUE) or remove (KEY) a label
     Label {
         /// NAME or NAME@SNAP
@@ -217,6 +222,17 @@ fn run(cli: Cli) -> Result<()> {
                 size: size.clone(),
             })?;
             println!("resized {name} to {size}");
+            Ok(())
+        }
+        Cmd::Fsck { target } => {
+            let v = call(Op::Fsck {
+                target: target.clone(),
+            })?;
+            print!("{}", v["output"].as_str().unwrap_or(""));
+            match v["exit"].as_i64() {
+                Some(0) => println!("{target}: clean"),
+                _ => println!("{target}: errors were repaired"),
+            }
             Ok(())
         }
         Cmd::Label { target, label } => {

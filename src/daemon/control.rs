@@ -216,6 +216,10 @@ fn handle(core: &Core, who: &Caller, op: &Op) -> Result<serde_json::Value> {
             core.admin_resize(who, &Target::parse(name)?, Bytes::parse(size)?)?;
             Ok(serde_json::Value::Null)
         }
+        Op::Fsck { target } => {
+            let (code, output) = core.admin_fsck(who, &Target::parse(target)?)?;
+            Ok(serde_json::json!({ "exit": code, "output": output }))
+        }
         Op::Label { target, key, value } => {
             core.admin_label(who, &Target::parse(target)?, key, value.as_deref())?;
             Ok(serde_json::Value::Null)

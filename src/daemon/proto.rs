@@ -90,6 +90,11 @@ pub enum Op {
         /// New size.
         size: String,
     },
+    /// Check and repair a filesystem (unmounts it first).
+    Fsck {
+        /// `NAME` or `NAME@SNAP`.
+        target: String,
+    },
     /// Set or remove a label.
     Label {
         /// `NAME` or `NAME@SNAP`.

@@ -170,6 +170,45 @@ impl Engine {
         Ok(())
     }
 
+    /// Check and repair the filesystem of an image or snapshot, which must
+    /// not be mounted (the caller unmounts it): `e2fsck -fy` for an image,
+    /// `e2fsck -fn` for a snapshot (read-only). Returns (exit code, output).
+    /// Exit 0 = clean, 1 = errors fixed; anything else is an error.
+    pub fn fsck(&self, target: &Target) -> Result<(i32, String)> {
+        let rec = self.resolve(target)?;
+        let lock = self.lock_of(rec.id);
+        let _g = lock.lock();
+        let rec = self.ready(rec.id)?;
+        if self.mounted(rec.id).is_some() {
+            return Err(Error::Busy(format!("{target} is mounted")));
+        }
+        self.wait_released(rec.id, std::time::Duration::from_secs(10))?;
+        let ro = rec.kind == DeviceKind::Snapshot;
+        let active = self.backend.activate(rec.dev, rec.size, ro)?;
+        let out = Command::new("e2fsck")
+            .arg(if ro { "-fn" } else { "-fy" })
+            .arg(active.path())
+            .output()
+            .ctx(|| "run e2fsck (Debian package e2fsprogs)".into())?;
+        let code = out.status.code().unwrap_or(8);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        log::info!("fsck of {target}: e2fsck exit {code}");
+        if code > 1 {
+            return Err(Error::io(
+                format!(
+                    "e2fsck of {target} exited {code}: {}",
+                    text.lines().last().unwrap_or("")
+                ),
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
+        Ok((code, text))
+    }
+
     /// Set (`Some`) or remove (`None`) a label.
     pub fn set_label(&self, target: &Target, key: &str, value: Option<&str>) -> Result<()> {
         let rec = self.resolve(target)?;

@@ -39,6 +39,12 @@ impl Mounted {
         self.last_used.store(super::now_secs(), Ordering::Relaxed);
     }
 
+    /// Make it the first candidate for idle expiry (nobody has used it yet:
+    /// a snapshot just taken by mkdir need not stay mounted).
+    pub fn mark_idle(&self) {
+        self.last_used.store(0, Ordering::Relaxed);
+    }
+
     /// Seconds since the epoch of the last use.
     pub fn last_used(&self) -> u64 {
         self.last_used.load(Ordering::Relaxed)
@@ -87,6 +93,7 @@ impl Engine {
                 active.path().display()
             )
         })?;
+        active.mounted();
         Ok(Mounted {
             root,
             active,

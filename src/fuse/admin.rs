@@ -200,6 +200,16 @@ impl Core {
         }
     }
 
+    /// `thinfs fsck TARGET`: unmount it (no file may be open in it), check
+    /// and repair its filesystem; it is mounted again on next use.
+    pub fn admin_fsck(&self, c: &Caller, t: &Target) -> Result<(i32, String)> {
+        self.require_admin(c, &format!("fsck {t}"))?;
+        let r = self.engine.resolve(t)?;
+        self.ensure_unused(&r, "fsck")?;
+        self.forget_device(&r);
+        self.engine.fsck(t)
+    }
+
     /// `thinfs label TARGET KEY[=VALUE]`.
     pub fn admin_label(
         &self,

@@ -215,7 +215,13 @@ impl Core {
         let n = Name::from_os(name)?;
         self.require_admin(c, &format!("snapshot {n}"))?;
         let r = self.engine.snapshot(image, &n)?;
-        self.device_root(r.id)
+        let root = self.device_root(r.id)?;
+        // Thousands of snapshots must not mean thousands of mounts: this one
+        // goes at the next idle pass unless somebody looks into it.
+        if let Some(m) = self.engine.mounted(r.id) {
+            m.mark_idle();
+        }
+        Ok(root)
     }
 
     fn target_of(&self, id: DeviceId) -> Result<Target> {

@@ -116,6 +116,18 @@ impl LoopDevice {
         Err(last)
     }
 
+    /// Open an already attached loop device by its node.
+    pub fn open_existing(path: &std::path::Path) -> io::Result<LoopDevice> {
+        let dev = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)?;
+        Ok(LoopDevice {
+            dev,
+            path: path.to_path_buf(),
+        })
+    }
+
     /// The device node, e.g. `/dev/loop3`.
     pub fn path(&self) -> &std::path::Path {
         &self.path

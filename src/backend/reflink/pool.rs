@@ -210,17 +210,37 @@ impl ReflinkPool {
     }
 }
 
+/// An attached loop device. Its descriptor is dropped once a filesystem is
+/// mounted on it (the mount keeps the autoclear device alive) and reopened
+/// by path if needed again.
 #[derive(Debug)]
-struct LoopActive(LoopDevice);
+struct LoopActive {
+    path: std::path::PathBuf,
+    dev: parking_lot::Mutex<Option<LoopDevice>>,
+}
 
 impl ActiveDevice for LoopActive {
     fn path(&self) -> &Path {
-        self.0.path()
+        &self.path
+    }
+
+    fn mounted(&self) {
+        self.dev.lock().take();
     }
     fn refresh_capacity(&self, _size: Bytes) -> Result<()> {
-        self.0
-            .refresh_capacity()
-            .ctx(|| format!("refresh size of {}", self.0.path().display()))
+        let mut g = self.dev.lock();
+        if g.is_none() {
+            *g = Some(
+                LoopDevice::open_existing(&self.path)
+                    .ctx(|| format!("open {}", self.path.display()))?,
+            );
+        }
+        match g.as_ref() {
+            Some(d) => d
+                .refresh_capacity()
+                .ctx(|| format!("refresh size of {}", self.path.display())),
+            None => Ok(()),
+        }
     }
 }
 
@@ -318,7 +338,10 @@ impl Backend for ReflinkPool {
             .ctx(|| format!("open device {dev}"))?;
         let lo = LoopDevice::attach(&f, read_only, &format!("thinfs-{}", dev.get()))
             .ctx(|| format!("attach device {dev} to a loop device"))?;
-        Ok(Box::new(LoopActive(lo)))
+        Ok(Box::new(LoopActive {
+            path: lo.path().to_path_buf(),
+            dev: parking_lot::Mutex::new(Some(lo)),
+        }))
     }
 
     fn resize(&self, dev: DeviceId, size: Bytes) -> Result<()> {
