@@ -494,3 +494,31 @@ fn root_mount_idle_devices_are_unmounted_and_come_back() {
     );
     drop(f);
 }
+
+#[test]
+fn root_mount_many_snapshots_do_not_stay_mounted() {
+    // Default idle time (300 s): a snapshot nobody looked into is still
+    // unmounted at the next idle pass (every 5 s).
+    let m = TestMount::start("many");
+    fs::create_dir(m.path("img")).unwrap();
+    fs::write(m.path("img/f"), b"x").unwrap();
+    for i in 0..40 {
+        fs::create_dir(m.path(&format!("img/.snapshots/s{i}"))).unwrap();
+    }
+    let mounted = |m: &TestMount| pool_json(m)["fuse"]["mounted_devices"].as_u64().unwrap();
+    let mut n = mounted(&m);
+    for _ in 0..100 {
+        n = mounted(&m);
+        if n <= 1 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        n <= 1,
+        "40 fresh snapshots must not stay mounted ({n} mounted)"
+    );
+    // Each is still there and mounts on demand.
+    assert_eq!(read(&m.path("img/.snapshots/s39/f")), b"x");
+    assert_eq!(fs::read_dir(m.path("img/.snapshots")).unwrap().count(), 40);
+}
