@@ -133,6 +133,34 @@ impl Core {
         }
     }
 
+    /// Register an opened file of inode `i` as a handle; regular files get
+    /// the inode's passthrough backing id (made from the first opener with
+    /// `open_backing`) when the kernel supports passthrough.
+    pub(super) fn file_handle(
+        &self,
+        i: &Inode,
+        dev: crate::types::DeviceId,
+        file: File,
+        regular: bool,
+        open_backing: impl FnOnce(&File) -> std::io::Result<BackingId>,
+    ) -> (u64, Option<Arc<BackingId>>) {
+        let backing = if regular {
+            self.backing_for(i, || open_backing(&file))
+        } else {
+            None
+        };
+        if backing.is_some() {
+            self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+        }
+        let fh = self.add_handle(Handle::File {
+            file,
+            ino: i.ino,
+            dev,
+            backing: backing.clone(),
+        });
+        (fh, backing)
+    }
+
     /// Close a handle; the last handle of an inode drops its backing id.
     pub(super) fn release_handle(&self, fh: u64) {
         let Some(h) = self.drop_handle(fh) else {

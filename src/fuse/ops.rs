@@ -425,21 +425,11 @@ impl Filesystem for ThinFs {
                     Ok(f) => f,
                     Err(e) => return reply.error(errno("open", ino.0, &e)),
                 };
-                let backing = if r.fmt == libc::S_IFREG {
-                    self.backing_for(&i, || reply.open_backing(&file))
-                } else {
-                    None
-                };
-                let dev = r.dev;
-                let fh = self.add_handle(Handle::File {
-                    file,
-                    ino: ino.0,
-                    dev,
-                    backing: backing.clone(),
-                });
+                let regular = r.fmt == libc::S_IFREG;
+                let (fh, backing) =
+                    self.file_handle(&i, r.dev, file, regular, |f| reply.open_backing(f));
                 match backing {
                     Some(b) => {
-                        self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
                         reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &b)
                     }
                     None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH),
@@ -708,26 +698,17 @@ impl Filesystem for ThinFs {
                 let Some(real) = i.real() else {
                     return reply.error(Errno::from_i32(libc::EIO));
                 };
-                let dev = real.dev;
-                let backing = self.backing_for(&i, || reply.open_backing(&file));
-                let fh = self.add_handle(Handle::File {
-                    file,
-                    ino: i.ino,
-                    dev,
-                    backing: backing.clone(),
-                });
+                let (fh, backing) =
+                    self.file_handle(&i, real.dev, file, true, |f| reply.open_backing(f));
                 match backing {
-                    Some(b) => {
-                        self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
-                        reply.created_passthrough(
-                            &self.opts.ttl,
-                            &attr,
-                            Generation(0),
-                            FileHandle(fh),
-                            FopenFlags::FOPEN_NOFLUSH,
-                            &b,
-                        )
-                    }
+                    Some(b) => reply.created_passthrough(
+                        &self.opts.ttl,
+                        &attr,
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::FOPEN_NOFLUSH,
+                        &b,
+                    ),
                     None => reply.created(
                         &self.opts.ttl,
                         &attr,

@@ -57,9 +57,8 @@ pub fn available() -> std::result::Result<(), String> {
 struct Shared {
     dm: DM,
     tag: String,
+    /// The pool (it owns its metadata and data linear devices).
     pool: Mutex<Option<ThinPoolDev>>,
-    meta: Mutex<Option<LinearDev>>,
-    data: Mutex<Option<LinearDev>>,
     _loops: Vec<LoopDevice>,
     detail: String,
 }
@@ -107,14 +106,12 @@ impl Shared {
 impl Drop for Shared {
     fn drop(&mut self) {
         // Active thin devices are gone (each holds an Arc of this); take the
-        // pool down so the loop devices under it autoclear.
-        if let Some(mut p) = self.pool.lock().take() {
-            let _ = p.teardown(&self.dm);
-        }
-        for l in [&self.meta, &self.data] {
-            if let Some(mut d) = l.lock().take() {
-                let _ = d.teardown(&self.dm);
-            }
+        // pool down, with its linear devices, so the loop devices under it
+        // autoclear.
+        if let Some(mut p) = self.pool.lock().take()
+            && let Err(e) = p.teardown(&self.dm)
+        {
+            log::error!("tearing down the dm pool failed: {e}");
         }
     }
 }
@@ -249,8 +246,6 @@ impl DmPool {
             dm,
             tag,
             pool: Mutex::new(Some(pool)),
-            meta: Mutex::new(None),
-            data: Mutex::new(None),
             _loops: vec![ml, dl],
             detail,
         })))
