@@ -56,7 +56,12 @@ pub fn serve(l: UnixListener, core: Arc<Core>) {
 
 fn connection(s: UnixStream, core: &Core) {
     let who = match socket::peer_cred(&s) {
-        Ok((pid, uid, gid)) => Caller { uid, gid, pid },
+        Ok((pid, uid, gid)) => Caller {
+            uid,
+            gid,
+            pid,
+            groups: None,
+        },
         Err(e) => {
             log::warn!("control socket: cannot read peer credentials: {e}");
             return;

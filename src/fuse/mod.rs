@@ -89,7 +89,7 @@ enum Handle {
 }
 
 /// Who sent a request (FUSE request or control-socket peer).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Caller {
     /// User id.
     pub uid: u32,
@@ -97,6 +97,11 @@ pub struct Caller {
     pub gid: u32,
     /// Process id (for supplementary groups).
     pub pid: u32,
+    /// Supplementary groups, when captured with the identity (the control
+    /// socket takes them at connect with SO_PEERGROUPS). `None`: read them
+    /// for `pid` when needed (a FUSE request's sender is blocked in its
+    /// system call, so its pid cannot be reused meanwhile).
+    pub groups: Option<Arc<[u32]>>,
 }
 
 impl Caller {
@@ -105,6 +110,15 @@ impl Caller {
             uid: req.uid(),
             gid: req.gid(),
             pid: req.pid(),
+            groups: None,
+        }
+    }
+
+    /// Supplementary groups of the caller.
+    pub fn groups(&self) -> Arc<[u32]> {
+        match &self.groups {
+            Some(g) => g.clone(),
+            None => creds::groups_of(self.pid).into(),
         }
     }
 }
@@ -177,7 +191,7 @@ impl Core {
         f: impl FnOnce() -> std::io::Result<T>,
     ) -> Result<T> {
         let gr = if groups && c.uid != 0 {
-            Some(creds::groups_of(c.pid))
+            Some(c.groups())
         } else {
             None
         };

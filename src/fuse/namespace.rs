@@ -34,7 +34,7 @@ impl Core {
             return Ok(());
         }
         if let Some((name, gid)) = &self.opts.admin_group {
-            if c.gid == *gid || crate::sys::creds::groups_of(c.pid).contains(gid) {
+            if c.gid == *gid || c.groups().contains(gid) {
                 return Ok(());
             }
             return Err(Error::PermissionDenied(format!(
