@@ -15,7 +15,7 @@ mod recover;
 mod remove;
 
 pub use inspect::{DeviceInfo, PoolInfo};
-pub use mounts::Mounted;
+pub use mounts::{Holders, Mounted, OFFLINE_WAIT, Offline, OpenToken};
 pub use pool::{BackendChoice, PoolOptions};
 
 use crate::backend::Backend;
@@ -44,9 +44,14 @@ pub struct Engine {
     alloc: Mutex<()>,
     /// One lock per image/snapshot id for changes that involve it.
     locks: Mutex<HashMap<DeviceId, Arc<Mutex<()>>>>,
-    mounts: Mutex<HashMap<DeviceId, Arc<Mounted>>>,
-    /// Mounts dropped from `mounts` that may still be in use.
-    retired: Mutex<HashMap<DeviceId, std::sync::Weak<Mounted>>>,
+    /// Mounts the engine keeps alive until idle expiry.
+    pinned: Mutex<HashMap<DeviceId, Arc<Mounted>>>,
+    /// Every live mount, pinned or not: at most one per device.
+    live: Mutex<HashMap<DeviceId, std::sync::Weak<Mounted>>>,
+    /// Live superblocks per backend device.
+    census: Arc<mounts::Census>,
+    /// The layer above (FUSE), told to let go of devices taken offline.
+    holders: parking_lot::RwLock<Option<std::sync::Weak<dyn Holders>>>,
     /// Last id handed out.
     last_id: std::sync::atomic::AtomicU32,
     /// flock on the state directory, held while the engine lives.
@@ -127,8 +132,10 @@ impl Engine {
             config,
             alloc: Mutex::new(()),
             locks: Mutex::new(HashMap::new()),
-            mounts: Mutex::new(HashMap::new()),
-            retired: Mutex::new(HashMap::new()),
+            pinned: Mutex::new(HashMap::new()),
+            live: Mutex::new(HashMap::new()),
+            census: Arc::default(),
+            holders: parking_lot::RwLock::new(None),
             lock_file: None,
             last_id: std::sync::atomic::AtomicU32::new(0),
         };

@@ -34,8 +34,9 @@ impl Engine {
     }
 
     /// Put image `image` back to snapshot `image@snap`. Newer snapshots of
-    /// the image are refused unless `destroy_newer`. The image must not be
-    /// mounted (the caller unmounts it).
+    /// the image are refused unless `destroy_newer`. The image (and the
+    /// newer snapshots) are taken offline first: EBUSY while files are open
+    /// in any of them, and then nothing has changed.
     pub fn rollback(&self, target: &Target, destroy_newer: bool) -> Result<()> {
         let snap = self.resolve(target)?;
         if snap.kind != DeviceKind::Snapshot {
@@ -51,25 +52,52 @@ impl Engine {
             .into_iter()
             .filter(|s| s.seq > snap.seq)
             .collect();
-        if !newer.is_empty() {
-            if !destroy_newer {
-                let names: Vec<_> = newer.iter().map(|s| s.name.to_string()).collect();
+        if !newer.is_empty() && !destroy_newer {
+            let names: Vec<_> = newer.iter().map(|s| s.name.to_string()).collect();
+            return Err(Error::Busy(format!(
+                "{target} is not the newest snapshot (newer: {}); use --destroy-newer",
+                names.join(", ")
+            )));
+        }
+        let img = self.record(image)?;
+        let mut offline = newer.clone();
+        offline.push(img);
+        self.with_offline(&offline, &format!("roll back {}", target.image), |off| {
+            let still: Vec<_> = self
+                .snapshots_of(image)?
+                .into_iter()
+                .filter(|s| s.seq > snap.seq)
+                .collect();
+            let (mut a, mut b): (Vec<_>, Vec<_>) = (
+                still.iter().map(|s| s.id).collect(),
+                newer.iter().map(|s| s.id).collect(),
+            );
+            a.sort_unstable();
+            b.sort_unstable();
+            if a != b {
                 return Err(Error::Busy(format!(
-                    "{target} is not the newest snapshot (newer: {}); use --destroy-newer",
-                    names.join(", ")
+                    "snapshots of {} changed meanwhile; nothing was done, try again",
+                    target.image
                 )));
             }
-            for s in newer {
-                self.destroy_id(s.id)?;
+            // The source snapshot must not go while it is cloned.
+            let slock = self.lock_of(snap.id);
+            let _s = slock.lock();
+            let snap = self.ready(snap.id)?;
+            for s in &newer {
+                self.destroy_offline(s.id, off)?;
             }
-        }
-        let lock = self.lock_of(image);
-        let _g = lock.lock();
-        if self.mounted(image).is_some() {
-            return Err(Error::Busy(format!("image {} is mounted", target.image)));
-        }
+            self.rollback_offline(image, &snap, target)
+        })
+    }
+
+    fn rollback_offline(
+        &self,
+        image: crate::types::DeviceId,
+        snap: &crate::meta::DeviceRecord,
+        target: &Target,
+    ) -> Result<()> {
         let mut img = self.ready(image)?;
-        let snap = self.ready(snap.id)?;
         let tmp = {
             let _a = self.alloc.lock();
             let tmp = self.alloc_dev()?;
@@ -102,8 +130,10 @@ impl Engine {
         Ok(())
     }
 
-    /// Grow an image to `size`: online if mounted (needs CAP_SYS_RESOURCE:
-    /// without it, EPERM, and the caller may unmount and retry offline).
+    /// Grow an image to `size`: online if mounted; if the kernel refuses
+    /// that (EPERM without CAP_SYS_RESOURCE), offline: the image is taken
+    /// offline (EBUSY while files are open in it), grown, and mounted again
+    /// on next use.
     pub fn resize(&self, target: &Target, size: Bytes) -> Result<()> {
         let rec = self.resolve(target)?;
         if rec.kind != DeviceKind::Image {
@@ -111,9 +141,6 @@ impl Engine {
                 "{target} is a snapshot; only images can be resized"
             )));
         }
-        let lock = self.lock_of(rec.id);
-        let _g = lock.lock();
-        let mut rec = self.ready(rec.id)?;
         if size.0 < rec.size.0 {
             return Err(Error::InvalidSize {
                 input: size.human(),
@@ -123,90 +150,117 @@ impl Engine {
         if rec.size == size {
             return Ok(());
         }
-        self.backend.resize(rec.dev, size)?;
-        let grow = |path: &std::path::Path| -> Result<()> {
-            let out = Command::new("resize2fs")
-                .arg(path)
-                .output()
-                .ctx(|| "run resize2fs (Debian package e2fsprogs)".into())?;
-            if !out.status.success() {
-                return Err(Error::io(
-                    format!("resize2fs: {}", String::from_utf8_lossy(&out.stderr).trim()),
-                    std::io::Error::from_raw_os_error(libc::EIO),
-                ));
-            }
-            Ok(())
-        };
-        match self.mounted(rec.id) {
-            Some(m) => {
-                m.device().refresh_capacity(size)?;
-                let blocks = size.0
-                    / crate::sys::fsio::statvfs(m.root())
-                        .ctx(|| "statfs".into())?
-                        .f_frsize;
-                crate::sys::fsio::ext4_resize(m.root(), blocks)
-                    .ctx(|| format!("grow ext4 of {target} online"))?;
-            }
-            None => {
-                self.wait_released(rec.id, std::time::Duration::from_secs(10))?;
-                let active = self.backend.activate(rec.dev, size, false)?;
-                let out = Command::new("e2fsck")
-                    .args(["-f", "-p"])
-                    .arg(active.path())
-                    .output()
-                    .ctx(|| "run e2fsck".into())?;
-                if !out.status.success() {
-                    log::warn!(
-                        "e2fsck before resize: {}",
-                        String::from_utf8_lossy(&out.stdout).trim()
-                    );
+        {
+            let lock = self.lock_of(rec.id);
+            let _g = lock.lock();
+            let rec = self.ready(rec.id)?;
+            if let Some(m) = self.mounted(rec.id) {
+                match self.resize_online(&rec, &m, size) {
+                    Err(e) if e.errno() == libc::EPERM => {
+                        log::warn!("online resize of {target} refused ({e}); resizing offline");
+                    }
+                    other => return other,
                 }
-                grow(active.path())?;
             }
         }
+        self.with_offline(&[rec.clone()], &format!("resize {target}"), |_| {
+            let rec = self.ready(rec.id)?;
+            if size.0 < rec.size.0 {
+                return Err(Error::InvalidSize {
+                    input: size.human(),
+                    why: "shrinking an image is not supported",
+                });
+            }
+            self.resize_offline(&rec, size)
+        })
+    }
+
+    fn record_size(&self, rec: &crate::meta::DeviceRecord, size: Bytes) -> Result<()> {
+        let mut rec = rec.clone();
         rec.size = size;
         self.meta.txn(|t| t.put(&rec))?;
-        log::info!("resized {target} to {size}");
+        log::info!("resized {} to {size}", self.full_name(&rec));
         Ok(())
     }
 
-    /// Check and repair the filesystem of an image or snapshot, which must
-    /// not be mounted (the caller unmounts it): `e2fsck -fy` for an image,
-    /// `e2fsck -fn` for a snapshot (read-only). Returns (exit code, output).
-    /// Exit 0 = clean, 1 = errors fixed; anything else is an error.
-    pub fn fsck(&self, target: &Target) -> Result<(i32, String)> {
-        let rec = self.resolve(target)?;
-        let lock = self.lock_of(rec.id);
-        let _g = lock.lock();
-        let rec = self.ready(rec.id)?;
-        if self.mounted(rec.id).is_some() {
-            return Err(Error::Busy(format!("{target} is mounted")));
-        }
-        self.wait_released(rec.id, std::time::Duration::from_secs(10))?;
-        let ro = rec.kind == DeviceKind::Snapshot;
-        let active = self.backend.activate(rec.dev, rec.size, ro)?;
+    fn resize_online(
+        &self,
+        rec: &crate::meta::DeviceRecord,
+        m: &super::Mounted,
+        size: Bytes,
+    ) -> Result<()> {
+        self.backend.resize(rec.dev, size)?;
+        m.device().refresh_capacity(size)?;
+        let blocks = size.0
+            / crate::sys::fsio::statvfs(m.root())
+                .ctx(|| "statfs".into())?
+                .f_frsize;
+        crate::sys::fsio::ext4_resize(m.root(), blocks)
+            .ctx(|| format!("grow ext4 of {} online", rec.name))?;
+        self.record_size(rec, size)
+    }
+
+    fn resize_offline(&self, rec: &crate::meta::DeviceRecord, size: Bytes) -> Result<()> {
+        self.backend.resize(rec.dev, size)?;
+        let active = self.backend.activate(rec.dev, size, false)?;
         let out = Command::new("e2fsck")
-            .arg(if ro { "-fn" } else { "-fy" })
+            .args(["-f", "-p"])
             .arg(active.path())
             .output()
-            .ctx(|| "run e2fsck (Debian package e2fsprogs)".into())?;
-        let code = out.status.code().unwrap_or(8);
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        log::info!("fsck of {target}: e2fsck exit {code}");
-        if code > 1 {
+            .ctx(|| "run e2fsck".into())?;
+        if !out.status.success() {
+            log::warn!(
+                "e2fsck before resize: {}",
+                String::from_utf8_lossy(&out.stdout).trim()
+            );
+        }
+        let out = Command::new("resize2fs")
+            .arg(active.path())
+            .output()
+            .ctx(|| "run resize2fs (Debian package e2fsprogs)".into())?;
+        if !out.status.success() {
             return Err(Error::io(
-                format!(
-                    "e2fsck of {target} exited {code}: {}",
-                    text.lines().last().unwrap_or("")
-                ),
+                format!("resize2fs: {}", String::from_utf8_lossy(&out.stderr).trim()),
                 std::io::Error::from_raw_os_error(libc::EIO),
             ));
         }
-        Ok((code, text))
+        self.record_size(rec, size)
+    }
+
+    /// Check and repair the filesystem of an image or snapshot: it is taken
+    /// offline (EBUSY while files are open in it), then `e2fsck -fy` for an
+    /// image, `e2fsck -fn` for a snapshot (read-only); it is mounted again
+    /// on next use. Returns (exit code, output). Exit 0 = clean, 1 = errors
+    /// fixed; anything else is an error.
+    pub fn fsck(&self, target: &Target) -> Result<(i32, String)> {
+        let rec = self.resolve(target)?;
+        self.with_offline(&[rec.clone()], &format!("fsck {target}"), |_| {
+            let rec = self.ready(rec.id)?;
+            let ro = rec.kind == DeviceKind::Snapshot;
+            let active = self.backend.activate(rec.dev, rec.size, ro)?;
+            let out = Command::new("e2fsck")
+                .arg(if ro { "-fn" } else { "-fy" })
+                .arg(active.path())
+                .output()
+                .ctx(|| "run e2fsck (Debian package e2fsprogs)".into())?;
+            let code = out.status.code().unwrap_or(8);
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            log::info!("fsck of {target}: e2fsck exit {code}");
+            if code > 1 {
+                return Err(Error::io(
+                    format!(
+                        "e2fsck of {target} exited {code}: {}",
+                        text.lines().last().unwrap_or("")
+                    ),
+                    std::io::Error::from_raw_os_error(libc::EIO),
+                ));
+            }
+            Ok((code, text))
+        })
     }
 
     /// Set (`Some`) or remove (`None`) a label.

@@ -1,14 +1,101 @@
-//! Inner mounts: each device's filesystem, mounted detached on demand.
+//! Inner mounts: each device's filesystem, mounted detached on demand, and
+//! the one rule that keeps them safe: **at most one live superblock per
+//! device**.
+//!
+//! A [`Mounted`] lives while anything holds it: the engine's own pin (until
+//! idle expiry), every cached inode of the FUSE layer (until the kernel's
+//! FORGET), every open file or directory ([`OpenToken`]). The engine keeps
+//! a weak reference to every live mount, so a device that is still held
+//! (a shell's cwd, an inotify watch) is reused, never mounted a second time.
+//!
+//! Operations that need a device unmounted (rollback, destroy, fsck,
+//! offline resize) take it [`Offline`]: under the device's lock they refuse
+//! (EBUSY, nothing changed) while files are open in it, otherwise they mark
+//! the mount closing (no new opens, no new inodes), let the layers above drop
+//! their cached references, and wait until the superblock is really gone.
+//! Lookups meanwhile wait on the device lock (bounded) instead of mounting.
 
 use super::Engine;
 use crate::backend::ActiveDevice;
-use crate::error::{IoContext, Result};
-use crate::meta::DeviceKind;
+use crate::error::{Error, IoContext, Result};
+use crate::meta::{DeviceKind, DeviceRecord};
 use crate::sys::{fsio, mount};
 use crate::types::DeviceId;
+use parking_lot::Mutex;
+use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+/// How long a lookup waits for an operation that has the device offline.
+pub const OFFLINE_WAIT: Duration = Duration::from_secs(30);
+/// How long an operation waits for the last users of a mount to let go.
+const RELEASE_WAIT: Duration = Duration::from_secs(10);
+/// How long an operation waits for just-closed files (the kernel sends
+/// RELEASE asynchronously after the last close(2)).
+const SETTLE_WAIT: Duration = Duration::from_millis(500);
+
+/// Counts live superblocks per device (a mount is counted from the moment
+/// it is made until its last reference is dropped and the kernel let go).
+#[derive(Debug, Default)]
+pub struct Census {
+    live: Mutex<HashMap<DeviceId, usize>>,
+    max_per_device: AtomicUsize,
+}
+
+impl Census {
+    fn enter(self: &Arc<Self>, dev: DeviceId) -> CensusToken {
+        let mut m = self.live.lock();
+        let n = m.entry(dev).or_default();
+        *n += 1;
+        if *n > 1 {
+            log::error!(
+                "BUG: {n} live mounts of backend device {dev}: a filesystem is mounted twice"
+            );
+        }
+        self.max_per_device.fetch_max(*n, Ordering::Relaxed);
+        CensusToken {
+            census: self.clone(),
+            dev,
+        }
+    }
+
+    /// Live superblocks now, and the most ever seen at once for one device.
+    pub fn counts(&self) -> (usize, usize) {
+        let live = self.live.lock().values().sum();
+        (live, self.max_per_device.load(Ordering::Relaxed))
+    }
+}
+
+/// Held by a [`Mounted`] as its last field: leaves the census once the
+/// root fd and the block device have been closed.
+#[derive(Debug)]
+struct CensusToken {
+    census: Arc<Census>,
+    dev: DeviceId,
+}
+
+impl Drop for CensusToken {
+    fn drop(&mut self) {
+        let mut m = self.census.live.lock();
+        if let Some(n) = m.get_mut(&self.dev) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.dev);
+            }
+        }
+    }
+}
+
+/// Open files of a mount and whether it is closing, changed together.
+#[derive(Debug, Default)]
+struct OpenState {
+    closing: bool,
+    /// Open handle serial -> pid of the process that opened it.
+    openers: HashMap<u64, u32>,
+    next: u64,
+}
 
 /// A device's filesystem, mounted detached. The mount lives while this (or
 /// any file opened through it) lives; then the kernel drops the mount and
@@ -26,6 +113,23 @@ pub struct Mounted {
     /// Mounted read-only (snapshots).
     pub read_only: bool,
     last_used: AtomicU64,
+    open: Mutex<OpenState>,
+    /// Declared last: counted until everything above is closed.
+    _census: CensusToken,
+}
+
+/// One open file or directory of a mount: while it lives, the device cannot
+/// be taken offline. Keep it in the handle, after the file it guards.
+#[derive(Debug)]
+pub struct OpenToken {
+    mount: Arc<Mounted>,
+    serial: u64,
+}
+
+impl Drop for OpenToken {
+    fn drop(&mut self) {
+        self.mount.open.lock().openers.remove(&self.serial);
+    }
 }
 
 impl Mounted {
@@ -54,19 +158,134 @@ impl Mounted {
     pub fn device(&self) -> &dyn ActiveDevice {
         self.active.as_ref()
     }
+
+    /// Is an operation taking this device offline? Then no new inode or
+    /// open file may be made on it.
+    pub fn closing(&self) -> bool {
+        self.open.lock().closing
+    }
+
+    /// Register an open file or directory by process `pid`; refused while
+    /// the device is being taken offline.
+    pub fn open_token(self: &Arc<Self>, pid: u32) -> Result<OpenToken> {
+        let mut st = self.open.lock();
+        if st.closing {
+            return Err(Error::Busy(format!(
+                "device id {} is being changed (rollback, destroy or fsck); try again",
+                self.id
+            )));
+        }
+        st.next += 1;
+        let serial = st.next;
+        st.openers.insert(serial, pid);
+        Ok(OpenToken {
+            mount: self.clone(),
+            serial,
+        })
+    }
+
+    /// Number of open files and directories.
+    pub fn open_files(&self) -> usize {
+        self.open.lock().openers.len()
+    }
+
+    /// Mark closing if nothing is open; else the pids holding files open.
+    fn try_close(&self) -> std::result::Result<(), Vec<u32>> {
+        let mut st = self.open.lock();
+        if st.openers.is_empty() {
+            st.closing = true;
+            return Ok(());
+        }
+        let mut pids: Vec<u32> = st.openers.values().copied().collect();
+        pids.sort_unstable();
+        pids.dedup();
+        Err(pids)
+    }
+
+    fn reopen(&self) {
+        self.open.lock().closing = false;
+    }
+}
+
+/// Devices taken offline by one operation: their locks are held (lookups
+/// wait) and their mounts are gone. Dropping it lets lookups in again.
+pub struct Offline {
+    _guards: Vec<parking_lot::ArcMutexGuard<parking_lot::RawMutex, ()>>,
+    /// Mounts marked closing, reopened on drop if they still live (the
+    /// operation failed before they went).
+    closing: Vec<Weak<Mounted>>,
+    ids: Vec<DeviceId>,
+}
+
+impl Offline {
+    /// The devices held offline.
+    pub fn ids(&self) -> &[DeviceId] {
+        &self.ids
+    }
+
+    /// Does this hold `id` offline?
+    pub fn holds(&self, id: DeviceId) -> bool {
+        self.ids.contains(&id)
+    }
+}
+
+impl Drop for Offline {
+    fn drop(&mut self) {
+        for w in &self.closing {
+            if let Some(m) = w.upgrade() {
+                m.reopen();
+            }
+        }
+    }
+}
+
+/// What holds devices above the engine (the FUSE mount). The engine asks it
+/// to drop its cached references before a device goes offline, and to
+/// invalidate what the kernel caches once the operation is over.
+pub trait Holders: Send + Sync {
+    /// Drop every cached reference to the mount of record `r` (inodes);
+    /// called with the device offline, so nothing new is made meanwhile.
+    fn drop_cached(&self, r: &DeviceRecord);
+    /// Tell the kernel that what it cached of `r` is gone or replaced;
+    /// called after the device locks are released.
+    fn invalidate(&self, r: &DeviceRecord);
+}
+
+/// What a description of a device says in a message: `base` or `base@v1`.
+fn busy_message(what: &str, name: &str, pids: &[u32]) -> String {
+    let list: Vec<String> = pids.iter().map(|p| p.to_string()).collect();
+    format!(
+        "cannot {what} {name}: file(s) open in it (pid {})",
+        list.join(", ")
+    )
 }
 
 impl Engine {
-    /// The mounted filesystem of `id`, mounting it if needed.
+    /// The mounted filesystem of `id`, mounting it if needed. A device that
+    /// is still mounted (even if only a cached inode holds it) is reused.
+    /// While an operation has the device offline this waits (at most
+    /// [`OFFLINE_WAIT`]), then fails with EBUSY.
     pub fn mount(&self, id: DeviceId) -> Result<Arc<Mounted>> {
-        if let Some(m) = self.mounts.lock().get(&id) {
+        if let Some(m) = self.pinned.lock().get(&id)
+            && !m.closing()
+        {
             m.touch();
             return Ok(m.clone());
         }
         let lock = self.lock_of(id);
-        let _g = lock.lock();
-        if let Some(m) = self.mounts.lock().get(&id) {
-            return Ok(m.clone());
+        let Some(_g) = lock.try_lock_for(OFFLINE_WAIT) else {
+            return Err(Error::Busy(format!(
+                "device id {id} is being changed (rollback, destroy or fsck) for more than {} s",
+                OFFLINE_WAIT.as_secs()
+            )));
+        };
+        if let Some(m) = self.live_mount(id) {
+            // Offline operations reopen what they leave alive; a mount still
+            // closing here belongs to no operation.
+            m.reopen();
+            m.touch();
+            self.pinned.lock().insert(id, m.clone());
+            return Ok(m);
         }
         let r = self.ready(id)?;
         let ro = r.kind == DeviceKind::Snapshot;
@@ -74,18 +293,21 @@ impl Engine {
         m.touch();
         log::info!(
             "mounted {} (id {}, dev {}, {})",
-            r.name,
+            self.full_name(&r),
             r.id,
             r.dev,
             if ro { "ro" } else { "rw" }
         );
-        self.mounts.lock().insert(id, m.clone());
+        self.live.lock().insert(id, Arc::downgrade(&m));
+        self.pinned.lock().insert(id, m.clone());
         Ok(m)
     }
 
-    pub(super) fn mount_dev(&self, r: &crate::meta::DeviceRecord, ro: bool) -> Result<Mounted> {
+    /// Mount a device's filesystem (not entered in the tables).
+    pub(super) fn mount_dev(&self, r: &DeviceRecord, ro: bool) -> Result<Mounted> {
         let (id, dev, fs) = (r.id, r.dev, r.fs.as_str());
         let active = self.backend.activate(dev, r.size, ro)?;
+        let census = self.census.enter(dev);
         let flags: &[&str] = if ro { &[] } else { &["discard"] };
         let root = mount::fsmount_detached(fs, active.path(), ro, flags, &[]).ctx(|| {
             format!(
@@ -101,76 +323,179 @@ impl Engine {
             dev,
             read_only: ro,
             last_used: AtomicU64::new(0),
+            open: Mutex::new(OpenState::default()),
+            _census: census,
         })
     }
 
-    /// The mount of `id` if it is mounted.
-    pub fn mounted(&self, id: DeviceId) -> Option<Arc<Mounted>> {
-        self.mounts.lock().get(&id).cloned()
+    /// The live mount of `id`, if its superblock is alive (pinned or held).
+    fn live_mount(&self, id: DeviceId) -> Option<Arc<Mounted>> {
+        if let Some(m) = self.pinned.lock().get(&id) {
+            return Some(m.clone());
+        }
+        let mut live = self.live.lock();
+        match live.get(&id).map(Weak::upgrade) {
+            Some(Some(m)) => Some(m),
+            Some(None) => {
+                live.remove(&id);
+                None
+            }
+            None => None,
+        }
     }
 
-    /// Forget the mount of `id`: the kernel drops it once the last file
-    /// opened through it is closed.
+    /// The mount of `id` if its filesystem is mounted (by anyone).
+    pub fn mounted(&self, id: DeviceId) -> Option<Arc<Mounted>> {
+        self.live_mount(id)
+    }
+
+    /// Let go of the engine's own hold on the mount of `id` (idle expiry):
+    /// the filesystem goes once nothing else holds it, and is reused if
+    /// looked up before that.
     pub fn unmount(&self, id: DeviceId) {
-        if let Some(m) = self.mounts.lock().remove(&id) {
+        if let Some(m) = self.pinned.lock().remove(&id) {
             let _ = fsio::syncfs(m.root());
-            self.retired.lock().insert(id, Arc::downgrade(&m));
-            log::info!("unmounted device id {id}");
+            log::info!("released device id {id} (unmounted once unused)");
         }
     }
 
     /// Wait until the filesystem of `id` is really gone (every user of an
     /// earlier mount dropped it), so that the device can be used offline.
-    pub fn wait_released(&self, id: DeviceId, timeout: std::time::Duration) -> Result<()> {
-        let deadline = std::time::Instant::now() + timeout;
+    pub fn wait_released(&self, id: DeviceId, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
         loop {
-            let alive = self
-                .retired
-                .lock()
-                .get(&id)
-                .map(|w| w.strong_count() > 0)
-                .unwrap_or(false)
-                || self.mounted(id).is_some();
-            if !alive {
-                self.retired.lock().remove(&id);
+            let held = {
+                let live = self.live.lock();
+                live.get(&id).map(|w| w.strong_count()).unwrap_or(0)
+            } + self.pinned.lock().contains_key(&id) as usize;
+            if held == 0 {
+                self.live.lock().remove(&id);
                 return Ok(());
             }
-            if std::time::Instant::now() > deadline {
-                return Err(crate::error::Error::Busy(format!(
-                    "device id {id} is still in use"
+            if Instant::now() > deadline {
+                return Err(Error::Busy(format!(
+                    "device id {id} is still in use ({held} reference(s) after {} s)",
+                    timeout.as_secs()
                 )));
             }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
-    /// Filesystems really mounted now: those in the table plus unmounted
-    /// ones still held (by cached inodes or open files).
-    pub fn live_mounts(&self) -> usize {
-        let mut ids: std::collections::HashSet<DeviceId> =
-            self.mounts.lock().keys().copied().collect();
-        self.retired.lock().retain(|id, w| {
-            let alive = w.strong_count() > 0;
-            if alive {
-                ids.insert(*id);
+    /// Take devices `recs` offline for an operation `what` (see the module
+    /// doc). EBUSY with the pids when files are open in any of them; nothing
+    /// has changed then.
+    pub fn take_offline(&self, recs: &[DeviceRecord], what: &str) -> Result<Offline> {
+        let mut ids: Vec<DeviceId> = recs.iter().map(|r| r.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut guards = Vec::with_capacity(ids.len());
+        for id in &ids {
+            let lock = self.lock_of(*id);
+            let g = lock.try_lock_arc_for(OFFLINE_WAIT).ok_or_else(|| {
+                Error::Busy(format!(
+                    "cannot {what}: device id {id} is busy with another change"
+                ))
+            })?;
+            guards.push(g);
+        }
+        let mut off = Offline {
+            _guards: guards,
+            closing: Vec::new(),
+            ids,
+        };
+        let deadline = Instant::now() + SETTLE_WAIT;
+        for r in recs {
+            let Some(m) = self.live_mount(r.id) else {
+                continue;
+            };
+            loop {
+                match m.try_close() {
+                    Ok(()) => break,
+                    Err(_) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(10))
+                    }
+                    Err(pids) => {
+                        return Err(Error::Busy(busy_message(
+                            what,
+                            &self.full_name(r),
+                            &pids,
+                        )));
+                    }
+                }
             }
-            alive
-        });
-        ids.len()
+            off.closing.push(Arc::downgrade(&m));
+        }
+        for id in off.ids.clone() {
+            self.pinned.lock().remove(&id);
+        }
+        Ok(off)
     }
 
-    /// Ids of mounted devices, with their last use.
+    /// Run `f` with devices `recs` offline: taken offline, cached references
+    /// above dropped, every superblock gone; afterwards the kernel is told
+    /// to forget what it cached of them (after the locks are released, so a
+    /// lookup waiting on a lock cannot deadlock with the invalidation).
+    pub(super) fn with_offline<T>(
+        &self,
+        recs: &[DeviceRecord],
+        what: &str,
+        f: impl FnOnce(&Offline) -> Result<T>,
+    ) -> Result<T> {
+        let holders = self.holders.read().as_ref().and_then(Weak::upgrade);
+        let r = {
+            let off = self.take_offline(recs, what)?;
+            if let Some(h) = &holders {
+                for r in recs {
+                    h.drop_cached(r);
+                }
+            }
+            let mut r = Ok(());
+            for id in off.ids() {
+                if let Err(e) = self.wait_released(*id, RELEASE_WAIT) {
+                    r = Err(e);
+                    break;
+                }
+            }
+            r.and_then(|_| f(&off))
+        };
+        if let Some(h) = &holders {
+            for rec in recs {
+                h.invalidate(rec);
+            }
+        }
+        r
+    }
+
+    /// Install what holds devices above the engine (the FUSE layer).
+    pub fn set_holders(&self, h: Weak<dyn Holders>) {
+        *self.holders.write() = Some(h);
+    }
+
+    /// Ids of devices the engine holds mounted, with their last use and
+    /// open files.
     pub fn mounted_ids(&self) -> Vec<(DeviceId, u64, usize)> {
-        self.mounts
+        self.pinned
             .lock()
             .iter()
-            .map(|(id, m)| (*id, m.last_used(), Arc::strong_count(m)))
+            .map(|(id, m)| (*id, m.last_used(), m.open_files()))
             .collect()
+    }
+
+    /// Filesystems really mounted now (pinned or still held).
+    pub fn live_mounts(&self) -> usize {
+        self.census.counts().0
+    }
+
+    /// Live superblocks now and the most ever seen at once for one device
+    /// (never more than 1 unless there is a bug).
+    pub fn mount_census(&self) -> (usize, usize) {
+        self.census.counts()
     }
 
     /// Flush and drop every mount (shutdown).
     pub fn unmount_all(&self) {
-        let all: Vec<_> = self.mounts.lock().drain().collect();
+        let all: Vec<_> = self.pinned.lock().drain().collect();
         for (_, m) in all {
             let _ = fsio::syncfs(m.root());
         }

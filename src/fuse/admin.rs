@@ -8,10 +8,49 @@ use super::inode;
 use super::{Caller, Core};
 use crate::engine::{DeviceInfo, Engine, Target};
 use crate::error::{Error, Result};
+use crate::engine::Holders;
 use crate::meta::{DeviceKind, DeviceRecord};
+use std::cell::Cell;
 use crate::types::{Bytes, Name};
 use std::ffi::OsStr;
 use std::sync::Arc;
+
+thread_local! {
+    /// Set while this thread serves a kernel request that changes a virtual
+    /// directory (rmdir, rename there): the kernel holds that directory's
+    /// lock and updates its own entries, so notifying it would deadlock.
+    static IN_NAMESPACE_REQUEST: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the current thread as serving a namespace request until dropped.
+pub(super) struct NamespaceRequest;
+
+impl NamespaceRequest {
+    pub(super) fn enter() -> NamespaceRequest {
+        IN_NAMESPACE_REQUEST.with(|f| f.set(true));
+        NamespaceRequest
+    }
+}
+
+impl Drop for NamespaceRequest {
+    fn drop(&mut self) {
+        IN_NAMESPACE_REQUEST.with(|f| f.set(false));
+    }
+}
+
+impl Holders for Core {
+    fn drop_cached(&self, r: &DeviceRecord) {
+        self.purge(r.id);
+    }
+
+    fn invalidate(&self, r: &DeviceRecord) {
+        if IN_NAMESPACE_REQUEST.with(|f| f.get()) {
+            return;
+        }
+        let (p, n) = self.entry_of_record(r);
+        self.inval(p, &n);
+    }
+}
 
 impl Core {
     /// The engine (inspection goes straight to it).
@@ -42,34 +81,17 @@ impl Core {
         }
     }
 
-    fn ensure_unused(&self, r: &DeviceRecord, what: &str) -> Result<()> {
-        let open = self.open_count_settled(r.id);
-        if open > 0 {
-            return Err(Error::Busy(format!(
-                "cannot {what} {}: {open} file(s) open in it",
-                self.engine.full_name(r)
-            )));
-        }
-        Ok(())
-    }
-
-    /// Forget a device that is gone or replaced: inodes, mount, dentry.
-    fn forget_device(&self, r: &DeviceRecord) {
-        self.engine.unmount(r.id);
-        self.purge(r.id);
-        let (p, n) = self.entry_of_record(r);
-        self.inval(p, &n);
-    }
-
     /// Unmount images and snapshots idle for `idle` or more (no open file
     /// or directory in them, no use since) and ask the kernel to drop their
     /// directory entries, so that it forgets their inodes and the
-    /// filesystem really goes away. Returns how many were expired.
+    /// filesystem really goes away. A device the kernel still holds (a cwd,
+    /// an inotify watch) stays mounted and is reused. Returns how many were
+    /// released.
     pub fn expire_idle(&self, idle: std::time::Duration) -> usize {
         let now = crate::engine::now_secs();
         let mut n = 0;
-        for (id, last, _) in self.engine.mounted_ids() {
-            if now.saturating_sub(last) < idle.as_secs() || self.open_count(id) > 0 {
+        for (id, last, open) in self.engine.mounted_ids() {
+            if now.saturating_sub(last) < idle.as_secs() || open > 0 {
                 continue;
             }
             let Ok(r) = self.engine.record(id) else {
@@ -117,59 +139,13 @@ impl Core {
     /// `thinfs destroy TARGET [-r]`.
     pub fn admin_destroy(&self, c: &Caller, t: &Target, recursive: bool) -> Result<()> {
         self.require_admin(c, &format!("destroy {t}"))?;
-        let r = self.engine.resolve(t)?;
-        let mut victims = Vec::new();
-        if r.kind == DeviceKind::Image {
-            let snaps = self.engine.snapshots_of(r.id)?;
-            if !snaps.is_empty() && !recursive {
-                return Err(Error::NotEmpty(format!(
-                    "{t} has {} snapshot(s); use -r to destroy them too",
-                    snaps.len()
-                )));
-            }
-            victims.extend(snaps);
-        }
-        victims.push(r);
-        for v in &victims {
-            self.ensure_unused(v, "destroy")?;
-        }
-        for v in victims {
-            self.engine.destroy_id(v.id)?;
-            self.forget_device(&v);
-        }
-        Ok(())
+        self.engine.destroy(t, recursive)
     }
 
     /// `thinfs rollback NAME@SNAP [--destroy-newer]`.
     pub fn admin_rollback(&self, c: &Caller, t: &Target, destroy_newer: bool) -> Result<()> {
         self.require_admin(c, &format!("rollback to {t}"))?;
-        let snap = self.engine.resolve(t)?;
-        let image = snap
-            .parent
-            .filter(|_| snap.kind == DeviceKind::Snapshot)
-            .ok_or_else(|| Error::Invalid(format!("rollback needs NAME@SNAP, got {t}")))?;
-        let img = self.engine.record(image)?;
-        self.ensure_unused(&img, "roll back")?;
-        let newer: Vec<DeviceRecord> = self
-            .engine
-            .snapshots_of(image)?
-            .into_iter()
-            .filter(|s| s.seq > snap.seq)
-            .collect();
-        if destroy_newer {
-            for s in &newer {
-                self.ensure_unused(s, "destroy")?;
-            }
-        }
-        // Nothing of the old content may stay reachable.
-        self.forget_device(&img);
-        self.engine.rollback(t, destroy_newer)?;
-        if destroy_newer {
-            for s in &newer {
-                self.forget_device(s);
-            }
-        }
-        Ok(())
+        self.engine.rollback(t, destroy_newer)
     }
 
     /// `thinfs rename OLD NEW` (an image, or `NAME@A NAME@B`/`NAME@A B`).
@@ -185,28 +161,16 @@ impl Core {
 
     /// `thinfs resize NAME SIZE`: online where the kernel lets us (needs
     /// CAP_SYS_RESOURCE); otherwise, if no file is open in the image, it is
-    /// unmounted, grown offline, and mounted again on next use.
+    /// grown offline and mounted again on next use.
     pub fn admin_resize(&self, c: &Caller, t: &Target, size: Bytes) -> Result<()> {
         self.require_admin(c, &format!("resize {t}"))?;
-        match self.engine.resize(t, size) {
-            Err(e) if e.errno() == libc::EPERM => {
-                let r = self.engine.resolve(t)?;
-                log::warn!("online resize of {t} refused ({e}); resizing offline");
-                self.ensure_unused(&r, "resize (offline)")?;
-                self.forget_device(&r);
-                self.engine.resize(t, size)
-            }
-            other => other,
-        }
+        self.engine.resize(t, size)
     }
 
-    /// `thinfs fsck TARGET`: unmount it (no file may be open in it), check
-    /// and repair its filesystem; it is mounted again on next use.
+    /// `thinfs fsck TARGET`: check and repair its filesystem offline (no
+    /// file may be open in it); it is mounted again on next use.
     pub fn admin_fsck(&self, c: &Caller, t: &Target) -> Result<(i32, String)> {
         self.require_admin(c, &format!("fsck {t}"))?;
-        let r = self.engine.resolve(t)?;
-        self.ensure_unused(&r, "fsck")?;
-        self.forget_device(&r);
         self.engine.fsck(t)
     }
 

@@ -27,6 +27,7 @@ impl Core {
                         "passthrough_opens": self.stats.passthrough_opens.load(Ordering::Relaxed),
                         "inodes": self.inodes.len(),
                         "mounted_devices": self.engine.live_mounts(),
+                        "max_mounts_per_device": self.engine.mount_census().1,
                     }
                 });
                 json(&v)

@@ -31,6 +31,7 @@ impl Core {
                     dir: Mutex::new(dir),
                     dev: r.dev,
                     is_root: r.is_root,
+                    _open: r.mount.open_token(c.pid)?,
                 }
             }
             Node::ControlFile(_) => {
@@ -67,7 +68,9 @@ impl Core {
                 reply.ok();
                 Ok(())
             }
-            Handle::Dir { dir, dev, is_root } => {
+            Handle::Dir {
+                dir, dev, is_root, ..
+            } => {
                 let image_root = *is_root
                     && self
                         .engine

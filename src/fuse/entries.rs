@@ -46,7 +46,7 @@ impl Core {
                 is_root: false,
                 fmt: st.st_mode & libc::S_IFMT,
             })
-        });
+        })?;
         p.mount.touch();
         Ok((i, attr::from_stat(ino, &st)))
     }

@@ -139,11 +139,13 @@ impl Core {
     pub(super) fn file_handle(
         &self,
         i: &Inode,
-        dev: crate::types::DeviceId,
+        pid: u32,
         file: File,
         regular: bool,
         open_backing: impl FnOnce(&File) -> std::io::Result<BackingId>,
-    ) -> (u64, Option<Arc<BackingId>>) {
+    ) -> Result<(u64, Option<Arc<BackingId>>)> {
+        let r = self.real(i)?;
+        let open = r.mount.open_token(pid)?;
         let backing = if regular {
             self.backing_for(i, || open_backing(&file))
         } else {
@@ -155,10 +157,10 @@ impl Core {
         let fh = self.add_handle(Handle::File {
             file,
             ino: i.ino,
-            dev,
             backing: backing.clone(),
+            _open: open,
         });
-        (fh, backing)
+        Ok((fh, backing))
     }
 
     /// Close a handle; the last handle of an inode drops its backing id.

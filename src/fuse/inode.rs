@@ -100,16 +100,6 @@ pub struct Inode {
     pub backing: Mutex<Option<Arc<BackingId>>>,
 }
 
-impl Inode {
-    /// The real node, or EINVAL-ish error for virtual ones.
-    pub fn real(&self) -> Option<&Real> {
-        match &self.node {
-            Node::Real(r) => Some(r),
-            _ => None,
-        }
-    }
-}
-
 /// Inode number of a real file.
 pub fn real_ino(dev: DeviceId, inner: u64) -> u64 {
     ((dev.get() as u64) << INNER_BITS) | (inner & SNAPDIR_LOW)
@@ -168,18 +158,39 @@ impl InodeTable {
 
     /// Record one kernel lookup of inode `ino`, creating it with `make` if
     /// it is not known. Returns the inode kept in the table.
-    pub fn remember(&self, ino: u64, make: impl FnOnce() -> Node) -> Arc<Inode> {
+    ///
+    /// A real inode whose mount is being taken offline is refused (ESTALE):
+    /// the check and the insert happen under the table's lock, and the
+    /// offline operation sets `closing` before it purges under the same
+    /// lock, so no inode of that mount can slip in after the purge.
+    pub fn remember(&self, ino: u64, make: impl FnOnce() -> Node) -> Result<Arc<Inode>> {
         let mut m = self.map.lock();
-        let i = m.entry(ino).or_insert_with(|| {
-            Arc::new(Inode {
-                ino,
-                node: make(),
-                lookups: AtomicU64::new(0),
-                backing: Mutex::new(None),
-            })
-        });
+        let i = match m.get(&ino) {
+            Some(i) => i.clone(),
+            None => {
+                let i = Arc::new(Inode {
+                    ino,
+                    node: make(),
+                    lookups: AtomicU64::new(0),
+                    backing: Mutex::new(None),
+                });
+                m.insert(ino, i.clone());
+                i
+            }
+        };
+        if let Node::Real(r) = &i.node
+            && r.mount.closing()
+        {
+            if i.lookups.load(Ordering::Relaxed) == 0 {
+                m.remove(&ino);
+            }
+            return Err(Error::io(
+                format!("inode {ino:#x}: its image or snapshot is being changed"),
+                std::io::Error::from_raw_os_error(libc::ESTALE),
+            ));
+        }
         i.lookups.fetch_add(1, Ordering::Relaxed);
-        i.clone()
+        Ok(i)
     }
 
     /// Is `ino` known?

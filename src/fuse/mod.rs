@@ -19,7 +19,7 @@ mod inode;
 mod namespace;
 mod ops;
 
-use crate::engine::Engine;
+use crate::engine::{Engine, OpenToken};
 use crate::error::{Error, Result};
 use crate::sys::creds;
 use crate::types::DeviceId;
@@ -74,13 +74,16 @@ enum Handle {
     File {
         file: File,
         ino: u64,
-        dev: DeviceId,
         backing: Option<Arc<BackingId>>,
+        /// Keeps the device from going offline; dropped after the file.
+        _open: OpenToken,
     },
     Dir {
         dir: Mutex<File>,
         dev: DeviceId,
         is_root: bool,
+        /// Keeps the device from going offline; dropped after the file.
+        _open: OpenToken,
     },
     Virtual {
         entries: Vec<(u64, fuser::FileType, OsString)>,
@@ -140,7 +143,6 @@ pub struct Core {
     inodes: inode::InodeTable,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
-    open_per_dev: Arc<Mutex<HashMap<DeviceId, usize>>>,
     opts: FuseOptions,
     started: SystemTime,
     passthrough: AtomicBool,
@@ -151,7 +153,10 @@ pub struct Core {
 impl ThinFs {
     /// A filesystem over `engine`.
     pub fn new(engine: Arc<Engine>, opts: FuseOptions) -> ThinFs {
-        ThinFs(Arc::new(Core::new(engine, opts)))
+        let core = Arc::new(Core::new(engine.clone(), opts));
+        let weak = Arc::downgrade(&core);
+        engine.set_holders(weak);
+        ThinFs(core)
     }
 
     /// The shared core, for the control socket.
@@ -167,7 +172,6 @@ impl Core {
             inodes: inode::InodeTable::new(),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
-            open_per_dev: Arc::new(Mutex::new(HashMap::new())),
             opts,
             started: SystemTime::now(),
             passthrough: AtomicBool::new(false),
@@ -201,13 +205,6 @@ impl Core {
 
     fn add_handle(&self, h: Handle) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let dev = match &h {
-            Handle::File { dev, .. } | Handle::Dir { dev, .. } => Some(*dev),
-            _ => None,
-        };
-        if let Some(d) = dev {
-            *self.open_per_dev.lock().entry(d).or_default() += 1;
-        }
         self.handles.lock().insert(fh, Arc::new(h));
         fh
     }
@@ -222,39 +219,7 @@ impl Core {
     }
 
     fn drop_handle(&self, fh: u64) -> Option<Arc<Handle>> {
-        let h = self.handles.lock().remove(&fh)?;
-        let dev = match h.as_ref() {
-            Handle::File { dev, .. } | Handle::Dir { dev, .. } => Some(*dev),
-            _ => None,
-        };
-        if let Some(d) = dev {
-            let mut m = self.open_per_dev.lock();
-            if let Some(n) = m.get_mut(&d) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    m.remove(&d);
-                }
-            }
-        }
-        Some(h)
-    }
-
-    /// Number of open files and directories in device `dev`.
-    fn open_count(&self, dev: DeviceId) -> usize {
-        self.open_per_dev.lock().get(&dev).copied().unwrap_or(0)
-    }
-
-    /// Open files in `dev` after giving just-closed ones a moment: the
-    /// kernel sends RELEASE asynchronously after the last close(2).
-    fn open_count_settled(&self, dev: DeviceId) -> usize {
-        for _ in 0..50 {
-            let n = self.open_count(dev);
-            if n == 0 {
-                return 0;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        self.open_count(dev)
+        self.handles.lock().remove(&fh)
     }
 
     /// Forget everything of a destroyed device.

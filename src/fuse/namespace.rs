@@ -63,13 +63,13 @@ impl Core {
                 is_root: true,
                 fmt: libc::S_IFDIR,
             })
-        });
+        })?;
         Ok((i, attr::from_stat(ino, &st)))
     }
 
     pub(super) fn lookup_root(&self, name: &OsStr) -> Result<(Arc<Inode>, FileAttr)> {
         if name == CONTROL {
-            let i = self.inodes.remember(inode::CONTROL_INO, || Node::Control);
+            let i = self.inodes.remember(inode::CONTROL_INO, || Node::Control)?;
             let a = self.virtual_attr(&i)?;
             return Ok((i, a));
         }
@@ -96,7 +96,7 @@ impl Core {
 
     pub(super) fn lookup_control(&self, name: &OsStr) -> Result<(Arc<Inode>, FileAttr)> {
         if name == "info" {
-            let i = self.inodes.remember(inode::INFO_INO, || Node::InfoDir);
+            let i = self.inodes.remember(inode::INFO_INO, || Node::InfoDir)?;
             let a = self.virtual_attr(&i)?;
             return Ok((i, a));
         }
@@ -104,7 +104,7 @@ impl Core {
             .into_iter()
             .find(|(_, n, _)| OsStr::new(n) == name)
             .ok_or_else(|| enoent(format!(".thinfs/{name:?}")))?;
-        let i = self.inodes.remember(ino, || Node::ControlFile(f));
+        let i = self.inodes.remember(ino, || Node::ControlFile(f))?;
         let a = self.virtual_attr(&i)?;
         Ok((i, a))
     }
@@ -118,7 +118,7 @@ impl Core {
         let r = self.engine.resolve(&t)?;
         let i = self.inodes.remember(inode::info_ino(r.id), || {
             Node::ControlFile(ControlFile::Info(r.id))
-        });
+        })?;
         let a = self.virtual_attr(&i)?;
         Ok((i, a))
     }
@@ -127,7 +127,7 @@ impl Core {
     pub(super) fn snapdir(&self, image: DeviceId) -> Result<(Arc<Inode>, FileAttr)> {
         let i = self
             .inodes
-            .remember(inode::snapdir_ino(image), || Node::SnapDir(image));
+            .remember(inode::snapdir_ino(image), || Node::SnapDir(image))?;
         let a = self.virtual_attr(&i)?;
         Ok((i, a))
     }
@@ -241,46 +241,12 @@ impl Core {
     /// `rmdir MOUNT/NAME`: only an empty image without snapshots.
     pub(super) fn rmdir_image(&self, c: &Caller, name: &OsStr) -> Result<()> {
         let n = Self::lookup_name(name)?;
-        let id = self
-            .engine
+        self.engine
             .image_id(&n)?
             .ok_or_else(|| enoent(format!("no image {n}")))?;
         self.require_admin(c, &format!("destroy image {n}"))?;
-        if !self.engine.snapshots_of(id)?.is_empty() {
-            return Err(Error::NotEmpty(format!("image {n} has snapshots")));
-        }
-        let m = self.engine.mount(id)?;
-        let dir = file::reopen(m.root(), libc::O_RDONLY | libc::O_DIRECTORY)
-            .ctx(|| format!("open image {n}"))?;
-        let mut off = 0;
-        loop {
-            let ents = file::read_dir_at(&dir, off).ctx(|| format!("read image {n}"))?;
-            if ents.is_empty() {
-                break;
-            }
-            for e in &ents {
-                off = e.off;
-                if e.name != "." && e.name != ".." && e.name != "lost+found" {
-                    return Err(Error::NotEmpty(format!(
-                        "image {n} is not empty ({:?})",
-                        e.name
-                    )));
-                }
-            }
-        }
-        drop(m);
-        if self.open_count_settled(id) > 0 {
-            return Err(Error::Busy(format!("image {n} has open files")));
-        }
-        self.engine.destroy(
-            &Target {
-                image: n,
-                snap: None,
-            },
-            false,
-        )?;
-        self.purge(id);
-        Ok(())
+        let _ns = super::admin::NamespaceRequest::enter();
+        self.engine.destroy_if_empty(&n)
     }
 
     /// `rmdir MOUNT/NAME/.snapshots/SNAP`: destroy the snapshot.
@@ -291,14 +257,9 @@ impl Core {
             .snapshot_id(image, &n)?
             .ok_or_else(|| enoent(format!("no snapshot {n}")))?;
         self.require_admin(c, &format!("destroy snapshot {n}"))?;
-        let open = self.open_count_settled(id);
-        if open > 0 {
-            return Err(Error::Busy(format!("snapshot {n} has {open} open file(s)")));
-        }
         let t = self.target_of(id)?;
-        self.engine.destroy(&t, false)?;
-        self.purge(id);
-        Ok(())
+        let _ns = super::admin::NamespaceRequest::enter();
+        self.engine.destroy(&t, false)
     }
 
     /// Rename within the root (images) or within one `.snapshots`.
@@ -343,6 +304,7 @@ impl Core {
         };
         self.require_admin(c, &format!("rename {t}"))?;
         self.engine.resolve(&t)?;
+        let _ns = super::admin::NamespaceRequest::enter();
         self.engine.rename(&t, &new)
     }
 }

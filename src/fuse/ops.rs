@@ -427,7 +427,10 @@ impl Filesystem for ThinFs {
                 };
                 let regular = r.fmt == libc::S_IFREG;
                 let (fh, backing) =
-                    self.file_handle(&i, r.dev, file, regular, |f| reply.open_backing(f));
+                    match self.file_handle(&i, c.pid, file, regular, |f| reply.open_backing(f)) {
+                        Ok(v) => v,
+                        Err(e) => return reply.error(errno("open", ino.0, &e)),
+                    };
                 match backing {
                     Some(b) => {
                         reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &b)
@@ -695,11 +698,11 @@ impl Filesystem for ThinFs {
             .and_then(|p| self.create_real(&c, self.real(&p)?, name, mode, flags));
         match r {
             Ok((i, attr, file)) => {
-                let Some(real) = i.real() else {
-                    return reply.error(Errno::from_i32(libc::EIO));
-                };
                 let (fh, backing) =
-                    self.file_handle(&i, real.dev, file, true, |f| reply.open_backing(f));
+                    match self.file_handle(&i, c.pid, file, true, |f| reply.open_backing(f)) {
+                        Ok(v) => v,
+                        Err(e) => return reply.error(errno("create", parent.0, &e)),
+                    };
                 match backing {
                     Some(b) => reply.created_passthrough(
                         &self.opts.ttl,
