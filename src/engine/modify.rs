@@ -163,16 +163,20 @@ impl Engine {
                 }
             }
         }
-        self.with_offline(&[rec.clone()], &format!("resize {target}"), |_| {
-            let rec = self.ready(rec.id)?;
-            if size.0 < rec.size.0 {
-                return Err(Error::InvalidSize {
-                    input: size.human(),
-                    why: "shrinking an image is not supported",
-                });
-            }
-            self.resize_offline(&rec, size)
-        })
+        self.with_offline(
+            std::slice::from_ref(&rec),
+            &format!("resize {target}"),
+            |_| {
+                let rec = self.ready(rec.id)?;
+                if size.0 < rec.size.0 {
+                    return Err(Error::InvalidSize {
+                        input: size.human(),
+                        why: "shrinking an image is not supported",
+                    });
+                }
+                self.resize_offline(&rec, size)
+            },
+        )
     }
 
     fn record_size(&self, rec: &crate::meta::DeviceRecord, size: Bytes) -> Result<()> {
@@ -234,33 +238,37 @@ impl Engine {
     /// fixed; anything else is an error.
     pub fn fsck(&self, target: &Target) -> Result<(i32, String)> {
         let rec = self.resolve(target)?;
-        self.with_offline(&[rec.clone()], &format!("fsck {target}"), |_| {
-            let rec = self.ready(rec.id)?;
-            let ro = rec.kind == DeviceKind::Snapshot;
-            let active = self.backend.activate(rec.dev, rec.size, ro)?;
-            let out = Command::new("e2fsck")
-                .arg(if ro { "-fn" } else { "-fy" })
-                .arg(active.path())
-                .output()
-                .ctx(|| "run e2fsck (Debian package e2fsprogs)".into())?;
-            let code = out.status.code().unwrap_or(8);
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            log::info!("fsck of {target}: e2fsck exit {code}");
-            if code > 1 {
-                return Err(Error::io(
-                    format!(
-                        "e2fsck of {target} exited {code}: {}",
-                        text.lines().last().unwrap_or("")
-                    ),
-                    std::io::Error::from_raw_os_error(libc::EIO),
-                ));
-            }
-            Ok((code, text))
-        })
+        self.with_offline(
+            std::slice::from_ref(&rec),
+            &format!("fsck {target}"),
+            |_| {
+                let rec = self.ready(rec.id)?;
+                let ro = rec.kind == DeviceKind::Snapshot;
+                let active = self.backend.activate(rec.dev, rec.size, ro)?;
+                let out = Command::new("e2fsck")
+                    .arg(if ro { "-fn" } else { "-fy" })
+                    .arg(active.path())
+                    .output()
+                    .ctx(|| "run e2fsck (Debian package e2fsprogs)".into())?;
+                let code = out.status.code().unwrap_or(8);
+                let text = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                log::info!("fsck of {target}: e2fsck exit {code}");
+                if code > 1 {
+                    return Err(Error::io(
+                        format!(
+                            "e2fsck of {target} exited {code}: {}",
+                            text.lines().last().unwrap_or("")
+                        ),
+                        std::io::Error::from_raw_os_error(libc::EIO),
+                    ));
+                }
+                Ok((code, text))
+            },
+        )
     }
 
     /// Set (`Some`) or remove (`None`) a label.

@@ -251,11 +251,18 @@ pub trait Holders: Send + Sync {
     fn invalidate(&self, r: &DeviceRecord);
 }
 
-/// What a description of a device says in a message: `base` or `base@v1`.
-fn busy_message(what: &str, name: &str, pids: &[u32]) -> String {
+/// EBUSY text: what was refused, where files are open, and by which
+/// processes (a FUSE request names the thread; its process is reported).
+fn busy_message(what: &str, name: &str, tids: &[u32]) -> String {
+    let mut pids: Vec<u32> = tids
+        .iter()
+        .map(|t| crate::sys::process::tgid_of(*t).unwrap_or(*t))
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
     let list: Vec<String> = pids.iter().map(|p| p.to_string()).collect();
     format!(
-        "cannot {what} {name}: file(s) open in it (pid {})",
+        "cannot {what}: file(s) open in {name} (pid {})",
         list.join(", ")
     )
 }
@@ -416,11 +423,7 @@ impl Engine {
                         std::thread::sleep(Duration::from_millis(10))
                     }
                     Err(pids) => {
-                        return Err(Error::Busy(busy_message(
-                            what,
-                            &self.full_name(r),
-                            &pids,
-                        )));
+                        return Err(Error::Busy(busy_message(what, &self.full_name(r), &pids)));
                     }
                 }
             }

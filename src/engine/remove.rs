@@ -67,19 +67,23 @@ impl Engine {
         let m = self.mount(rec.id)?;
         Self::check_empty(name, m.root())?;
         drop(m);
-        self.with_offline(&[rec.clone()], &format!("destroy image {name}"), |off| {
-            if !self.snapshots_of(rec.id)?.is_empty() {
-                return Err(Error::NotEmpty(format!("image {name} has snapshots")));
-            }
-            // Again, on a private read-only mount: nothing can be created
-            // between this look and the destroy.
-            let r = self.ready(rec.id)?;
-            let priv_mount = self.mount_dev(&r, true)?;
-            Self::check_empty(name, priv_mount.root())?;
-            drop(priv_mount);
-            self.wait_released(rec.id, std::time::Duration::from_secs(10))?;
-            self.destroy_offline(rec.id, off)
-        })
+        self.with_offline(
+            std::slice::from_ref(&rec),
+            &format!("destroy image {name}"),
+            |off| {
+                if !self.snapshots_of(rec.id)?.is_empty() {
+                    return Err(Error::NotEmpty(format!("image {name} has snapshots")));
+                }
+                // Again, on a private read-only mount: nothing can be created
+                // between this look and the destroy.
+                let r = self.ready(rec.id)?;
+                let priv_mount = self.mount_dev(&r, true)?;
+                Self::check_empty(name, priv_mount.root())?;
+                drop(priv_mount);
+                self.wait_released(rec.id, std::time::Duration::from_secs(10))?;
+                self.destroy_offline(rec.id, off)
+            },
+        )
     }
 
     fn check_empty(name: &crate::types::Name, root: std::os::fd::BorrowedFd<'_>) -> Result<()> {

@@ -6,12 +6,12 @@
 
 use super::inode;
 use super::{Caller, Core};
+use crate::engine::Holders;
 use crate::engine::{DeviceInfo, Engine, Target};
 use crate::error::{Error, Result};
-use crate::engine::Holders;
 use crate::meta::{DeviceKind, DeviceRecord};
-use std::cell::Cell;
 use crate::types::{Bytes, Name};
+use std::cell::Cell;
 use std::ffi::OsStr;
 use std::sync::Arc;
 
