@@ -379,6 +379,148 @@ fn root_crash_at_every_step_recovers() {
     }
 }
 
+/// One live mount per device under concurrency (both backends): writers
+/// that fsync through a mount they hold, an idle pass that lets go of
+/// every mount every few milliseconds, readers, snapshots checked to hold
+/// everything fsync'd before them, rollbacks (with and without
+/// `destroy_newer`), fsck and destroys, for a bounded time. The census of
+/// live superblocks never sees a device mounted twice.
+#[test]
+fn root_one_live_mount_per_device_under_stress() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+    let secs: u64 = std::env::var("THINFS_STRESS_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(15);
+    let s = Scratch::new("mstress");
+    let e = Arc::new(open(s.path()));
+    let work = e.create_image(&n("work"), None).unwrap();
+    let rb = e.create_image(&n("rb"), None).unwrap();
+    write_file(e.mount(rb.id).unwrap().root(), "marker", b"base");
+    e.snapshot(rb.id, &n("base")).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let ops = Arc::new(AtomicUsize::new(0));
+    let synced: Arc<parking_lot::Mutex<Vec<(String, Vec<u8>)>>> = Default::default();
+    let mut threads = Vec::new();
+    {
+        let (e, stop, ops, synced) = (e.clone(), stop.clone(), ops.clone(), synced.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                // Hold the mount across several writes, as a cached inode would.
+                let m = e.mount(work.id).unwrap();
+                for _ in 0..3 {
+                    let name = format!("f{i}");
+                    let data = pattern(2048 + (i as usize % 5) * 999, i);
+                    write_file(m.root(), &name, &data);
+                    synced.lock().push((name, data));
+                    i += 1;
+                    ops.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }));
+    }
+    {
+        let (e, stop, ops) = (e.clone(), stop.clone(), ops.clone());
+        threads.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                e.unmount(work.id);
+                e.unmount(rb.id);
+                ops.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(3));
+            }
+        }));
+    }
+    {
+        let (e, stop, ops) = (e.clone(), stop.clone(), ops.clone());
+        threads.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(m) = e.mount(rb.id) {
+                    let _ = read_file(m.root(), "marker");
+                }
+                ops.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let (mut snaps, mut rollbacks) = (0, 0);
+    let mut step = 0u64;
+    while Instant::now() < deadline {
+        step += 1;
+        match step % 5 {
+            0 | 1 => {
+                let before = synced.lock().clone();
+                let name = format!("s{snaps}");
+                let snap = e.snapshot(work.id, &n(&name)).unwrap();
+                snaps += 1;
+                {
+                    let m = e.mount(snap.id).unwrap();
+                    for (f, data) in before.iter().rev().take(10) {
+                        let got = read_file(m.root(), f)
+                            .unwrap_or_else(|x| panic!("snapshot {name} lacks fsync'd {f}: {x}"));
+                        assert_eq!(&got, data, "snapshot {name}: {f}");
+                    }
+                }
+                if snaps > 2 {
+                    e.destroy(
+                        &Target::parse(&format!("work@s{}", snaps - 3)).unwrap(),
+                        false,
+                    )
+                    .unwrap();
+                }
+            }
+            2 => {
+                write_file(e.mount(rb.id).unwrap().root(), "marker", b"changed");
+                e.snapshot(rb.id, &n("newer")).unwrap();
+                e.rollback(&Target::parse("rb@base").unwrap(), true)
+                    .unwrap();
+                rollbacks += 1;
+                assert_eq!(
+                    read_file(e.mount(rb.id).unwrap().root(), "marker").unwrap(),
+                    b"base"
+                );
+            }
+            3 => {
+                let (code, _) = e.fsck(&Target::parse("rb").unwrap()).unwrap();
+                assert_eq!(code, 0, "rb checks clean");
+            }
+            _ => {
+                write_file(e.mount(rb.id).unwrap().root(), "marker", b"changed");
+                e.rollback(&Target::parse("rb@base").unwrap(), false)
+                    .unwrap();
+                rollbacks += 1;
+            }
+        }
+        assert!(e.mount_census().1 <= 1, "a device was mounted twice");
+        ops.fetch_add(1, Ordering::Relaxed);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let all = synced.lock().clone();
+    {
+        let m = e.mount(work.id).unwrap();
+        for (f, data) in &all {
+            assert_eq!(&read_file(m.root(), f).unwrap(), data, "{f}");
+        }
+    }
+    assert_eq!(e.mount_census().1, 1, "never two live mounts of one device");
+    for t in ["work", "rb"] {
+        let (code, out) = e.fsck(&Target::parse(t).unwrap()).unwrap();
+        assert_eq!(code, 0, "{t}: {out}");
+    }
+    println!(
+        "engine stress: {} operations ({} files fsync'd, {snaps} snapshots, {rollbacks} rollbacks) in {secs} s",
+        ops.load(Ordering::Relaxed),
+        all.len()
+    );
+}
+
 #[test]
 fn root_fsynced_data_survives_kill() {
     let s = Scratch::new("fsync");

@@ -187,15 +187,15 @@ fn root_one_mount_cwd_held_across_idle_time() {
     fs::create_dir(m.path("base")).unwrap();
     fs::create_dir(m.path("base/d")).unwrap();
     write_sync(&m.path("base/d/first"), b"1");
-    // Nothing is open; only the child's cwd holds the image.
-    let mut child = cwd_writer(&m.path("base/d"), 3.5, "cwdfile");
-    // Several idle passes go by; meanwhile other lookups and writes.
-    let end = Instant::now() + Duration::from_secs(3);
-    let mut n = 0;
-    while Instant::now() < end {
-        write_sync(&m.path(&format!("base/d/other{n}")), b"x");
-        n += 1;
-        std::thread::sleep(Duration::from_millis(700));
+    // Nothing is open; only the child's cwd holds the image. Nobody uses
+    // it for 3 s (several idle passes), then other processes look up and
+    // write, then the child writes through its cwd.
+    let mut child = cwd_writer(&m.path("base/d"), 4.5, "cwdfile");
+    std::thread::sleep(Duration::from_secs(3));
+    let n = 3;
+    for i in 0..n {
+        write_sync(&m.path(&format!("base/d/other{i}")), b"x");
+        std::thread::sleep(Duration::from_millis(300));
     }
     assert!(child.wait().unwrap().success());
     // The file written through the cwd is in the filesystem users see...
@@ -277,7 +277,7 @@ fn reader_loop(cmd: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<us
             .args([
                 "sh",
                 "-c",
-                &format!("while :; do {cmd} >/dev/null 2>&1; done"),
+                &format!("while :; do {{ {cmd}; }} >/dev/null 2>&1; done"),
             ])
             .spawn()
             .expect("spawn reader");

@@ -157,7 +157,7 @@ impl Engine {
         let rec = self.intent(snap, DeviceKind::Snapshot, Some(image), img.size)?;
         failpoint("snapshot.intent");
         let started = std::time::Instant::now();
-        let made = self.frozen(image, || self.backend.snapshot(img.dev, rec.dev));
+        let made = self.frozen(&img, || self.backend.snapshot(img.dev, rec.dev));
         if let Err(e) = made {
             return Err(self.undo(&rec, e));
         }
@@ -173,9 +173,13 @@ impl Engine {
         Ok(rec)
     }
 
-    /// Run `f` with the filesystem of `id` flushed and frozen, if mounted.
-    fn frozen<T>(&self, id: DeviceId, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    /// Run `f` with the filesystem of `img` flushed and frozen, if mounted
+    /// (the one live mount users write through); if not, once an earlier
+    /// mount has finished going (its last unmount writes the journal).
+    fn frozen<T>(&self, img: &DeviceRecord, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let id = img.id;
         let Some(m) = self.mounted(id) else {
+            self.wait_unmounted(img.dev)?;
             return f();
         };
         fsio::syncfs(m.root()).ctx(|| format!("flush filesystem of device id {id}"))?;

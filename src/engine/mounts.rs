@@ -61,6 +61,27 @@ impl Census {
         }
     }
 
+    /// Mounts of backend device `dev` not yet fully gone.
+    fn count(&self, dev: DeviceId) -> usize {
+        self.live.lock().get(&dev).copied().unwrap_or(0)
+    }
+
+    /// Wait until every mount of backend device `dev` is fully gone (the
+    /// last reference may be dropping on another thread right now).
+    fn wait_gone(&self, dev: DeviceId, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.count(dev) > 0 {
+            if Instant::now() > deadline {
+                return Err(Error::Busy(format!(
+                    "backend device {dev} is still being unmounted after {} s",
+                    timeout.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
+    }
+
     /// Live superblocks now, and the most ever seen at once for one device.
     pub fn counts(&self) -> (usize, usize) {
         let live = self.live.lock().values().sum();
@@ -296,6 +317,9 @@ impl Engine {
         }
         let r = self.ready(id)?;
         let ro = r.kind == DeviceKind::Snapshot;
+        // The last holder of an earlier mount may be dropping it right now:
+        // its superblock must be gone before the device is mounted again.
+        self.census.wait_gone(r.dev, RELEASE_WAIT)?;
         let m = Arc::new(self.mount_dev(&r, ro)?);
         m.touch();
         log::info!(
@@ -351,6 +375,12 @@ impl Engine {
         }
     }
 
+    /// Wait until no mount of backend device `dev` is left, even one whose
+    /// last reference is being dropped on another thread.
+    pub(super) fn wait_unmounted(&self, dev: DeviceId) -> Result<()> {
+        self.census.wait_gone(dev, RELEASE_WAIT)
+    }
+
     /// The mount of `id` if its filesystem is mounted (by anyone).
     pub fn mounted(&self, id: DeviceId) -> Option<Arc<Mounted>> {
         self.live_mount(id)
@@ -377,7 +407,13 @@ impl Engine {
             } + self.pinned.lock().contains_key(&id) as usize;
             if held == 0 {
                 self.live.lock().remove(&id);
-                return Ok(());
+                // Dropped, but perhaps still closing on another thread.
+                return match self.record(id) {
+                    Ok(r) => self
+                        .census
+                        .wait_gone(r.dev, deadline.saturating_duration_since(Instant::now())),
+                    Err(_) => Ok(()),
+                };
             }
             if Instant::now() > deadline {
                 return Err(Error::Busy(format!(

@@ -93,11 +93,13 @@ impl Real {
 pub struct Inode {
     /// Its number.
     pub ino: u64,
+    /// The passthrough backing id shared by every open handle of the inode.
+    /// Declared before `node`: the kernel's reference to the backing file
+    /// goes before the mount it is on.
+    pub backing: Mutex<Option<Arc<BackingId>>>,
     /// What it is.
     pub node: Node,
     lookups: AtomicU64,
-    /// The passthrough backing id shared by every open handle of the inode.
-    pub backing: Mutex<Option<Arc<BackingId>>>,
 }
 
 /// Inode number of a real file.
