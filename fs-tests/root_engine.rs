@@ -402,7 +402,8 @@ fn root_one_live_mount_per_device_under_stress() {
     e.snapshot(rb.id, &n("base")).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let ops = Arc::new(AtomicUsize::new(0));
-    let synced: Arc<parking_lot::Mutex<Vec<(String, Vec<u8>)>>> = Default::default();
+    type Synced = Vec<(String, Vec<u8>)>;
+    let synced: Arc<parking_lot::Mutex<Synced>> = Default::default();
     let mut threads = Vec::new();
     {
         let (e, stop, ops, synced) = (e.clone(), stop.clone(), ops.clone(), synced.clone());
