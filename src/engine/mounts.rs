@@ -211,7 +211,7 @@ impl Mounted {
     }
 
     /// Mark closing if nothing is open; else the pids holding files open.
-    fn try_close(&self) -> std::result::Result<(), Vec<u32>> {
+    fn try_close(&self) -> std::result::Result<(), (usize, Vec<u32>)> {
         let mut st = self.open.lock();
         if st.openers.is_empty() {
             st.closing = true;
@@ -220,7 +220,7 @@ impl Mounted {
         let mut pids: Vec<u32> = st.openers.values().copied().collect();
         pids.sort_unstable();
         pids.dedup();
-        Err(pids)
+        Err((st.openers.len(), pids))
     }
 
     fn reopen(&self) {
@@ -274,7 +274,7 @@ pub trait Holders: Send + Sync {
 
 /// EBUSY text: what was refused, where files are open, and by which
 /// processes (a FUSE request names the thread; its process is reported).
-fn busy_message(what: &str, name: &str, tids: &[u32]) -> String {
+fn busy_message(what: &str, name: &str, open: usize, tids: &[u32]) -> String {
     let mut pids: Vec<u32> = tids
         .iter()
         .map(|t| crate::sys::process::tgid_of(*t).unwrap_or(*t))
@@ -283,7 +283,7 @@ fn busy_message(what: &str, name: &str, tids: &[u32]) -> String {
     pids.dedup();
     let list: Vec<String> = pids.iter().map(|p| p.to_string()).collect();
     format!(
-        "cannot {what}: file(s) open in {name} (pid {})",
+        "cannot {what}: {open} file(s) open in it ({name}, pid {})",
         list.join(", ")
     )
 }
@@ -458,8 +458,13 @@ impl Engine {
                     Err(_) if Instant::now() < deadline => {
                         std::thread::sleep(Duration::from_millis(10))
                     }
-                    Err(pids) => {
-                        return Err(Error::Busy(busy_message(what, &self.full_name(r), &pids)));
+                    Err((open, pids)) => {
+                        return Err(Error::Busy(busy_message(
+                            what,
+                            &self.full_name(r),
+                            open,
+                            &pids,
+                        )));
                     }
                 }
             }
