@@ -101,7 +101,15 @@ impl std::fmt::Display for Target {
 }
 
 /// Crash-test hook: when `THINFS_FAILPOINT` names this point, the process
+/// kills itself with SIGKILL right here, as a power cut would. Compiled in
+/// only with the `failpoints` feature (test builds); a no-op otherwise.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn failpoint(_name: &str) {}
+
+/// Crash-test hook: when `THINFS_FAILPOINT` names this point, the process
 /// kills itself with SIGKILL right here, as a power cut would.
+#[cfg(feature = "failpoints")]
 pub fn failpoint(name: &str) {
     static FP: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let fp = FP.get_or_init(|| std::env::var("THINFS_FAILPOINT").ok());
