@@ -10,9 +10,9 @@ use super::{Engine, Target, failpoint, now_secs};
 use crate::error::{Error, IoContext, Result};
 use crate::meta::{DeviceKind, DeviceRecord, DeviceState};
 use crate::sys::fsio;
+use crate::sys::tools::Tool;
 use crate::types::{Bytes, DeviceId, Name};
 use std::collections::BTreeMap;
-use std::process::Command;
 
 /// Filesystem put in new images.
 pub const DEFAULT_FS: &str = "ext4";
@@ -108,20 +108,19 @@ impl Engine {
 
     fn mkfs(&self, rec: &DeviceRecord) -> Result<()> {
         let active = self.backend.activate(rec.dev, rec.size, false)?;
-        let out = Command::new("mkfs.ext4")
-            .args([
-                "-q",
-                "-F",
-                "-O",
-                "metadata_csum_seed",
-                "-E",
-                "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
-                "-L",
-            ])
-            .arg(rec.name.as_str().chars().take(16).collect::<String>())
-            .arg(active.path())
-            .output()
-            .ctx(|| "run mkfs.ext4 (Debian package e2fsprogs)".into())?;
+        let label: String = rec.name.as_str().chars().take(16).collect();
+        let args: [&std::ffi::OsStr; 9] = [
+            "-q".as_ref(),
+            "-F".as_ref(),
+            "-O".as_ref(),
+            "metadata_csum_seed".as_ref(),
+            "-E".as_ref(),
+            "lazy_itable_init=1,lazy_journal_init=1,nodiscard".as_ref(),
+            "-L".as_ref(),
+            label.as_ref(),
+            active.path().as_os_str(),
+        ];
+        let out = Tool::MkfsExt4.output(args).ctx(|| "run mkfs.ext4".into())?;
         if !out.status.success() {
             return Err(Error::io(
                 format!(

@@ -134,6 +134,15 @@ impl Engine {
     /// Open the engine over `meta` and `backend`, then reconcile them
     /// (finish or undo what a crash left half-done).
     pub fn open(meta: Meta, backend: Arc<dyn Backend>, config: EngineConfig) -> Result<Engine> {
+        if let Some(gone) = crate::sys::tools::missing(&crate::sys::tools::Tool::REQUIRED) {
+            return Err(Error::io(
+                format!("thinfs needs {gone}"),
+                std::io::Error::from_raw_os_error(libc::ENOENT),
+            ));
+        }
+        if let Some(gone) = crate::sys::tools::missing(&[crate::sys::tools::Tool::Resize2fs]) {
+            log::warn!("{gone} is missing: images can be grown online only");
+        }
         let e = Engine {
             meta,
             backend,

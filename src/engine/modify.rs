@@ -10,8 +10,8 @@
 use super::{Engine, Target, failpoint};
 use crate::error::{Error, IoContext, Result};
 use crate::meta::{DeviceKind, DeviceState};
+use crate::sys::tools::Tool;
 use crate::types::{Bytes, Name};
-use std::process::Command;
 
 impl Engine {
     /// Rename an image, or a snapshot within its image.
@@ -207,10 +207,8 @@ impl Engine {
     fn resize_offline(&self, rec: &crate::meta::DeviceRecord, size: Bytes) -> Result<()> {
         self.backend.resize(rec.dev, size)?;
         let active = self.backend.activate(rec.dev, size, false)?;
-        let out = Command::new("e2fsck")
-            .args(["-f", "-p"])
-            .arg(active.path())
-            .output()
+        let out = Tool::E2fsck
+            .output(["-f".as_ref(), "-p".as_ref(), active.path().as_os_str()])
             .ctx(|| "run e2fsck".into())?;
         if !out.status.success() {
             log::warn!(
@@ -218,10 +216,9 @@ impl Engine {
                 String::from_utf8_lossy(&out.stdout).trim()
             );
         }
-        let out = Command::new("resize2fs")
-            .arg(active.path())
-            .output()
-            .ctx(|| "run resize2fs (Debian package e2fsprogs)".into())?;
+        let out = Tool::Resize2fs
+            .output([active.path()])
+            .ctx(|| "run resize2fs".into())?;
         if !out.status.success() {
             return Err(Error::io(
                 format!("resize2fs: {}", String::from_utf8_lossy(&out.stderr).trim()),
@@ -245,11 +242,10 @@ impl Engine {
                 let rec = self.ready(rec.id)?;
                 let ro = rec.kind == DeviceKind::Snapshot;
                 let active = self.backend.activate(rec.dev, rec.size, ro)?;
-                let out = Command::new("e2fsck")
-                    .arg(if ro { "-fn" } else { "-fy" })
-                    .arg(active.path())
-                    .output()
-                    .ctx(|| "run e2fsck (Debian package e2fsprogs)".into())?;
+                let mode: &std::ffi::OsStr = if ro { "-fn" } else { "-fy" }.as_ref();
+                let out = Tool::E2fsck
+                    .output([mode, active.path().as_os_str()])
+                    .ctx(|| "run e2fsck".into())?;
                 let code = out.status.code().unwrap_or(8);
                 let text = format!(
                     "{}{}",

@@ -68,9 +68,10 @@ fn decode(v: &[u8]) -> Result<DeviceRecord> {
     serde_json::from_slice(v).map_err(|e| Error::Corrupt(format!("device record: {e}")))
 }
 
-fn encode<T: serde::Serialize>(r: &T) -> Vec<u8> {
-    // Serialising plain records to JSON cannot fail.
-    serde_json::to_vec(r).unwrap_or_default()
+/// A record as stored. A record that fails to encode is an error, never
+/// empty bytes written in its place.
+fn encode<T: serde::Serialize>(r: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(r).map_err(|e| Error::Corrupt(format!("cannot encode a record: {e}")))
 }
 
 /// The view of all trees inside one transaction.
@@ -122,7 +123,8 @@ impl Txn<'_> {
         if let Some(p) = rec.parent {
             self.children.insert(&child_key(p, rec.id), &[])?;
         }
-        self.devices.insert(&rec.id.key(), encode(rec))?;
+        let bytes = encode(rec).or_else(abort)?;
+        self.devices.insert(&rec.id.key(), bytes)?;
         Ok(())
     }
 
@@ -154,7 +156,8 @@ impl Txn<'_> {
             None => return abort(Error::Corrupt("pool record missing".into())),
         };
         p.transaction_id += 1;
-        self.pool.insert(POOL_KEY, encode(&p))?;
+        let bytes = encode(&p).or_else(abort)?;
+        self.pool.insert(POOL_KEY, bytes)?;
         Ok(p.transaction_id)
     }
 }
@@ -231,7 +234,7 @@ impl Meta {
 
     /// Write the pool record (initialisation and geometry changes).
     pub fn set_pool(&self, p: &PoolRecord) -> Result<()> {
-        self.pool.insert(POOL_KEY, encode(p))?;
+        self.pool.insert(POOL_KEY, encode(p)?)?;
         self.db.flush()?;
         Ok(())
     }

@@ -4,7 +4,8 @@
 //! `io::Error::last_os_error()`. Callers above this layer never see a raw
 //! pointer. Submodules: loop devices, detached mounts, file-system ioctls
 //! (FICLONE, FIFREEZE, FIEMAP, FITRIM), per-thread credentials, and the
-//! `*at` file operations the FUSE passthrough uses.
+//! `*at` file operations the FUSE passthrough uses, and the external
+//! programs thinfs runs (`tools`).
 
 pub mod creds;
 pub mod file;
@@ -14,6 +15,7 @@ pub mod mount;
 pub mod process;
 pub mod signals;
 pub mod socket;
+pub mod tools;
 
 use std::ffi::CString;
 use std::io;

@@ -1,0 +1,90 @@
+//! The external programs thinfs runs, in one place: which program, which
+//! Debian package has it, and how a missing one is reported. Nothing else
+//! in thinfs spawns a file-system tool by name.
+
+use std::ffi::OsStr;
+use std::io;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// An external program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tool {
+    /// Makes the ext4 of a new image.
+    MkfsExt4,
+    /// Checks and repairs an image's ext4.
+    E2fsck,
+    /// Grows an image's ext4 offline.
+    Resize2fs,
+    /// Makes the XFS of a new reflink pool file.
+    MkfsXfs,
+    /// Loads the dm-thin module.
+    Modprobe,
+}
+
+impl Tool {
+    /// What the daemon needs for every pool.
+    pub const REQUIRED: [Tool; 2] = [Tool::MkfsExt4, Tool::E2fsck];
+
+    /// The program's name.
+    pub fn program(self) -> &'static str {
+        match self {
+            Tool::MkfsExt4 => "mkfs.ext4",
+            Tool::E2fsck => "e2fsck",
+            Tool::Resize2fs => "resize2fs",
+            Tool::MkfsXfs => "mkfs.xfs",
+            Tool::Modprobe => "modprobe",
+        }
+    }
+
+    /// The Debian package that has it.
+    pub fn package(self) -> &'static str {
+        match self {
+            Tool::MkfsExt4 | Tool::E2fsck | Tool::Resize2fs => "e2fsprogs",
+            Tool::MkfsXfs => "xfsprogs",
+            Tool::Modprobe => "kmod",
+        }
+    }
+
+    /// Where it is on PATH (plus the sbin directories, which a user's PATH
+    /// may lack).
+    pub fn find(self) -> Option<PathBuf> {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        std::env::split_paths(&path)
+            .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+            .map(|d| d.join(self.program()))
+            .find(|p| p.is_file())
+    }
+
+    /// Run it with `args` and collect its output. A missing program is
+    /// ENOENT with a message that names the package to install.
+    pub fn output<I, S>(self, args: I) -> io::Result<Output>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let prog = self.find().ok_or_else(|| self.missing())?;
+        Command::new(prog).args(args).output()
+    }
+
+    fn missing(self) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "{} is not installed (Debian package {})",
+                self.program(),
+                self.package()
+            ),
+        )
+    }
+}
+
+/// The tools of `tools` that are missing, as one message (None: all there).
+pub fn missing(tools: &[Tool]) -> Option<String> {
+    let gone: Vec<String> = tools
+        .iter()
+        .filter(|t| t.find().is_none())
+        .map(|t| format!("{} (package {})", t.program(), t.package()))
+        .collect();
+    (!gone.is_empty()).then(|| gone.join(", "))
+}
