@@ -62,7 +62,9 @@ impl Engine {
         let img = self.record(image)?;
         let mut offline = newer.clone();
         offline.push(img);
-        self.with_offline(&offline, &format!("roll back {}", target.image), |off| {
+        let what = format!("roll back {}", target.image);
+        // The source snapshot's lock too: it must not go while it is cloned.
+        self.with_offline_also(&offline, &[snap.id], &what, |off| {
             let still: Vec<_> = self
                 .snapshots_of(image)?
                 .into_iter()
@@ -80,9 +82,6 @@ impl Engine {
                     target.image
                 )));
             }
-            // The source snapshot must not go while it is cloned.
-            let slock = self.lock_of(snap.id);
-            let _s = slock.lock();
             let snap = self.ready(snap.id)?;
             for s in &newer {
                 self.destroy_offline(s.id, off)?;

@@ -428,12 +428,23 @@ impl Engine {
     /// Take devices `recs` offline for an operation `what` (see the module
     /// doc). EBUSY with the pids when files are open in any of them; nothing
     /// has changed then.
-    pub fn take_offline(&self, recs: &[DeviceRecord], what: &str) -> Result<Offline> {
+    /// The locks of `also` are taken too (in the same ascending order, so
+    /// that two operations never wait for each other), without taking those
+    /// devices offline.
+    fn take_offline(
+        &self,
+        recs: &[DeviceRecord],
+        also: &[DeviceId],
+        what: &str,
+    ) -> Result<Offline> {
         let mut ids: Vec<DeviceId> = recs.iter().map(|r| r.id).collect();
         ids.sort_unstable();
         ids.dedup();
-        let mut guards = Vec::with_capacity(ids.len());
-        for id in &ids {
+        let mut locked: Vec<DeviceId> = ids.iter().chain(also).copied().collect();
+        locked.sort_unstable();
+        locked.dedup();
+        let mut guards = Vec::with_capacity(locked.len());
+        for id in &locked {
             let lock = self.lock_of(*id);
             let g = lock.try_lock_arc_for(OFFLINE_WAIT).ok_or_else(|| {
                 Error::Busy(format!(
@@ -486,9 +497,21 @@ impl Engine {
         what: &str,
         f: impl FnOnce(&Offline) -> Result<T>,
     ) -> Result<T> {
+        self.with_offline_also(recs, &[], what, f)
+    }
+
+    /// [`Engine::with_offline`], holding the locks of `also` as well (in
+    /// order with the others) without taking those devices offline.
+    pub(super) fn with_offline_also<T>(
+        &self,
+        recs: &[DeviceRecord],
+        also: &[DeviceId],
+        what: &str,
+        f: impl FnOnce(&Offline) -> Result<T>,
+    ) -> Result<T> {
         let holders = self.holders.read().as_ref().and_then(Weak::upgrade);
         let r = {
-            let off = self.take_offline(recs, what)?;
+            let off = self.take_offline(recs, also, what)?;
             if let Some(h) = &holders {
                 for r in recs {
                     h.drop_cached(r);
