@@ -206,3 +206,29 @@ mod tests {
         assert_eq!(DeviceId::from_key(&id.key()).unwrap(), id);
     }
 }
+
+/// What a device is to the user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    /// Writable, top-level directory (clones too).
+    Image,
+    /// Read-only child of an image.
+    Snapshot,
+}
+
+/// Persistent state of a device (containerd devmapper style). Runtime
+/// states (attached, mounted) are not stored: mounts are detached and die
+/// with the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceState {
+    /// Intent recorded; the backend device may be partly made.
+    Creating,
+    /// Complete and usable.
+    Ready,
+    /// A rollback is in progress: `pending_dev` holds the new content.
+    RollingBack,
+    /// Broken; `error` says why. Shown, never used.
+    Faulty,
+}

@@ -15,7 +15,7 @@ mod recover;
 mod remove;
 
 pub use inspect::{DeviceInfo, PoolInfo};
-pub use mounts::{Holders, Mounted, OFFLINE_WAIT, Offline, OpenToken};
+pub use mounts::{DeviceEntry, Holders, Mounted, OFFLINE_WAIT, Offline, OpenToken};
 pub use pool::{BackendChoice, PoolOptions};
 
 use crate::backend::Backend;

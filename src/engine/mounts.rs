@@ -260,16 +260,41 @@ impl Drop for Offline {
     }
 }
 
+/// Where a device shows in the mount: what the layers above need to find
+/// their cached entries of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceEntry {
+    /// Record id.
+    pub id: DeviceId,
+    /// Image or snapshot.
+    pub kind: DeviceKind,
+    /// The image of a snapshot (the snapshot of a clone).
+    pub parent: Option<DeviceId>,
+    /// Its name (within its image, for a snapshot).
+    pub name: crate::types::Name,
+}
+
+impl From<&DeviceRecord> for DeviceEntry {
+    fn from(r: &DeviceRecord) -> DeviceEntry {
+        DeviceEntry {
+            id: r.id,
+            kind: r.kind,
+            parent: r.parent,
+            name: r.name.clone(),
+        }
+    }
+}
+
 /// What holds devices above the engine (the FUSE mount). The engine asks it
 /// to drop its cached references before a device goes offline, and to
 /// invalidate what the kernel caches once the operation is over.
 pub trait Holders: Send + Sync {
-    /// Drop every cached reference to the mount of record `r` (inodes);
+    /// Drop every cached reference to the mount of device `d` (inodes);
     /// called with the device offline, so nothing new is made meanwhile.
-    fn drop_cached(&self, r: &DeviceRecord);
-    /// Tell the kernel that what it cached of `r` is gone or replaced;
+    fn drop_cached(&self, d: &DeviceEntry);
+    /// Tell the kernel that what it cached of `d` is gone or replaced;
     /// called after the device locks are released.
-    fn invalidate(&self, r: &DeviceRecord);
+    fn invalidate(&self, d: &DeviceEntry);
 }
 
 /// EBUSY text: what was refused, where files are open, and by which
@@ -514,7 +539,7 @@ impl Engine {
             let off = self.take_offline(recs, also, what)?;
             if let Some(h) = &holders {
                 for r in recs {
-                    h.drop_cached(r);
+                    h.drop_cached(&r.into());
                 }
             }
             let mut r = Ok(());
@@ -528,10 +553,15 @@ impl Engine {
         };
         if let Some(h) = &holders {
             for rec in recs {
-                h.invalidate(rec);
+                h.invalidate(&rec.into());
             }
         }
         r
+    }
+
+    /// Where device `id` shows in the mount.
+    pub fn entry(&self, id: DeviceId) -> Result<DeviceEntry> {
+        Ok(DeviceEntry::from(&self.record(id)?))
     }
 
     /// Install what holds devices above the engine (the FUSE layer).

@@ -6,10 +6,11 @@
 
 use super::inode;
 use super::{Caller, Core};
+use crate::engine::DeviceEntry;
 use crate::engine::Holders;
 use crate::engine::{DeviceInfo, Engine, Target};
 use crate::error::{Error, Result};
-use crate::meta::{DeviceKind, DeviceRecord};
+use crate::types::DeviceKind;
 use crate::types::{Bytes, Name};
 use std::cell::Cell;
 use std::ffi::OsStr;
@@ -39,11 +40,11 @@ impl Drop for NamespaceRequest {
 }
 
 impl Holders for Core {
-    fn drop_cached(&self, r: &DeviceRecord) {
+    fn drop_cached(&self, r: &DeviceEntry) {
         self.purge(r.id);
     }
 
-    fn invalidate(&self, r: &DeviceRecord) {
+    fn invalidate(&self, r: &DeviceEntry) {
         if IN_NAMESPACE_REQUEST.with(|f| f.get()) {
             return;
         }
@@ -74,7 +75,7 @@ impl Core {
     }
 
     /// Where a device's directory entry lives: (parent inode, name).
-    fn entry_of_record(&self, r: &DeviceRecord) -> (u64, String) {
+    fn entry_of_record(&self, r: &DeviceEntry) -> (u64, String) {
         match (r.kind, r.parent) {
             (DeviceKind::Snapshot, Some(img)) => (inode::snapdir_ino(img), r.name.to_string()),
             _ => (inode::ROOT_INO, r.name.to_string()),
@@ -94,7 +95,7 @@ impl Core {
             if now.saturating_sub(last) < idle.as_secs() || open > 0 {
                 continue;
             }
-            let Ok(r) = self.engine.record(id) else {
+            let Ok(r) = self.engine.entry(id) else {
                 continue;
             };
             self.engine.unmount(id);
@@ -151,7 +152,7 @@ impl Core {
     /// `thinfs rename OLD NEW` (an image, or `NAME@A NAME@B`/`NAME@A B`).
     pub fn admin_rename(&self, c: &Caller, t: &Target, new: &Name) -> Result<()> {
         self.require_admin(c, &format!("rename {t}"))?;
-        let r = self.engine.resolve(t)?;
+        let r = self.engine.entry(self.engine.resolve(t)?.id)?;
         self.engine.rename(t, new)?;
         let (p, n) = self.entry_of_record(&r);
         self.inval(p, &n);

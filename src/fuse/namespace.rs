@@ -227,7 +227,7 @@ impl Core {
     fn target_of(&self, id: DeviceId) -> Result<Target> {
         let r = self.engine.record(id)?;
         match r.parent {
-            Some(p) if r.kind == crate::meta::DeviceKind::Snapshot => Ok(Target {
+            Some(p) if r.kind == crate::types::DeviceKind::Snapshot => Ok(Target {
                 image: self.engine.record(p)?.name,
                 snap: Some(r.name),
             }),
