@@ -25,7 +25,8 @@ impl Core {
                         "reads_in_daemon": self.stats.reads.load(Ordering::Relaxed),
                         "writes_in_daemon": self.stats.writes.load(Ordering::Relaxed),
                         "passthrough_opens": self.stats.passthrough_opens.load(Ordering::Relaxed),
-                        "inodes": self.inodes.len(),
+                        "inodes": self.inodes.counts().0,
+                        "inode_fds": self.inodes.counts().1,
                         "mounted_devices": self.engine.live_mounts(),
                         "max_mounts_per_device": self.engine.mount_census().1,
                     }

@@ -117,13 +117,13 @@ impl Core {
             return None;
         }
         let mut b = i.backing.lock();
-        if let Some(id) = b.as_ref() {
-            return Some(id.clone());
+        if let Some(id) = b.upgrade() {
+            return Some(id);
         }
         match make() {
             Ok(id) => {
                 let id = Arc::new(id);
-                *b = Some(id.clone());
+                *b = Arc::downgrade(&id);
                 Some(id)
             }
             Err(e) => {
@@ -156,8 +156,7 @@ impl Core {
         }
         let fh = self.add_handle(Handle::File {
             file,
-            ino: i.ino,
-            backing: backing.clone(),
+            _backing: backing.clone(),
             _open: open,
         });
         Ok((fh, backing))
@@ -165,27 +164,7 @@ impl Core {
 
     /// Close a handle; the last handle of an inode drops its backing id.
     pub(super) fn release_handle(&self, fh: u64) {
-        let Some(h) = self.drop_handle(fh) else {
-            return;
-        };
-        if let Handle::File {
-            ino,
-            backing: Some(_),
-            ..
-        } = h.as_ref()
-            && let Some(i) = self.inodes.peek(*ino)
-        {
-            let ino = *ino;
-            drop(h);
-            let mut b = i.backing.lock();
-            if b.as_ref()
-                .map(|a| Arc::strong_count(a) == 1)
-                .unwrap_or(false)
-            {
-                *b = None;
-                log::trace!("inode {ino:#x}: last passthrough handle closed");
-            }
-        }
+        drop(self.drop_handle(fh));
     }
 
     fn file_of(&self, fh: u64) -> Result<Arc<Handle>> {

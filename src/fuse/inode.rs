@@ -9,13 +9,14 @@
 
 use crate::engine::Mounted;
 use crate::error::{Error, Result};
+use crate::sys::handle::FileHandle;
 use crate::types::DeviceId;
 use fuser::BackingId;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// The FUSE root.
 pub const ROOT_INO: u64 = 1;
@@ -64,6 +65,18 @@ pub enum Node {
     InfoDir,
     /// A file or directory inside an image or snapshot.
     Real(Real),
+    /// A real inode whose descriptor was closed to stay within the budget;
+    /// [`InodeTable::get`] reopens it from its handle before anyone uses it.
+    Evicted(Evicted),
+}
+
+/// What is kept of a real inode without a descriptor.
+#[derive(Debug)]
+pub struct Evicted {
+    dev: DeviceId,
+    handle: FileHandle,
+    mount: Arc<Mounted>,
+    fmt: u32,
 }
 
 /// A file of an inner filesystem.
@@ -93,10 +106,12 @@ impl Real {
 pub struct Inode {
     /// Its number.
     pub ino: u64,
+    /// Clock tick of its last use (eviction picks the oldest).
+    used: AtomicU64,
     /// The passthrough backing id shared by every open handle of the inode.
-    /// Declared before `node`: the kernel's reference to the backing file
-    /// goes before the mount it is on.
-    pub backing: Mutex<Option<Arc<BackingId>>>,
+    /// The handles own it; the inode only finds it, so it is closed when the
+    /// last handle goes, however RELEASE and a late reply interleave.
+    pub backing: Mutex<std::sync::Weak<BackingId>>,
     /// What it is.
     pub node: Node,
     lookups: AtomicU64,
@@ -117,16 +132,46 @@ pub fn snapdir_ino(image: DeviceId) -> u64 {
     ((image.get() as u64) << INNER_BITS) | SNAPDIR_LOW
 }
 
-/// The inode table.
-#[derive(Debug, Default)]
+/// The inode table. Every real inode holds an O_PATH descriptor until the
+/// number of them passes a budget (a share of RLIMIT_NOFILE); then the
+/// least recently used ones that no request holds are closed and kept as
+/// file handles, reopened on their next use. So the kernel may cache any
+/// number of inodes without running the daemon out of descriptors.
+#[derive(Debug)]
 pub struct InodeTable {
     map: Mutex<HashMap<u64, Arc<Inode>>>,
+    /// Real inodes holding a descriptor.
+    fds: AtomicUsize,
+    budget: usize,
+    clock: AtomicU64,
+}
+
+impl Default for InodeTable {
+    fn default() -> Self {
+        InodeTable::new()
+    }
+}
+
+fn estale(what: String) -> Error {
+    Error::io(what, std::io::Error::from_raw_os_error(libc::ESTALE))
 }
 
 impl InodeTable {
-    /// A table holding the static virtual inodes.
+    /// A table holding the static virtual inodes, with a descriptor budget
+    /// of half the open-file limit (at least 64).
     pub fn new() -> InodeTable {
-        let t = InodeTable::default();
+        let budget = (crate::sys::handle::nofile_limit() / 2).clamp(64, 1 << 20) as usize;
+        Self::with_budget(budget)
+    }
+
+    /// A table that keeps at most about `budget` descriptors.
+    pub fn with_budget(budget: usize) -> InodeTable {
+        let t = InodeTable {
+            map: Mutex::new(HashMap::new()),
+            fds: AtomicUsize::new(0),
+            budget: budget.max(8),
+            clock: AtomicU64::new(0),
+        };
         t.insert_static(ROOT_INO, Node::Root);
         t.insert_static(CONTROL_INO, Node::Control);
         t.insert_static(INFO_INO, Node::InfoDir);
@@ -136,26 +181,143 @@ impl InodeTable {
         t
     }
 
-    fn insert_static(&self, ino: u64, node: Node) {
-        self.map.lock().insert(
+    fn new_inode(&self, ino: u64, node: Node, lookups: u64) -> Arc<Inode> {
+        if matches!(node, Node::Real(_)) {
+            self.fds.fetch_add(1, Ordering::Relaxed);
+        }
+        Arc::new(Inode {
             ino,
-            Arc::new(Inode {
-                ino,
-                node,
-                lookups: AtomicU64::new(1 << 60),
-                backing: Mutex::new(None),
-            }),
-        );
+            used: AtomicU64::new(self.clock.fetch_add(1, Ordering::Relaxed)),
+            backing: Mutex::new(std::sync::Weak::new()),
+            node,
+            lookups: AtomicU64::new(lookups),
+        })
     }
 
-    /// The inode `ino`.
+    fn insert_static(&self, ino: u64, node: Node) {
+        let i = self.new_inode(ino, node, 1 << 60);
+        self.map.lock().insert(ino, i);
+    }
+
+    /// An inode leaves the table: count its descriptor out.
+    fn dropped(&self, i: &Inode) {
+        if matches!(i.node, Node::Real(_)) {
+            self.fds.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The inode `ino` (reopened from its handle if it was evicted).
     pub fn get(&self, ino: u64) -> Result<Arc<Inode>> {
-        self.map.lock().get(&ino).cloned().ok_or_else(|| {
-            Error::io(
-                format!("inode {ino:#x}"),
-                std::io::Error::from_raw_os_error(libc::ESTALE),
-            )
-        })
+        let mut m = self.map.lock();
+        let slot = m
+            .get_mut(&ino)
+            .ok_or_else(|| estale(format!("inode {ino:#x}")))?;
+        let restored = matches!(slot.node, Node::Evicted(_));
+        if restored {
+            self.restore(slot)?;
+        }
+        slot.used.store(
+            self.clock.fetch_add(1, Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        let out = slot.clone();
+        if restored && self.fds.load(Ordering::Relaxed) > self.budget {
+            self.evict(&mut m);
+        }
+        Ok(out)
+    }
+
+    /// Reopen an evicted inode in place (under the table's lock).
+    fn restore(&self, slot: &mut Arc<Inode>) -> Result<()> {
+        let ino = slot.ino;
+        // Only the table holds an evicted inode, except for a moment when
+        // `peek` lends it out: wait that moment out.
+        let mut tries = 0;
+        while Arc::get_mut(slot).is_none() {
+            tries += 1;
+            if tries > 1000 {
+                return Err(estale(format!("inode {ino:#x} is busy being reopened")));
+            }
+            std::thread::yield_now();
+        }
+        let Some(inode) = Arc::get_mut(slot) else {
+            return Err(estale(format!("inode {ino:#x}")));
+        };
+        let Node::Evicted(e) = std::mem::replace(&mut inode.node, Node::Root) else {
+            return Ok(());
+        };
+        match e.handle.open_path(e.mount.root()) {
+            Ok(fd) => {
+                inode.node = Node::Real(Real {
+                    dev: e.dev,
+                    fd,
+                    mount: e.mount,
+                    is_root: false,
+                    fmt: e.fmt,
+                });
+                self.fds.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(err) => {
+                inode.node = Node::Evicted(e);
+                Err(Error::io(format!("reopen inode {ino:#x}"), err))
+            }
+        }
+    }
+
+    /// Close the descriptors of the least recently used real inodes that no
+    /// request holds, down to three quarters of the budget.
+    fn evict(&self, m: &mut HashMap<u64, Arc<Inode>>) {
+        let mut cands: Vec<(u64, u64)> = m
+            .values()
+            .filter(|i| {
+                Arc::strong_count(i) == 1
+                    && matches!(&i.node, Node::Real(r) if !r.is_root)
+                    && i.backing.lock().strong_count() == 0
+            })
+            .map(|i| (i.used.load(Ordering::Relaxed), i.ino))
+            .collect();
+        cands.sort_unstable();
+        let target = self.budget * 3 / 4;
+        let mut closed = 0;
+        for (_, ino) in cands {
+            if self.fds.load(Ordering::Relaxed) <= target {
+                break;
+            }
+            let Some(inode) = m.get_mut(&ino).and_then(Arc::get_mut) else {
+                continue;
+            };
+            let Node::Real(r) = &inode.node else {
+                continue;
+            };
+            let Ok(handle) = FileHandle::of(r.fd()) else {
+                continue;
+            };
+            let Node::Real(r) = std::mem::replace(&mut inode.node, Node::Root) else {
+                continue;
+            };
+            let Real {
+                dev,
+                fd,
+                mount,
+                fmt,
+                ..
+            } = r;
+            drop(fd);
+            inode.node = Node::Evicted(Evicted {
+                dev,
+                handle,
+                mount,
+                fmt,
+            });
+            self.fds.fetch_sub(1, Ordering::Relaxed);
+            closed += 1;
+        }
+        log::debug!(
+            "closed {closed} inode descriptor(s); {} open, budget {}",
+            self.fds.load(Ordering::Relaxed),
+            self.budget
+        );
     }
 
     /// Record one kernel lookup of inode `ino`, creating it with `make` if
@@ -167,35 +329,48 @@ impl InodeTable {
     /// lock, so no inode of that mount can slip in after the purge.
     pub fn remember(&self, ino: u64, make: impl FnOnce() -> Node) -> Result<Arc<Inode>> {
         let mut m = self.map.lock();
-        let i = match m.get(&ino) {
-            Some(i) => i.clone(),
+        let i = match m.get_mut(&ino) {
+            Some(slot) => {
+                let restored = matches!(slot.node, Node::Evicted(_));
+                if restored {
+                    self.restore(slot)?;
+                }
+                slot.used.store(
+                    self.clock.fetch_add(1, Ordering::Relaxed),
+                    Ordering::Relaxed,
+                );
+                let out = slot.clone();
+                if restored && self.fds.load(Ordering::Relaxed) > self.budget {
+                    self.evict(&mut m);
+                }
+                out
+            }
             None => {
-                let i = Arc::new(Inode {
-                    ino,
-                    node: make(),
-                    lookups: AtomicU64::new(0),
-                    backing: Mutex::new(None),
-                });
+                let i = self.new_inode(ino, make(), 0);
                 m.insert(ino, i.clone());
+                if self.fds.load(Ordering::Relaxed) > self.budget {
+                    self.evict(&mut m);
+                }
                 i
             }
         };
         if let Node::Real(r) = &i.node
             && r.mount.closing()
         {
-            if i.lookups.load(Ordering::Relaxed) == 0 {
-                m.remove(&ino);
+            if i.lookups.load(Ordering::Relaxed) == 0
+                && let Some(gone) = m.remove(&ino)
+            {
+                self.dropped(&gone);
             }
-            return Err(Error::io(
-                format!("inode {ino:#x}: its image or snapshot is being changed"),
-                std::io::Error::from_raw_os_error(libc::ESTALE),
-            ));
+            return Err(estale(format!(
+                "inode {ino:#x}: its image or snapshot is being changed"
+            )));
         }
         i.lookups.fetch_add(1, Ordering::Relaxed);
         Ok(i)
     }
 
-    /// Is `ino` known?
+    /// Is `ino` known? (Not reopened if evicted: for bookkeeping only.)
     pub fn peek(&self, ino: u64) -> Option<Arc<Inode>> {
         self.map.lock().get(&ino).cloned()
     }
@@ -207,8 +382,10 @@ impl InodeTable {
             let prev = i
                 .lookups
                 .fetch_sub(n.min(i.lookups.load(Ordering::Relaxed)), Ordering::Relaxed);
-            if prev <= n {
-                m.remove(&ino);
+            if prev <= n
+                && let Some(gone) = m.remove(&ino)
+            {
+                self.dropped(&gone);
             }
         }
     }
@@ -219,18 +396,26 @@ impl InodeTable {
     pub fn purge_dev(&self, dev: DeviceId) -> usize {
         let mut m = self.map.lock();
         let before = m.len();
-        m.retain(|_, i| match &i.node {
-            Node::Real(r) => r.dev != dev,
-            Node::SnapDir(d) => *d != dev,
-            Node::ControlFile(ControlFile::Info(d)) => *d != dev,
-            _ => true,
+        let mut real = 0;
+        m.retain(|_, i| {
+            let keep = match &i.node {
+                Node::Real(r) => r.dev != dev,
+                Node::Evicted(e) => e.dev != dev,
+                Node::SnapDir(d) => *d != dev,
+                Node::ControlFile(ControlFile::Info(d)) => *d != dev,
+                _ => true,
+            };
+            if !keep && matches!(i.node, Node::Real(_)) {
+                real += 1;
+            }
+            keep
         });
+        self.fds.fetch_sub(real, Ordering::Relaxed);
         before - m.len()
     }
 
-    /// Number of inodes held.
-    #[allow(clippy::len_without_is_empty)]
-    pub fn len(&self) -> usize {
-        self.map.lock().len()
+    /// Number of inodes held, and how many of them hold a descriptor.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.map.lock().len(), self.fds.load(Ordering::Relaxed))
     }
 }

@@ -73,8 +73,8 @@ pub struct Stats {
 enum Handle {
     File {
         file: File,
-        ino: u64,
-        backing: Option<Arc<BackingId>>,
+        /// Shares the inode's passthrough registration while open.
+        _backing: Option<Arc<BackingId>>,
         /// Keeps the device from going offline; dropped after the file.
         _open: OpenToken,
     },

@@ -150,7 +150,9 @@ impl Core {
                 let len = self.control_content(*f)?.len() as u64;
                 attr::virtual_attr(i.ino, false, len, self.started)
             }
-            Node::Real(_) => return Err(Error::Invalid("not a virtual inode".into())),
+            Node::Real(_) | Node::Evicted(_) => {
+                return Err(Error::Invalid("not a virtual inode".into()));
+            }
         })
     }
 

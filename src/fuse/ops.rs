@@ -70,6 +70,7 @@ impl Core {
             Node::SnapDir(img) => self.lookup_snapdir(*img, name),
             Node::Real(_) => self.lookup_real(self.real(&p)?, name),
             Node::ControlFile(_) => Err(no(libc::ENOTDIR, "lookup in a file")),
+            Node::Evicted(_) => Err(no(libc::ESTALE, "inode not reopened")),
         }
     }
 

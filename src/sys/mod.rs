@@ -10,6 +10,7 @@
 pub mod creds;
 pub mod file;
 pub mod fsio;
+pub mod handle;
 pub mod loopdev;
 pub mod mount;
 pub mod process;
