@@ -241,16 +241,16 @@ fn handle(core: &Core, who: &Caller, op: &Op) -> Result<serde_json::Value> {
                     )));
                 }
             };
-            let v: Vec<_> = e
-                .list_info(true)?
-                .into_iter()
+            let all = core.devices_with_usage()?;
+            let v: Vec<_> = all
+                .iter()
                 .filter(|d| want.is_none_or(|k| d.record.kind == k))
                 .collect();
             to_json(v)
         }
         Op::Tree => to_json(e.list_info(false)?),
         Op::Info { target } => to_json(e.info(&e.resolve(&Target::parse(target)?)?, true)?),
-        Op::Usage => to_json(e.list_info(true)?),
+        Op::Usage => to_json(&*core.devices_with_usage()?),
         Op::Pool => to_json(e.pool_info()?),
         Op::Create { name, size } => {
             let size = size.as_deref().map(Bytes::parse).transpose()?;

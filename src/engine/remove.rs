@@ -64,7 +64,7 @@ impl Engine {
         self.collect_garbage()?;
         log::info!(
             "destroyed {} (id {id}); {} clone(s) re-parented",
-            rec.display_name(),
+            self.log_name(&rec),
             children.len()
         );
         Ok(())

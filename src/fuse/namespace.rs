@@ -147,7 +147,7 @@ impl Core {
             }
             Node::Control | Node::InfoDir => attr::virtual_attr(i.ino, true, 0, self.started),
             Node::ControlFile(f) => {
-                let len = self.control_content(*f)?.len() as u64;
+                let len = self.control_len(*f)?;
                 attr::virtual_attr(i.ino, false, len, self.started)
             }
             Node::Real(_) => return Err(Error::Invalid("not a virtual inode".into())),
