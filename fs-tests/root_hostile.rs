@@ -71,6 +71,13 @@ fn cpu_ticks(pid: u32) -> u64 {
         + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
 }
 
+/// Hard limit of open files of this process.
+fn hard_nofile() -> u64 {
+    let l = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let line = l.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    line.split_whitespace().nth(4).unwrap().parse().unwrap()
+}
+
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
@@ -126,8 +133,12 @@ sys.stdin.read()
 
 #[test]
 fn hostile_idle_connections_leave_root_working() {
-    // As under systemd or a root shell: soft 1024, hard higher.
-    let m = TestMount::start_wrapped("hostile-conns", &["prlimit", "--nofile=1024:65536"], &[]);
+    // As under systemd or a root shell: soft 1024, hard higher (ours; this
+    // machine does not let even root raise a hard limit).
+    let hard = hard_nofile();
+    assert!(hard > 2048, "hard limit of open files here: {hard}");
+    let arg = format!("--nofile=1024:{hard}");
+    let m = TestMount::start_wrapped("hostile-conns", &["prlimit", &arg], &[]);
     let pid = m.pid();
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     let nofile = limits
@@ -136,8 +147,11 @@ fn hostile_idle_connections_leave_root_working() {
         .unwrap()
         .to_string();
     let soft: u64 = nofile.split_whitespace().nth(3).unwrap().parse().unwrap();
-    assert_eq!(soft, 65536, "the daemon keeps a soft limit of {soft}: {nofile}");
-    assert!(m.log().contains("open files limit raised from 1024 to 65536"));
+    assert_eq!(soft, hard, "the daemon keeps a soft limit of {soft}: {nofile}");
+    assert!(
+        m.log()
+            .contains(&format!("open files limit raised from 1024 to {hard}"))
+    );
 
     ok(&cli_t(&m, &["create", "base"]));
     std::fs::write(m.path("base/before"), b"x").unwrap();
@@ -192,6 +206,9 @@ fn hostile_idle_connections_leave_root_working() {
     let fds = open_fds(pid);
     assert!(fds < fds0 + 100, "daemon fds {fds0} -> {fds}");
     let grown = log_len(&m) - log0;
+    eprintln!(
+        "600 idle connections of nobody: {refused} refused; daemon {cpu} CPU ticks in {wall:?}, fds {fds0} -> {fds}, log +{grown} bytes"
+    );
     assert!(grown < 64 << 10, "log grew by {grown} bytes");
 }
 
@@ -210,6 +227,7 @@ fn hostile_bad_requests_keep_the_log_small() {
     let a = raw_request(&m, &format!(r#"{{"v":1,"op":"{long}"}}"#));
     assert!(a.contains("malformed request") && a.len() < 1024, "{}", a.len());
     let grown = log_len(&m) - log0;
+    eprintln!("101 bad requests with 64 KiB names: log +{grown} bytes");
     assert!(grown < 64 << 10, "log grew by {grown} bytes for 101 bad requests");
     let log = m.log();
     let new = &log[log0 as usize..];
@@ -316,6 +334,7 @@ fn hostile_deep_clone_chain_is_printed() {
         r.read_line(&mut a).unwrap();
         assert!(a.contains(r#""ok":true"#), "{line}: {a}");
     };
+    let t0 = Instant::now();
     for i in 1..=DEPTH {
         ask(format!(r#"{{"v":1,"op":"snapshot","target":"c{}@s"}}"#, i - 1));
         ask(format!(
@@ -323,13 +342,14 @@ fn hostile_deep_clone_chain_is_printed() {
             i - 1
         ));
     }
+    eprintln!("{DEPTH} snapshot+clone levels made in {:?}", t0.elapsed());
     let ft = std::fs::read_to_string(m.path(".thinfs/tree")).expect("read .thinfs/tree");
     assert_eq!(ft.lines().count(), 2 * DEPTH + 1);
     assert!(
         ft.lines()
             .last()
             .unwrap()
-            .contains(&format!("[depth {}] c{DEPTH}@s", 2 * DEPTH)),
+            .contains(&format!("[depth {}] c{DEPTH} (clone", 2 * DEPTH)),
         "{}",
         ft.lines().last().unwrap()
     );
