@@ -171,8 +171,17 @@ pub fn tree(v: Value, dot: bool) -> Result<String> {
         if !seen.insert(d.record.id) {
             continue;
         }
-        out.push_str(&DeviceInfo::tree_line(depth, &name_of(d), &field(d, "type")));
-        for k in kids.get(&Some(d.record.id.get())).into_iter().flatten().rev() {
+        out.push_str(&DeviceInfo::tree_line(
+            depth,
+            &name_of(d),
+            &field(d, "type"),
+        ));
+        for k in kids
+            .get(&Some(d.record.id.get()))
+            .into_iter()
+            .flatten()
+            .rev()
+        {
             stack.push((k, depth + 1));
         }
     }

@@ -108,7 +108,12 @@ impl Conn {
 /// Log a line about a request of `who`, within its uid's rate limit.
 fn log_limited(level: log::Level, who: &Caller, msg: std::fmt::Arguments<'_>) {
     if let Some(d) = lograte::CONTROL.allow(u64::from(who.uid)) {
-        log::log!(level, "control: uid {}: {msg}{}", who.uid, lograte::dropped_note(d));
+        log::log!(
+            level,
+            "control: uid {}: {msg}{}",
+            who.uid,
+            lograte::dropped_note(d)
+        );
     }
 }
 
@@ -119,7 +124,11 @@ pub fn serve_one(core: &Core, c: &mut Conn, limit: Duration) -> bool {
         Ok(Some(l)) => l,
         Ok(None) => return false,
         Err(e) => {
-            log_limited(log::Level::Warn, &c.who, format_args!("{}", shown(&e.to_string())));
+            log_limited(
+                log::Level::Warn,
+                &c.who,
+                format_args!("{}", shown(&e.to_string())),
+            );
             let _ = send(&mut c.stream, Err(e), limit);
             return false;
         }
@@ -155,8 +164,15 @@ pub fn serve_one(core: &Core, c: &mut Conn, limit: Duration) -> bool {
             r
         }
         Err(e) => {
-            let e = Error::Invalid(format!("malformed request: {}", cut(&e.to_string(), MAX_SHOWN * 2)));
-            log_limited(log::Level::Warn, &c.who, format_args!("{}", shown(&e.to_string())));
+            let e = Error::Invalid(format!(
+                "malformed request: {}",
+                cut(&e.to_string(), MAX_SHOWN * 2)
+            ));
+            log_limited(
+                log::Level::Warn,
+                &c.who,
+                format_args!("{}", shown(&e.to_string())),
+            );
             Err(e)
         }
     };
@@ -192,7 +208,11 @@ pub fn answer(r: Result<serde_json::Value>) -> Vec<u8> {
     line
 }
 
-fn send(out: &mut UnixStream, r: Result<serde_json::Value>, limit: Duration) -> std::io::Result<()> {
+fn send(
+    out: &mut UnixStream,
+    r: Result<serde_json::Value>,
+    limit: Duration,
+) -> std::io::Result<()> {
     out.set_write_timeout(Some(limit))?;
     out.write_all(&answer(r))
 }

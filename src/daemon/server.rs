@@ -137,7 +137,10 @@ impl Dispatcher {
         };
         if let Some(why) = self.refusal(who.uid) {
             if let Some(d) = lograte::CONTROL.allow(u64::from(who.uid)) {
-                log::warn!("control: refused a connection: {why}{}", lograte::dropped_note(d));
+                log::warn!(
+                    "control: refused a connection: {why}{}",
+                    lograte::dropped_note(d)
+                );
             }
             refuse(s, Error::Busy(why));
             return;
@@ -244,7 +247,8 @@ pub fn serve(l: UnixListener, core: Arc<Core>, lim: Limits) {
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                     Err(e) => {
-                        pause = (pause * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                        pause =
+                            (pause * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
                         paused_until = Some(Instant::now() + pause);
                         if let Some(dr) = lograte::CONTROL.allow(u64::MAX - 1) {
                             log::warn!(
@@ -263,7 +267,9 @@ pub fn serve(l: UnixListener, core: Arc<Core>, lim: Limits) {
         let mut take: Vec<usize> = polled
             .iter()
             .enumerate()
-            .filter(|&(k, &i)| ready.get(base + k).copied().unwrap_or(false) || d.idle[i].has_line())
+            .filter(|&(k, &i)| {
+                ready.get(base + k).copied().unwrap_or(false) || d.idle[i].has_line()
+            })
             .map(|(_, &i)| i)
             .collect();
         take.sort_unstable();
@@ -293,7 +299,13 @@ pub fn serve(l: UnixListener, core: Arc<Core>, lim: Limits) {
     }
 }
 
-fn worker(rx: Receiver<Conn>, tx: Sender<Done>, mut wake: UnixStream, core: Arc<Core>, lim: Limits) {
+fn worker(
+    rx: Receiver<Conn>,
+    tx: Sender<Done>,
+    mut wake: UnixStream,
+    core: Arc<Core>,
+    lim: Limits,
+) {
     for mut c in rx {
         let uid = c.who.uid;
         let keep = control::serve_one(&core, &mut c, lim.request);

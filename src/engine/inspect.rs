@@ -51,7 +51,10 @@ impl DeviceInfo {
         if depth <= MAX_INDENT {
             format!("{}{name} ({tag})\n", "  ".repeat(depth))
         } else {
-            format!("{}[depth {depth}] {name} ({tag})\n", "  ".repeat(MAX_INDENT))
+            format!(
+                "{}[depth {depth}] {name} ({tag})\n",
+                "  ".repeat(MAX_INDENT)
+            )
         }
     }
 }
@@ -131,7 +134,11 @@ impl Engine {
                 DeviceKind::Snapshot => "snapshot",
             };
             let tag = format!("{tag}, id {}, {:?}", r.id, r.state);
-            out.push_str(&DeviceInfo::tree_line(depth, &escape(&self.full_name(&r)), &tag));
+            out.push_str(&DeviceInfo::tree_line(
+                depth,
+                &escape(&self.full_name(&r)),
+                &tag,
+            ));
             let mut kids: Vec<_> = self
                 .meta
                 .children(r.id)?

@@ -57,5 +57,5 @@ pub fn raise_nofile() -> io::Result<(u64, u64)> {
         // one needs no privilege.
         cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &l) })?;
     }
-    Ok((old as u64, l.rlim_cur as u64))
+    Ok((old, l.rlim_cur))
 }
