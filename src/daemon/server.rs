@@ -308,7 +308,11 @@ fn worker(
 ) {
     for mut c in rx {
         let uid = c.who.uid;
-        let keep = control::serve_one(&core, &mut c, lim.request);
+        // A panic in a request must not take a worker (and its slot) away.
+        let keep = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            control::serve_one(&core, &mut c, lim.request)
+        }))
+        .unwrap_or(false);
         if tx
             .send(Done {
                 uid,
