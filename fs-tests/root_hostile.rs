@@ -524,3 +524,52 @@ fn hostile_mkfs_metadata_counts_against_the_reserve() {
     drop(e);
     assert!(wait_no_loops(s.path()).is_empty());
 }
+
+#[test]
+fn hostile_accept_errors_back_off() {
+    // A hard limit this low cannot be raised: the descriptors run out, and
+    // accept fails with EMFILE while four users hold their connections.
+    let m = TestMount::start_wrapped("hostile-accept", &["prlimit", "--nofile=80:80"], &[]);
+    let pid = m.pid();
+    ok(&cli_t(&m, &["create", "base"]));
+    let script = m.scratch.path().join("hog.py");
+    std::fs::write(&script, HOG).unwrap();
+    let fds0 = open_fds(pid);
+    let mut hogs = Vec::new();
+    for uid in 20001..=20004u32 {
+        let mut h = Reaped(
+            Command::new("setpriv")
+                .arg(format!("--reuid={uid}"))
+                .arg(format!("--regid={uid}"))
+                .args(["--clear-groups", "/usr/bin/python3"])
+                .arg(&script)
+                .arg(m.socket())
+                .arg("16")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("start hog"),
+        );
+        let mut line = String::new();
+        BufReader::new(h.0.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.starts_with("connected 16"), "uid {uid}: {line}");
+        hogs.push(h);
+    }
+    let fds = open_fds(pid);
+    assert!(fds >= 78, "descriptors did not run out: {fds0} -> {fds}");
+    let log0 = log_len(&m);
+    let cpu0 = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(3));
+    let cpu = cpu_ticks(pid) - cpu0;
+    let grown = log_len(&m) - log0;
+    eprintln!("accept failing for 3 s: daemon {cpu} CPU ticks, log +{grown} bytes");
+    assert!(cpu < 50, "the accept loop spins: {cpu} ticks in 3 s");
+    assert!(grown < 16 << 10, "log grew by {grown} bytes in 3 s");
+    assert!(m.log().contains("pausing accept"), "the failure is logged");
+    // The users go away: everyone is served again.
+    drop(hogs);
+    let out = ok(&cli_t(&m, &["list", "-o", "name", "-H"]));
+    assert_eq!(out, "base\n");
+}
