@@ -287,7 +287,14 @@ fn hostile_names_are_refused() {
     let m = TestMount::start("hostile-names");
     ok(&cli_t(&m, &["create", "base"]));
     ok(&cli_t(&m, &["snapshot", "base@v1"]));
-    for bad in ["a\nb", "\x1b[31mred", "tab\there", "del\x7f", "cr\r"] {
+    for bad in [
+        "a\nb",
+        "\x1b[31mred",
+        "tab\there",
+        "del\x7f",
+        "cr\r",
+        "c1\u{9b}2J",
+    ] {
         fails(&cli_t(&m, &["create", bad]), "control character");
         fails(
             &cli_t(&m, &["snapshot", &format!("base@{bad}")]),
@@ -365,9 +372,18 @@ fn hostile_old_names_are_printed_escaped() {
     let ft = std::fs::read_to_string(m.path(".thinfs/tree")).unwrap();
     assert_no_controls(".thinfs/tree", &ft);
     assert_eq!(ft.lines().count(), 5, "{ft}");
+    // Their files can still be reached through the mount.
+    for n in ["evil\nforged (image)", "-rf", " "] {
+        std::fs::write(m.path(n).join("f"), b"data").unwrap();
+        assert_eq!(
+            std::fs::read(m.path(n).join("f")).unwrap(),
+            b"data",
+            "{n:?}"
+        );
+    }
     // They can still be reached to be renamed or destroyed.
     ok(&cli_t(&m, &["rename", "\x1b[2Jclear", "cleared"]));
-    ok(&cli_t(&m, &["destroy", "--", "-rf"]));
+    ok(&cli_t(&m, &["destroy", "-r", "--", "-rf"]));
     // stat of devices.json does not scan: its size is 0; reading gives all.
     let md = std::fs::metadata(m.path(".thinfs/devices.json")).unwrap();
     assert_eq!(md.len(), 0);

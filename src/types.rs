@@ -127,7 +127,7 @@ impl fmt::Display for Bytes {
 /// (used to *refer* to a device, so that a device made by an older version
 /// with an odd name can still be renamed or destroyed); [`Name::fresh`] and
 /// [`Name::from_os`] also refuse control characters and a leading `-`
-/// (used for every *new* name, and for names coming through the mount).
+/// (used for every *new* name, also those made through the mount).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Name(String);
 
@@ -218,7 +218,9 @@ impl Name {
             name: cut(s, MAX_SHOWN),
             why,
         };
-        if s.bytes().any(|b| b < 0x20 || b == 0x7f) {
+        // Below 0x20 and 0x7f, and the C1 controls (U+0080-U+009F: U+009B
+        // is CSI to an 8-bit terminal).
+        if s.chars().any(char::is_control) {
             return Err(bad("contains a control character (below 0x20, or 0x7f)"));
         }
         if s.starts_with('-') {
@@ -227,7 +229,19 @@ impl Name {
         Ok(n)
     }
 
-    /// Validate a name given as raw bytes (from FUSE), as [`Name::fresh`].
+    /// Validate a name looked up through FUSE, as [`Name::new`]: a device
+    /// an older version named oddly stays reachable.
+    pub fn lookup_os(s: &std::ffi::OsStr) -> Result<Name> {
+        match s.to_str() {
+            Some(v) => Name::new(v),
+            None => Err(Error::InvalidName {
+                name: cut(&s.to_string_lossy(), MAX_SHOWN),
+                why: "not valid UTF-8",
+            }),
+        }
+    }
+
+    /// Validate a new name given as raw bytes (from FUSE), as [`Name::fresh`].
     pub fn from_os(s: &std::ffi::OsStr) -> Result<Name> {
         match s.to_str() {
             Some(v) => Name::fresh(v),
@@ -291,7 +305,14 @@ mod tests {
         }
         assert!(Name::new(&"x".repeat(256)).is_err());
         assert!(Name::new(&"x".repeat(255)).is_ok());
-        for bad in ["a\nb", "\x1b[31mred", "-rf", "tab\t", "del\x7f"] {
+        for bad in [
+            "a\nb",
+            "\x1b[31mred",
+            "-rf",
+            "tab\t",
+            "del\x7f",
+            "c1\u{9b}2J",
+        ] {
             assert!(Name::new(bad).is_ok(), "{bad:?} still refers to a device");
             assert!(
                 matches!(Name::fresh(bad), Err(Error::InvalidName { .. })),

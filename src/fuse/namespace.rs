@@ -25,7 +25,7 @@ impl Core {
     /// Names looked up in virtual directories must be valid names; anything
     /// else simply does not exist.
     fn lookup_name(name: &OsStr) -> Result<Name> {
-        Name::from_os(name).map_err(|_| enoent(format!("{name:?}")))
+        Name::lookup_os(name).map_err(|_| enoent(format!("{name:?}")))
     }
 
     /// Only root and members of the admin group may change the namespace.
