@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod engine;
 pub mod error;
 pub mod fuse;
+pub mod lograte;
 pub mod meta;
 pub mod sys;
 pub mod types;

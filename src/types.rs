@@ -55,7 +55,7 @@ impl Bytes {
     /// Suffixes are powers of 1024 (K, M, G, T, P, with optional `i`/`iB`/`B`).
     pub fn parse(s: &str) -> Result<Bytes> {
         let bad = |why| Error::InvalidSize {
-            input: s.to_string(),
+            input: cut(s, MAX_SHOWN),
             why,
         };
         let t = s.trim();
@@ -81,8 +81,24 @@ impl Bytes {
             .ok_or_else(|| bad("size overflows 64 bits"))
     }
 
-    /// Human-readable form (binary units, one decimal).
+    /// Exact form: the largest unit that divides the value (`16M`, `1536M`,
+    /// `4096K`), else plain bytes (`16777217`). [`Bytes::parse`] reads it
+    /// back to the same value. For messages about a size the user gave.
     pub fn human(self) -> String {
+        let units = ["", "K", "M", "G", "T", "P"];
+        if self.0 == 0 {
+            return "0".into();
+        }
+        let mut i = units.len() - 1;
+        while i > 0 && !self.0.is_multiple_of(1u64 << (10 * i)) {
+            i -= 1;
+        }
+        format!("{}{}", self.0 >> (10 * i), units[i])
+    }
+
+    /// Rounded form (binary units, one decimal: `4.3M`), for tables of
+    /// usage where the exact byte count does not matter.
+    pub fn approx(self) -> String {
         let units = ["B", "K", "M", "G", "T", "P"];
         let mut v = self.0 as f64;
         let mut i = 0;
@@ -106,14 +122,70 @@ impl fmt::Display for Bytes {
 
 /// A validated image or snapshot name (SPEC: 1-255 bytes, no `/` or NUL,
 /// not `.`/`..`, not starting with `.`).
+///
+/// Two levels: [`Name::new`] checks what any name in the pool satisfies
+/// (used to *refer* to a device, so that a device made by an older version
+/// with an odd name can still be renamed or destroyed); [`Name::fresh`] and
+/// [`Name::from_os`] also refuse control characters and a leading `-`
+/// (used for every *new* name, also those made through the mount).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Name(String);
 
+/// Longest part of a rejected input kept in an error or a log line.
+pub const MAX_SHOWN: usize = 80;
+
+/// `s` cut to at most `max` bytes (on a char boundary), saying how long it
+/// was when cut: a 64 KiB name is not worth printing.
+pub fn cut(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes)", &s[..end], s.len())
+}
+
+/// Should `c` be shown escaped? Control characters (C0, DEL, C1), and the
+/// invisible format characters that reorder or hide text (bidi overrides,
+/// zero-width, BOM).
+fn unusual(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\\' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
+}
+
+/// `s` safe to print on a terminal or in a line-based listing: control
+/// and invisible characters become `\n`, `\t`, `\xNN` or `\u{NNNN}`, a
+/// backslash `\\`, and a space at either end `\x20` (so that a name of
+/// one space is visible). Ordinary names come back unchanged.
+pub fn escape(s: &str) -> std::borrow::Cow<'_, str> {
+    let edge = |i: usize, c: char| c == ' ' && (i == 0 || i + 1 == s.len());
+    if !s.char_indices().any(|(i, c)| unusual(c) || edge(i, c)) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for (i, c) in s.char_indices() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if (unusual(c) || edge(i, c)) && (c as u32) < 0x80 => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c if unusual(c) => out.push_str(&format!("\\u{{{:04x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 impl Name {
-    /// Validate a name.
+    /// Validate a name that refers to a device (see the type's doc).
     pub fn new(s: &str) -> Result<Name> {
         let bad = |why| Error::InvalidName {
-            name: s.to_string(),
+            name: cut(s, MAX_SHOWN),
             why,
         };
         if s.is_empty() {
@@ -137,12 +209,44 @@ impl Name {
         Ok(Name(s.to_string()))
     }
 
-    /// Validate a name given as raw bytes (from FUSE).
-    pub fn from_os(s: &std::ffi::OsStr) -> Result<Name> {
+    /// Validate a new name: also no control character (below 0x20, or
+    /// 0x7f) and no leading `-`, so that a name cannot forge lines or
+    /// terminal escapes in listings, nor read as an option on a command line.
+    pub fn fresh(s: &str) -> Result<Name> {
+        let n = Name::new(s)?;
+        let bad = |why| Error::InvalidName {
+            name: cut(s, MAX_SHOWN),
+            why,
+        };
+        // Below 0x20 and 0x7f, and the C1 controls (U+0080-U+009F: U+009B
+        // is CSI to an 8-bit terminal).
+        if s.chars().any(char::is_control) {
+            return Err(bad("contains a control character (below 0x20, or 0x7f)"));
+        }
+        if s.starts_with('-') {
+            return Err(bad("starts with '-' (would read as an option)"));
+        }
+        Ok(n)
+    }
+
+    /// Validate a name looked up through FUSE, as [`Name::new`]: a device
+    /// an older version named oddly stays reachable.
+    pub fn lookup_os(s: &std::ffi::OsStr) -> Result<Name> {
         match s.to_str() {
             Some(v) => Name::new(v),
             None => Err(Error::InvalidName {
-                name: s.to_string_lossy().into_owned(),
+                name: cut(&s.to_string_lossy(), MAX_SHOWN),
+                why: "not valid UTF-8",
+            }),
+        }
+    }
+
+    /// Validate a new name given as raw bytes (from FUSE), as [`Name::fresh`].
+    pub fn from_os(s: &std::ffi::OsStr) -> Result<Name> {
+        match s.to_str() {
+            Some(v) => Name::fresh(v),
+            None => Err(Error::InvalidName {
+                name: cut(&s.to_string_lossy(), MAX_SHOWN),
                 why: "not valid UTF-8",
             }),
         }
@@ -151,6 +255,11 @@ impl Name {
     /// The name.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The name, escaped for printing (see [`escape`]).
+    pub fn escaped(&self) -> std::borrow::Cow<'_, str> {
+        escape(&self.0)
     }
 }
 
@@ -196,6 +305,51 @@ mod tests {
         }
         assert!(Name::new(&"x".repeat(256)).is_err());
         assert!(Name::new(&"x".repeat(255)).is_ok());
+        for bad in [
+            "a\nb",
+            "\x1b[31mred",
+            "-rf",
+            "tab\t",
+            "del\x7f",
+            "c1\u{9b}2J",
+        ] {
+            assert!(Name::new(bad).is_ok(), "{bad:?} still refers to a device");
+            assert!(
+                matches!(Name::fresh(bad), Err(Error::InvalidName { .. })),
+                "{bad:?}"
+            );
+        }
+        assert!(Name::fresh("a-b c").is_ok());
+        let long = "y".repeat(65536);
+        let e = Name::new(&long).unwrap_err().to_string();
+        assert!(e.len() < 200, "{e}");
+        assert!(e.contains("(65536 bytes)"), "{e}");
+    }
+
+    #[test]
+    fn names_escape() {
+        assert_eq!(escape("base"), "base");
+        assert_eq!(escape("é ü"), "é ü");
+        assert_eq!(escape("a\nb"), "a\\nb");
+        assert_eq!(escape("\x1b[2J"), "\\x1b[2J");
+        assert_eq!(escape(" "), "\\x20");
+        assert_eq!(escape(" a b "), "\\x20a b\\x20");
+        assert_eq!(escape("a\\b"), "a\\\\b");
+        assert_eq!(escape("x\u{202e}y"), "x\\u{202e}y");
+        assert_eq!(escape("\u{85}"), "\\u{0085}");
+    }
+
+    #[test]
+    fn sizes_print_exactly() {
+        assert_eq!(Bytes(16 << 20).human(), "16M");
+        assert_eq!(Bytes(16777217).human(), "16777217");
+        assert_eq!(Bytes(1536 << 20).human(), "1536M");
+        assert_eq!(Bytes(0).human(), "0");
+        assert_eq!(Bytes((16 << 20) + 4096).human(), "16388K");
+        for v in [1u64, 4095, 16777217, 1 << 40, 3 << 30] {
+            assert_eq!(Bytes::parse(&Bytes(v).human()).unwrap().0, v);
+        }
+        assert_eq!(Bytes(16777217).approx(), "16.0M");
     }
 
     #[test]

@@ -153,6 +153,9 @@ pub struct TestMount {
     pub state: PathBuf,
     child: Option<std::process::Child>,
     extra: Vec<String>,
+    /// Command that runs the daemon (e.g. `prlimit --nofile=1024:65536`);
+    /// it must exec the daemon (same pid). Empty: run it directly.
+    pub wrapper: Vec<String>,
 }
 
 pub fn thinfs_bin() -> PathBuf {
@@ -165,6 +168,11 @@ impl TestMount {
     }
 
     pub fn start_with(tag: &str, extra: &[&str]) -> TestMount {
+        Self::start_wrapped(tag, &[], extra)
+    }
+
+    /// Start the daemon through `wrapper` (a command that execs it).
+    pub fn start_wrapped(tag: &str, wrapper: &[&str], extra: &[&str]) -> TestMount {
         let scratch = Scratch::new(tag);
         let mnt = scratch.path().join("mnt");
         let state = scratch.path().join("state");
@@ -174,6 +182,7 @@ impl TestMount {
             state,
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
         };
         m.spawn();
         m
@@ -190,7 +199,15 @@ impl TestMount {
             .append(true)
             .open(self.log_path())
             .expect("log file");
-        let child = std::process::Command::new(thinfs_bin())
+        let mut cmd = match self.wrapper.split_first() {
+            Some((w, rest)) => {
+                let mut c = std::process::Command::new(w);
+                c.args(rest).arg(thinfs_bin());
+                c
+            }
+            None => std::process::Command::new(thinfs_bin()),
+        };
+        let child = cmd
             .arg("mount")
             .arg("--state")
             .arg(&self.state)

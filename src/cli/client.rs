@@ -16,12 +16,15 @@ pub fn call(socket: &Path, op: Op) -> Result<serde_json::Value> {
         .map_err(|e| Error::Corrupt(e.to_string()))?;
     line.push(b'\n');
     let mut w = s.try_clone().map_err(|e| Error::io("control socket", e))?;
-    w.write_all(&line)
-        .map_err(|e| Error::io("send request", e))?;
+    // A daemon that refuses the connection (too many of this user's) has
+    // answered and closed before reading: its answer is still to be read.
+    let sent = w.write_all(&line);
     let mut resp = String::new();
-    BufReader::new(s)
-        .read_line(&mut resp)
-        .map_err(|e| Error::io("read answer", e))?;
+    let read = BufReader::new(s).read_line(&mut resp);
+    if resp.is_empty() {
+        sent.map_err(|e| Error::io("send request", e))?;
+    }
+    read.map_err(|e| Error::io("read answer", e))?;
     if resp.is_empty() {
         return Err(Error::NotRunning {
             socket: socket.display().to_string(),

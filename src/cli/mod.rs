@@ -281,7 +281,8 @@ pub fn main() -> i32 {
     match run(cli) {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("thinfs: {e}");
+            // Messages may quote names that other users chose.
+            eprintln!("thinfs: {}", crate::types::escape(&e.to_string()));
             1
         }
     }

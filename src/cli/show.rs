@@ -1,8 +1,9 @@
 //! Human output of inspection verbs (`--json` prints the daemon's data).
+//! Every name, label and message is printed escaped ([`escape`]).
 
 use crate::engine::{DeviceInfo, PoolInfo};
 use crate::error::{Error, Result};
-use crate::types::Bytes;
+use crate::types::{Bytes, escape};
 use serde_json::Value;
 use std::collections::BTreeMap;
 
@@ -26,7 +27,18 @@ fn devices(v: Value) -> Result<Vec<DeviceInfo>> {
     serde_json::from_value(v).map_err(|e| Error::Corrupt(format!("device list: {e}")))
 }
 
+fn name_of(d: &DeviceInfo) -> String {
+    escape(&d.full_name).into_owned()
+}
+
+/// A field of a device as printed: anything that comes from a user (names,
+/// labels, error text) escaped, so a name cannot forge a line or send a
+/// terminal escape.
 fn field(d: &DeviceInfo, f: &str) -> String {
+    escape(&raw_field(d, f)).into_owned()
+}
+
+fn raw_field(d: &DeviceInfo, f: &str) -> String {
     let r = &d.record;
     match f {
         "name" => d.full_name.clone(),
@@ -39,11 +51,11 @@ fn field(d: &DeviceInfo, f: &str) -> String {
         "size" => r.size.human(),
         "used" => d
             .usage
-            .map(|u| Bytes(u.mapped).human())
+            .map(|u| Bytes(u.mapped).approx())
             .unwrap_or_else(|| "-".into()),
         "exclusive" => d
             .usage
-            .map(|u| Bytes(u.exclusive).human())
+            .map(|u| Bytes(u.exclusive).approx())
             .unwrap_or_else(|| "-".into()),
         "parent" => d.parent_name.clone().unwrap_or_else(|| "-".into()),
         "id" => r.id.to_string(),
@@ -55,7 +67,7 @@ fn field(d: &DeviceInfo, f: &str) -> String {
             } else {
                 r.labels
                     .iter()
-                    .map(|(k, v)| format!("{k}={v}"))
+                    .map(|(k, v)| format!("{}={}", escape(k), escape(v)))
                     .collect::<Vec<_>>()
                     .join(",")
             }
@@ -85,7 +97,7 @@ pub fn list(v: Value, fields: &[String], header: bool) -> Result<String> {
         .collect();
     for r in &rows {
         for (i, c) in r.iter().enumerate() {
-            widths[i] = widths[i].max(c.len());
+            widths[i] = widths[i].max(c.chars().count());
         }
     }
     let mut out = String::new();
@@ -135,9 +147,10 @@ pub fn tree(v: Value, dot: bool) -> Result<String> {
             } else {
                 "box"
             };
+            let label = name_of(d).replace('\\', "\\\\").replace('"', "\\\"");
             out.push_str(&format!(
-                "  d{} [label={:?}, shape={shape}];\n",
-                d.record.id, d.full_name
+                "  d{} [label=\"{label}\", shape={shape}];\n",
+                d.record.id
             ));
         }
         for d in &devs {
@@ -148,23 +161,29 @@ pub fn tree(v: Value, dot: bool) -> Result<String> {
         out.push_str("}\n");
         return Ok(out);
     }
+    // An explicit stack, not recursion: a clone chain can be thousands deep.
     let mut out = String::new();
-    fn walk(
-        d: &DeviceInfo,
-        depth: usize,
-        kids: &BTreeMap<Option<u32>, Vec<&DeviceInfo>>,
-        out: &mut String,
-    ) {
-        let kind = field(d, "type");
-        out.push_str(&format!("{}{} ({kind})\n", "  ".repeat(depth), d.full_name));
-        for k in kids.get(&Some(d.record.id.get())).into_iter().flatten() {
-            walk(k, depth + 1, kids, out);
+    let mut roots: Vec<&DeviceInfo> = kids.get(&None).into_iter().flatten().copied().collect();
+    roots.sort_by(|a, b| b.full_name.cmp(&a.full_name));
+    let mut stack: Vec<(&DeviceInfo, usize)> = roots.into_iter().map(|r| (r, 0)).collect();
+    let mut seen = std::collections::HashSet::new();
+    while let Some((d, depth)) = stack.pop() {
+        if !seen.insert(d.record.id) {
+            continue;
         }
-    }
-    let mut roots: Vec<&&DeviceInfo> = kids.get(&None).into_iter().flatten().collect();
-    roots.sort_by(|a, b| a.full_name.cmp(&b.full_name));
-    for r in roots {
-        walk(r, 0, &kids, &mut out);
+        out.push_str(&DeviceInfo::tree_line(
+            depth,
+            &name_of(d),
+            &field(d, "type"),
+        ));
+        for k in kids
+            .get(&Some(d.record.id.get()))
+            .into_iter()
+            .flatten()
+            .rev()
+        {
+            stack.push((k, depth + 1));
+        }
     }
     Ok(out)
 }
@@ -196,7 +215,11 @@ pub fn info(v: Value) -> Result<String> {
         if d.children.is_empty() {
             "-".into()
         } else {
-            d.children.join(", ")
+            d.children
+                .iter()
+                .map(|c| escape(c))
+                .collect::<Vec<_>>()
+                .join(", ")
         }
     ));
     Ok(out)
@@ -216,9 +239,9 @@ pub fn usage(v: Value) -> Result<String> {
         .fold((0, 0), |(a, b), u| (a + u.exclusive, b + u.mapped));
     out.push_str(&format!(
         "total: {} exclusive, {} mapped ({} shared between devices)\n",
-        Bytes(ex),
-        Bytes(mapped),
-        Bytes(mapped.saturating_sub(ex))
+        Bytes(ex).approx(),
+        Bytes(mapped).approx(),
+        Bytes(mapped.saturating_sub(ex)).approx()
     ));
     Ok(out)
 }
@@ -230,10 +253,10 @@ pub fn pool(v: Value) -> Result<String> {
     Ok(format!(
         "backend         {}\nlayout          {}\ndata used       {} of {} ({} free)\nreserve         {}\ndevices         {}\ntransaction id  {}\n",
         p.status.backend,
-        p.status.detail,
-        Bytes(p.status.used),
+        escape(&p.status.detail),
+        Bytes(p.status.used).approx(),
         Bytes(p.status.total),
-        Bytes(p.status.available),
+        Bytes(p.status.available).approx(),
         Bytes(p.reserve),
         p.devices,
         p.transaction_id

@@ -1,18 +1,20 @@
-//! The control socket: accepts connections, reads the peer's credentials
-//! (SO_PEERCRED), decodes requests, calls the filesystem core, answers.
-//! A malformed request gets an error answer; the server keeps serving.
+//! The control socket's requests: binds the socket, reads one request line
+//! of a connection, decodes it, calls the filesystem core as the peer
+//! (credentials and groups taken at connect), answers. A malformed request
+//! gets an error answer, and one log line with the input cut. Connections
+//! and threads are the business of [`super::server`].
 
 use super::proto::{Op, Request, Response, VERSION};
 use crate::engine::Target;
 use crate::error::{Error, IoContext, Result};
 use crate::fuse::{Caller, Core};
-use crate::sys::socket;
-use crate::types::{Bytes, Name};
-use std::io::{BufRead, BufReader, Read, Write};
+use crate::lograte;
+use crate::types::{Bytes, MAX_SHOWN, Name, cut, escape};
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Longest request line accepted.
 const MAX_LINE: u64 = 64 * 1024;
@@ -39,89 +41,152 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
     Ok(l)
 }
 
-/// Serve connections forever (one thread per connection).
-pub fn serve(l: UnixListener, core: Arc<Core>) {
-    for conn in l.incoming() {
-        match conn {
-            Ok(s) => {
-                let core = core.clone();
-                let _ = std::thread::Builder::new()
-                    .name("control".into())
-                    .spawn(move || connection(s, &core));
+/// One client connection: its stream, who is at the other end (taken at
+/// connect), bytes read past the last request line, and when it last did
+/// something.
+pub struct Conn {
+    pub(super) stream: UnixStream,
+    pub(super) who: Caller,
+    buf: Vec<u8>,
+    pub(super) since: Instant,
+}
+
+impl Conn {
+    pub(super) fn new(stream: UnixStream, who: Caller) -> Conn {
+        Conn {
+            stream,
+            who,
+            buf: Vec::new(),
+            since: Instant::now(),
+        }
+    }
+
+    /// Is a whole request line already read?
+    pub(super) fn has_line(&self) -> bool {
+        self.buf.contains(&b'\n')
+    }
+
+    /// Read until a whole line is buffered, for at most `limit`.
+    /// `Ok(None)`: the peer closed the connection.
+    fn read_line(&mut self, limit: Duration) -> Result<Option<Vec<u8>>> {
+        let deadline = Instant::now() + limit;
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                let rest = self.buf.split_off(i + 1);
+                return Ok(Some(std::mem::replace(&mut self.buf, rest)));
             }
-            Err(e) => log::warn!("control socket accept: {e}"),
+            if self.buf.len() as u64 >= MAX_LINE {
+                return Err(Error::Invalid("request longer than 64 KiB".into()));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Invalid(format!(
+                    "request not complete within {} s",
+                    limit.as_secs()
+                )));
+            }
+            self.stream
+                .set_read_timeout(Some(left))
+                .ctx(|| "control socket timeout".into())?;
+            match self.stream.read(&mut chunk) {
+                Ok(0) if self.buf.is_empty() => return Ok(None),
+                Ok(0) => return Err(Error::Invalid("request line without its end".into())),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => return Err(Error::io("read request", e)),
+            }
         }
     }
 }
 
-fn connection(s: UnixStream, core: &Core) {
-    let who = match socket::peer_cred(&s) {
-        Ok((pid, uid, gid)) => Caller {
-            uid,
-            gid,
-            pid,
-            groups: None,
-        },
+/// Log a line about a request of `who`, within its uid's rate limit.
+fn log_limited(level: log::Level, who: &Caller, msg: std::fmt::Arguments<'_>) {
+    if let Some(d) = lograte::CONTROL.allow(u64::from(who.uid)) {
+        log::log!(
+            level,
+            "control: uid {}: {msg}{}",
+            who.uid,
+            lograte::dropped_note(d)
+        );
+    }
+}
+
+/// Serve one request of `c` (reading it within `limit`). Returns whether
+/// the connection stays open.
+pub fn serve_one(core: &Core, c: &mut Conn, limit: Duration) -> bool {
+    let line = match c.read_line(limit) {
+        Ok(Some(l)) => l,
+        Ok(None) => return false,
         Err(e) => {
-            log::warn!("control socket: cannot read peer credentials: {e}");
-            return;
+            log_limited(
+                log::Level::Warn,
+                &c.who,
+                format_args!("{}", shown(&e.to_string())),
+            );
+            let _ = send(&mut c.stream, Err(e), limit);
+            return false;
         }
     };
-    let Ok(mut out) = s.try_clone() else { return };
-    let mut rd = BufReader::new(s);
-    loop {
-        let mut line = String::new();
-        match std::io::Read::by_ref(&mut rd)
-            .take(MAX_LINE)
-            .read_line(&mut line)
-        {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e) => {
-                let _ = reply(
-                    &mut out,
-                    Err(Error::Invalid(format!("unreadable request: {e}"))),
-                );
-                return;
-            }
-        }
-        if !line.ends_with('\n') && line.len() as u64 >= MAX_LINE {
-            let _ = reply(
-                &mut out,
-                Err(Error::Invalid("request longer than 64 KiB".into())),
-            );
-            return;
-        }
-        if line.trim().is_empty() {
-            continue;
-        }
-        let res = match serde_json::from_str::<Request>(&line) {
-            Ok(req) if req.v != VERSION => Err(Error::Invalid(format!(
-                "protocol version {} not supported (daemon speaks {VERSION})",
-                req.v
-            ))),
-            Ok(req) => {
-                let r = handle(core, &who, &req.op);
-                if req.op.is_change() {
-                    match &r {
-                        Ok(_) => log::info!("control: uid {} {:?}: ok", who.uid, req.op),
-                        Err(e) => log::warn!("control: uid {} {:?}: {e}", who.uid, req.op),
-                    }
-                }
-                r
-            }
-            Err(e) => {
-                log::warn!("control: malformed request from uid {}: {e}", who.uid);
-                Err(Error::Invalid(format!("malformed request: {e}")))
-            }
-        };
-        if reply(&mut out, res).is_err() {
-            return;
-        }
+    let line = String::from_utf8_lossy(&line);
+    if line.trim().is_empty() {
+        return true;
     }
+    let res = match serde_json::from_str::<Request>(&line) {
+        Ok(req) if req.v != VERSION => Err(Error::Invalid(format!(
+            "protocol version {} not supported (daemon speaks {VERSION})",
+            req.v
+        ))),
+        Ok(req) => {
+            let r = handle(core, &c.who, &req.op);
+            match &r {
+                Ok(_) if req.op.is_change() => log_limited(
+                    log::Level::Info,
+                    &c.who,
+                    format_args!("{}: ok", req.op.summary()),
+                ),
+                Ok(_) => {}
+                Err(e) => log_limited(
+                    if req.op.is_change() || e.errno() == libc::EINVAL {
+                        log::Level::Warn
+                    } else {
+                        log::Level::Debug
+                    },
+                    &c.who,
+                    format_args!("{}: {}", req.op.summary(), shown(&e.to_string())),
+                ),
+            }
+            r
+        }
+        Err(e) => {
+            let e = Error::Invalid(format!(
+                "malformed request: {}",
+                cut(&e.to_string(), MAX_SHOWN * 2)
+            ));
+            log_limited(
+                log::Level::Warn,
+                &c.who,
+                format_args!("{}", shown(&e.to_string())),
+            );
+            Err(e)
+        }
+    };
+    c.since = Instant::now();
+    send(&mut c.stream, res, limit).is_ok()
 }
 
-fn reply(out: &mut UnixStream, r: Result<serde_json::Value>) -> std::io::Result<()> {
+/// Error text as logged: cut, and escaped to one line.
+fn shown(s: &str) -> String {
+    escape(&cut(s, 3 * MAX_SHOWN)).into_owned()
+}
+
+/// The answer line for `r`.
+pub fn answer(r: Result<serde_json::Value>) -> Vec<u8> {
     let resp = match r {
         Ok(data) => Response {
             v: VERSION,
@@ -140,15 +205,30 @@ fn reply(out: &mut UnixStream, r: Result<serde_json::Value>) -> std::io::Result<
     };
     let mut line = serde_json::to_vec(&resp).unwrap_or_default();
     line.push(b'\n');
-    out.write_all(&line)
+    line
+}
+
+fn send(
+    out: &mut UnixStream,
+    r: Result<serde_json::Value>,
+    limit: Duration,
+) -> std::io::Result<()> {
+    out.set_write_timeout(Some(limit))?;
+    out.write_all(&answer(r))
 }
 
 fn to_json<T: serde::Serialize>(v: T) -> Result<serde_json::Value> {
     serde_json::to_value(v).map_err(|e| Error::Corrupt(format!("encode: {e}")))
 }
 
-/// Parse `NAME@NEW` / `NEW` as the new name of a rename of `from`.
+/// Parse `NAME@NEW` / `NEW` as the new name of a rename of `from` (a new
+/// name: see [`Name::fresh`]).
 fn new_name(from: &Target, to: &str) -> Result<Name> {
+    let n = new_name_any(from, to)?;
+    Name::fresh(n.as_str())
+}
+
+fn new_name_any(from: &Target, to: &str) -> Result<Name> {
     match (&from.snap, Target::parse(to)?) {
         (
             Some(_),
@@ -181,24 +261,30 @@ fn handle(core: &Core, who: &Caller, op: &Op) -> Result<serde_json::Value> {
                     )));
                 }
             };
-            let v: Vec<_> = e
-                .list_info(true)?
-                .into_iter()
+            let all = core.devices_with_usage()?;
+            let v: Vec<_> = all
+                .iter()
                 .filter(|d| want.is_none_or(|k| d.record.kind == k))
                 .collect();
             to_json(v)
         }
         Op::Tree => to_json(e.list_info(false)?),
         Op::Info { target } => to_json(e.info(&e.resolve(&Target::parse(target)?)?, true)?),
-        Op::Usage => to_json(e.list_info(true)?),
+        Op::Usage => to_json(&*core.devices_with_usage()?),
         Op::Pool => to_json(e.pool_info()?),
         Op::Create { name, size } => {
             let size = size.as_deref().map(Bytes::parse).transpose()?;
-            to_json(core.admin_create(who, &Name::new(name)?, size)?)
+            to_json(core.admin_create(who, &Name::fresh(name)?, size)?)
         }
-        Op::Snapshot { target } => to_json(core.admin_snapshot(who, &Target::parse(target)?)?),
+        Op::Snapshot { target } => {
+            let t = Target::parse(target)?;
+            if let Some(snap) = &t.snap {
+                Name::fresh(snap.as_str())?;
+            }
+            to_json(core.admin_snapshot(who, &t)?)
+        }
         Op::Clone { source, name } => {
-            to_json(core.admin_clone(who, &Target::parse(source)?, &Name::new(name)?)?)
+            to_json(core.admin_clone(who, &Target::parse(source)?, &Name::fresh(name)?)?)
         }
         Op::Rollback {
             target,

@@ -4,11 +4,12 @@
 
 pub mod control;
 pub mod proto;
+pub mod server;
 
 use crate::engine::{Engine, PoolOptions};
 use crate::error::{Error, IoContext, Result};
 use crate::fuse::{FuseOptions, ThinFs};
-use crate::sys::{creds, mount, signals};
+use crate::sys::{creds, mount, process, signals};
 use fuser::{Config, MountOption, SessionACL};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -66,6 +67,11 @@ pub fn run(cfg: &MountConfig, ready: impl FnOnce()) -> Result<()> {
     std::fs::create_dir_all(&cfg.mountpoint)
         .ctx(|| format!("create mount point {}", cfg.mountpoint.display()))?;
     signals::block_stop_signals().ctx(|| "block signals".into())?;
+    match process::raise_nofile() {
+        Ok((old, new)) if old != new => log::info!("open files limit raised from {old} to {new}"),
+        Ok((_, n)) => log::info!("open files limit {n} (the hard limit)"),
+        Err(e) => log::warn!("cannot raise the open files limit: {e}"),
+    }
     creds::drop_supplementary_groups().ctx(|| "drop supplementary groups".into())?;
     let engine = Arc::new(Engine::open_pool(&cfg.pool)?);
     let listener = control::bind(&cfg.socket)?;
@@ -88,7 +94,7 @@ pub fn run(cfg: &MountConfig, ready: impl FnOnce()) -> Result<()> {
     let ctl_core = core.clone();
     std::thread::Builder::new()
         .name("control".into())
-        .spawn(move || control::serve(listener, ctl_core))
+        .spawn(move || server::serve(listener, ctl_core, server::Limits::default()))
         .ctx(|| "start control socket thread".into())?;
     let mp = cfg.mountpoint.clone();
     std::thread::Builder::new()

@@ -107,6 +107,25 @@ pub enum Op {
 }
 
 impl Op {
+    /// The operation for a log line: every string cut to a few dozen bytes
+    /// and escaped, so that a 64 KiB name costs one short line.
+    pub fn summary(&self) -> String {
+        fn shorten(v: &mut serde_json::Value) {
+            match v {
+                serde_json::Value::String(s) => {
+                    *s = crate::types::escape(&crate::types::cut(s, crate::types::MAX_SHOWN))
+                        .into_owned()
+                }
+                serde_json::Value::Object(m) => m.values_mut().for_each(shorten),
+                serde_json::Value::Array(a) => a.iter_mut().for_each(shorten),
+                _ => {}
+            }
+        }
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        shorten(&mut v);
+        v.to_string()
+    }
+
     /// Does this operation change anything?
     pub fn is_change(&self) -> bool {
         !matches!(

@@ -4,7 +4,9 @@ use super::Engine;
 use crate::backend::{PoolStatus, Usage};
 use crate::error::Result;
 use crate::meta::{DeviceKind, DeviceRecord};
+use crate::types::{MAX_SHOWN, cut, escape};
 use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
 
 /// Everything known about one device.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -36,6 +38,25 @@ pub struct PoolInfo {
     pub devices: usize,
     /// Pool transaction id.
     pub transaction_id: u64,
+}
+
+/// Indentation shown at most in a text tree; deeper lines say their depth.
+pub const MAX_INDENT: usize = 64;
+
+impl DeviceInfo {
+    /// One line of a text tree (`.thinfs/tree`, `thinfs tree`): two spaces
+    /// per level up to [`MAX_INDENT`] levels, then `[depth N] ` (a deep
+    /// chain would otherwise cost a quadratic amount of spaces).
+    pub fn tree_line(depth: usize, name: &str, tag: &str) -> String {
+        if depth <= MAX_INDENT {
+            format!("{}{name} ({tag})\n", "  ".repeat(depth))
+        } else {
+            format!(
+                "{}[depth {depth}] {name} ({tag})\n",
+                "  ".repeat(MAX_INDENT)
+            )
+        }
+    }
 }
 
 impl Engine {
@@ -87,42 +108,47 @@ impl Engine {
         Ok(v)
     }
 
-    /// The graph as an indented text tree (roots are images without parent).
+    /// `image` or `image@snap` for a log line: escaped and cut, so that no
+    /// name can forge a log line or make it long.
+    pub fn log_name(&self, r: &DeviceRecord) -> String {
+        escape(&cut(&self.full_name(r), MAX_SHOWN)).into_owned()
+    }
+
+    /// The graph as an indented text tree (roots are images without parent),
+    /// names escaped. Walked with an explicit stack, not recursion: a clone
+    /// chain can be thousands of levels deep.
     pub fn tree_text(&self) -> Result<String> {
         let all = self.meta.list()?;
         let mut out = String::new();
-        let mut roots: Vec<_> = all.iter().filter(|r| r.parent.is_none()).collect();
-        roots.sort_by(|a, b| a.name.cmp(&b.name));
-        for r in roots {
-            self.tree_node(r, 0, &mut out)?;
+        let mut roots: Vec<_> = all.iter().filter(|r| r.parent.is_none()).cloned().collect();
+        roots.sort_by(|a, b| b.name.cmp(&a.name));
+        let mut stack: Vec<(DeviceRecord, usize)> = roots.into_iter().map(|r| (r, 0)).collect();
+        let mut seen = HashSet::new();
+        while let Some((r, depth)) = stack.pop() {
+            if !seen.insert(r.id) {
+                continue;
+            }
+            let tag = match r.kind {
+                DeviceKind::Image if r.parent.is_some() => "clone",
+                DeviceKind::Image => "image",
+                DeviceKind::Snapshot => "snapshot",
+            };
+            let tag = format!("{tag}, id {}, {:?}", r.id, r.state);
+            out.push_str(&DeviceInfo::tree_line(
+                depth,
+                &escape(&self.full_name(&r)),
+                &tag,
+            ));
+            let mut kids: Vec<_> = self
+                .meta
+                .children(r.id)?
+                .into_iter()
+                .filter_map(|c| self.meta.get(c).ok().flatten())
+                .collect();
+            kids.sort_by_key(|k| (k.kind == DeviceKind::Image, k.seq));
+            stack.extend(kids.into_iter().rev().map(|k| (k, depth + 1)));
         }
         Ok(out)
-    }
-
-    fn tree_node(&self, r: &DeviceRecord, depth: usize, out: &mut String) -> Result<()> {
-        let tag = match r.kind {
-            DeviceKind::Image if r.parent.is_some() => "clone",
-            DeviceKind::Image => "image",
-            DeviceKind::Snapshot => "snapshot",
-        };
-        out.push_str(&format!(
-            "{}{} ({tag}, id {}, {:?})\n",
-            "  ".repeat(depth),
-            self.full_name(r),
-            r.id,
-            r.state
-        ));
-        let mut kids: Vec<_> = self
-            .meta
-            .children(r.id)?
-            .into_iter()
-            .filter_map(|c| self.meta.get(c).ok().flatten())
-            .collect();
-        kids.sort_by_key(|k| (k.kind == DeviceKind::Image, k.seq));
-        for k in kids {
-            self.tree_node(&k, depth + 1, out)?;
-        }
-        Ok(())
     }
 
     /// Pool status.

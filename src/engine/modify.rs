@@ -182,7 +182,7 @@ impl Engine {
         let mut rec = rec.clone();
         rec.size = size;
         self.meta.txn(|t| t.put(&rec))?;
-        log::info!("resized {} to {size}", self.full_name(&rec));
+        log::info!("resized {} to {size}", self.log_name(&rec));
         Ok(())
     }
 

@@ -349,7 +349,7 @@ impl Engine {
         m.touch();
         log::info!(
             "mounted {} (id {}, dev {}, {})",
-            self.full_name(&r),
+            self.log_name(&r),
             r.id,
             r.dev,
             if ro { "ro" } else { "rw" }
@@ -497,7 +497,7 @@ impl Engine {
                     Err((open, pids)) => {
                         return Err(Error::Busy(busy_message(
                             what,
-                            &self.full_name(r),
+                            &self.log_name(r),
                             open,
                             &pids,
                         )));

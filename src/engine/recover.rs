@@ -23,7 +23,7 @@ impl Engine {
                 DeviceState::Creating => {
                     log::warn!(
                         "recovery: {} was being created; removing it",
-                        rec.display_name()
+                        self.log_name(&rec)
                     );
                     self.meta.txn(|t| {
                         t.remove(rec.id)?;
@@ -51,7 +51,7 @@ impl Engine {
                 DeviceState::Ready => {
                     if !self.backend.exists(rec.dev)? {
                         let why = format!("backend device {} is missing", rec.dev);
-                        log::error!("recovery: {} is faulty: {why}", rec.display_name());
+                        log::error!("recovery: {} is faulty: {why}", self.log_name(&rec));
                         let mut r = rec.clone();
                         r.state = DeviceState::Faulty;
                         r.error = Some(why);

@@ -48,7 +48,7 @@ impl Engine {
     /// Destroy one device by id (an image must have no snapshots left).
     pub fn destroy_id(&self, id: DeviceId) -> Result<()> {
         let rec = self.record(id)?;
-        let what = format!("destroy {}", self.full_name(&rec));
+        let what = format!("destroy {}", self.log_name(&rec));
         self.with_offline(&[rec], &what, |off| self.destroy_offline(id, off))
     }
 
@@ -137,7 +137,7 @@ impl Engine {
             .into_iter()
             .filter_map(|c| self.meta.get(c).ok().flatten())
             .collect();
-        let name = self.full_name(&rec);
+        let name = self.log_name(&rec);
         self.meta.txn(|t| {
             t.remove(id)?;
             for c in &children {

@@ -148,6 +148,7 @@ pub struct Core {
     passthrough: AtomicBool,
     stats: Arc<Stats>,
     notifier: std::sync::OnceLock<fuser::Notifier>,
+    scans: control::Scans,
 }
 
 impl ThinFs {
@@ -177,6 +178,7 @@ impl Core {
             passthrough: AtomicBool::new(false),
             stats: Arc::new(Stats::default()),
             notifier: std::sync::OnceLock::new(),
+            scans: control::Scans::default(),
         }
     }
 

@@ -25,7 +25,7 @@ impl Core {
     /// Names looked up in virtual directories must be valid names; anything
     /// else simply does not exist.
     fn lookup_name(name: &OsStr) -> Result<Name> {
-        Name::from_os(name).map_err(|_| enoent(format!("{name:?}")))
+        Name::lookup_os(name).map_err(|_| enoent(format!("{name:?}")))
     }
 
     /// Only root and members of the admin group may change the namespace.
@@ -147,7 +147,7 @@ impl Core {
             }
             Node::Control | Node::InfoDir => attr::virtual_attr(i.ino, true, 0, self.started),
             Node::ControlFile(f) => {
-                let len = self.control_content(*f)?.len() as u64;
+                let len = self.control_len(*f)?;
                 attr::virtual_attr(i.ino, false, len, self.started)
             }
             Node::Real(_) | Node::Evicted(_) => {

@@ -37,8 +37,14 @@ fn errno(op: &str, ino: u64, e: &Error) -> Errno {
     );
     if quiet {
         log::debug!("{op} (inode {ino:#x}): {e}");
-    } else {
-        log::warn!("{op} (inode {ino:#x}) failed, errno {n}: {e}");
+    } else if let Some(dropped) = crate::lograte::FUSE.allow(crate::lograte::key_of(op)) {
+        // Any user can make requests fail: at most a few lines a second
+        // per request kind, with the error text cut.
+        log::warn!(
+            "{op} (inode {ino:#x}) failed, errno {n}: {}{}",
+            crate::types::escape(&crate::types::cut(&e.to_string(), 300)),
+            crate::lograte::dropped_note(dropped)
+        );
     }
     Errno::from_i32(n)
 }

@@ -106,7 +106,11 @@ impl Txn<'_> {
         if let Some(owner) = self.names.get(&nk)?
             && owner.as_ref() != rec.id.key()
         {
-            return abort(Error::AlreadyExists(rec.display_name()));
+            let image = match rec.image_of() {
+                Some(i) => self.get(i)?,
+                None => None,
+            };
+            return abort(Error::AlreadyExists(rec.display_name_in(image.as_ref())));
         }
         if let Some(o) = &old {
             let ok = rec_name_key(o);

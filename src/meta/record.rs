@@ -45,12 +45,24 @@ pub struct DeviceRecord {
 }
 
 impl DeviceRecord {
-    /// Name for messages: `image` or `image@snap` is not known here, so the
-    /// snapshot form is `#parent@snap`.
-    pub fn display_name(&self) -> String {
-        match (self.kind, self.parent) {
-            (DeviceKind::Snapshot, Some(p)) => format!("#{p}@{}", self.name),
+    /// Name for messages, escaped: `image@snap` for a snapshot whose image
+    /// record `image` the caller looked up, else the plain name (or
+    /// `?@snap` when the image is unknown). Engine code has
+    /// `Engine::log_name`, which looks the image up itself.
+    pub fn display_name_in(&self, image: Option<&DeviceRecord>) -> String {
+        let n = match (self.kind, image) {
+            (DeviceKind::Snapshot, Some(i)) => format!("{}@{}", i.name, self.name),
+            (DeviceKind::Snapshot, None) => format!("?@{}", self.name),
             _ => self.name.to_string(),
+        };
+        crate::types::escape(&n).into_owned()
+    }
+
+    /// The image record of a snapshot is needed for [`Self::display_name_in`].
+    pub fn image_of(&self) -> Option<DeviceId> {
+        match self.kind {
+            DeviceKind::Snapshot => self.parent,
+            DeviceKind::Image => None,
         }
     }
 }

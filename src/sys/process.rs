@@ -1,5 +1,6 @@
 //! Process helpers for `thinfs mount --daemon`: a pipe whose write end a
-//! child inherits (to say "ready"), and leaving the controlling terminal.
+//! child inherits (to say "ready"), leaving the controlling terminal, and
+//! the open-files limit of the daemon.
 
 use super::cvt;
 use std::fs::File;
@@ -45,4 +46,24 @@ pub fn tgid_of(tid: u32) -> Option<u32> {
     s.lines()
         .find_map(|l| l.strip_prefix("Tgid:"))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// Raise the soft limit of open files (RLIMIT_NOFILE) to the hard limit.
+/// Returns (old soft, new soft). A daemon that serves every user of the
+/// machine must not live with the 1024 it inherits from a shell or systemd.
+pub fn raise_nofile() -> io::Result<(u64, u64)> {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: l is a valid out-parameter.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) })?;
+    let old = l.rlim_cur;
+    if l.rlim_cur < l.rlim_max {
+        l.rlim_cur = l.rlim_max;
+        // SAFETY: l is a valid rlimit; raising the soft limit up to the hard
+        // one needs no privilege.
+        cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &l) })?;
+    }
+    Ok((old, l.rlim_cur))
 }
