@@ -15,21 +15,29 @@ use crate::types::{Bytes, Name};
 
 impl Engine {
     /// Rename an image, or a snapshot within its image.
+    /// The layers above are told to forget the old name (after the lock is
+    /// released).
     pub fn rename(&self, target: &Target, new: &Name) -> Result<()> {
         let rec = self.resolve(target)?;
-        let lock = self.lock_of(rec.id);
-        let _g = lock.lock();
-        let mut rec = self.record(rec.id)?;
-        if rec.name == *new {
-            return Ok(());
+        let before = super::DeviceEntry::from(&rec);
+        {
+            let lock = self.lock_of(rec.id);
+            let _g = lock.lock();
+            let mut rec = self.record(rec.id)?;
+            if rec.name == *new {
+                return Ok(());
+            }
+            let old = self.log_name(&rec);
+            rec.name = new.clone();
+            self.meta.txn(|t| t.put(&rec)).map_err(|e| match e {
+                Error::AlreadyExists(_) => {
+                    Error::AlreadyExists(format!("{new} (renaming {target})"))
+                }
+                e => e,
+            })?;
+            log::info!("renamed {old} to {} (id {})", self.log_name(&rec), rec.id);
         }
-        let old = rec.name.clone();
-        rec.name = new.clone();
-        self.meta.txn(|t| t.put(&rec)).map_err(|e| match e {
-            Error::AlreadyExists(_) => Error::AlreadyExists(format!("{new} (renaming {target})")),
-            e => e,
-        })?;
-        log::info!("renamed {old} to {new} (id {})", rec.id);
+        self.tell_holders(|h| h.invalidate(&before));
         Ok(())
     }
 

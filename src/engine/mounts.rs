@@ -564,6 +564,13 @@ impl Engine {
         Ok(DeviceEntry::from(&self.record(id)?))
     }
 
+    /// Call `f` on the holders above, if any.
+    pub(super) fn tell_holders(&self, f: impl FnOnce(&dyn Holders)) {
+        if let Some(h) = self.holders.read().as_ref().and_then(Weak::upgrade) {
+            f(h.as_ref());
+        }
+    }
+
     /// Install what holds devices above the engine (the FUSE layer).
     pub fn set_holders(&self, h: Weak<dyn Holders>) {
         *self.holders.write() = Some(h);

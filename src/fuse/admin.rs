@@ -152,12 +152,7 @@ impl Core {
     /// `thinfs rename OLD NEW` (an image, or `NAME@A NAME@B`/`NAME@A B`).
     pub fn admin_rename(&self, c: &Caller, t: &Target, new: &Name) -> Result<()> {
         self.require_admin(c, &format!("rename {t}"))?;
-        let r = self.engine.entry(self.engine.resolve(t)?.id)?;
-        self.engine.rename(t, new)?;
-        let (p, n) = self.entry_of_record(&r);
-        self.inval(p, &n);
-        self.inval(p, new.as_str());
-        Ok(())
+        self.engine.rename(t, new)
     }
 
     /// `thinfs resize NAME SIZE`: online where the kernel lets us (needs
