@@ -226,7 +226,7 @@ fn top_up(m: &TestMount, dirs: &[&Path], first_fid: u32) -> Fill {
             }
         }
         c += 1;
-        if refused == files.len() || c % 16 == 0 {
+        if refused == files.len() || c.is_multiple_of(16) {
             if state(m) == "full" {
                 break;
             }
