@@ -532,3 +532,52 @@ fn full_pool_gives_enospc_at_write_and_loses_nothing() {
 fn full_pool_with_snapshot_mid_fill() {
     full_pool("spacesnap", true);
 }
+
+fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// ext4 errors on an image (as a journal aborted by a failed write would
+/// leave) are logged at once and repaired by e2fsck -fy once the image is
+/// unmounted (here by idle expiry); the data stays.
+#[test]
+fn ext4_errors_are_logged_and_repaired_on_unmount() {
+    let m = TestMount::start_with("spacerepair", &["--idle-secs", "1"]);
+    std::fs::create_dir(m.path("r")).unwrap();
+    std::fs::write(m.path("r/x"), b"kept").unwrap();
+    let loops = image_loops(&m);
+    assert_eq!(loops.len(), 1, "{loops:?}");
+    let sysfs = PathBuf::from("/sys/fs/ext4").join(&loops[0]);
+    std::fs::write(sysfs.join("trigger_fs_error"), "thinfs test").unwrap();
+    assert_eq!(
+        std::fs::read_to_string(sysfs.join("errors_count"))
+            .unwrap()
+            .trim(),
+        "1"
+    );
+    wait_for("the error to be logged", 10, || {
+        m.log().contains("image r: ext4 reports 1 error(s)")
+    });
+    wait_for("the repair", 60, || {
+        m.log()
+            .contains("image r: repaired after ext4 errors: e2fsck -fy exit")
+    });
+    assert_eq!(std::fs::read(m.path("r/x")).unwrap(), b"kept");
+    let loops = image_loops(&m);
+    assert_eq!(loops.len(), 1, "{loops:?}");
+    let errors = std::fs::read_to_string(
+        PathBuf::from("/sys/fs/ext4")
+            .join(&loops[0])
+            .join("errors_count"),
+    )
+    .unwrap();
+    assert_eq!(
+        errors.trim(),
+        "0",
+        "remounted after the repair: no errors left"
+    );
+}

@@ -9,8 +9,11 @@
 //! with ENOSPC in `write()`, before anything reaches the block device), and
 //! lowers it again when the pool has room.
 //!
-//! It owns that sysfs knob, the pool's ok/low/full state and the log
-//! warnings at 80 %, 90 % and full. It reaches mounts only through the
+//! It owns that sysfs knob, the pool's ok/low/full state, the log
+//! warnings at 80 %, 90 % and full, and the repair of an image whose ext4
+//! reported errors (`errors_count` in sysfs, e.g. an aborted journal): it
+//! logs them at once and runs `e2fsck -fy` (the engine's `fsck`) as soon as
+//! the image is no longer mounted. It reaches mounts only through the
 //! engine's public API (`mounted_ids`, `mounted`) and never mounts,
 //! unmounts or writes into a filesystem.
 //!
@@ -32,7 +35,7 @@
 //! overwrites of data blocks shared with a snapshot (ext4 allocates nothing
 //! for them) beyond the margins.
 
-use super::Engine;
+use super::{Engine, Target};
 use crate::error::{IoContext, Result};
 use crate::meta::DeviceKind;
 use crate::types::{Bytes, DeviceId};
@@ -298,6 +301,7 @@ pub struct SpaceView {
 #[derive(Debug)]
 pub struct SpaceGuard {
     stop: Arc<AtomicBool>,
+    repairs: Arc<parking_lot::Mutex<HashMap<DeviceId, Repair>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -306,27 +310,41 @@ impl SpaceGuard {
     pub fn start(engine: Arc<Engine>) -> Result<SpaceGuard> {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
+        let repairs: Arc<parking_lot::Mutex<HashMap<DeviceId, Repair>>> = Arc::default();
+        let r = repairs.clone();
         let thread = std::thread::Builder::new()
             .name("space".into())
             .spawn(move || {
-                let mut w = Watcher::default();
+                let mut w = Watcher {
+                    repairs: r,
+                    ..Watcher::default()
+                };
                 while !s.load(Ordering::Relaxed) {
                     w.tick(&engine);
+                    w.repair_unmounted(&engine);
                     std::thread::sleep(TICK);
                 }
             })
             .ctx(|| "start the space guard thread".into())?;
         Ok(SpaceGuard {
             stop,
+            repairs,
             thread: Some(thread),
         })
     }
 
-    /// Stop the thread and wait for it.
+    /// Stop the thread and wait for it, and for repairs under way (up to
+    /// a minute).
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while self.repairs.lock().values().any(|r| *r == Repair::Running)
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 }
@@ -337,9 +355,19 @@ impl Drop for SpaceGuard {
     }
 }
 
+/// Repair of an image that reported ext4 errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Repair {
+    /// Waiting for the image to be unmounted.
+    Pending,
+    /// e2fsck is running (in its own thread).
+    Running,
+}
+
 #[derive(Debug, Default)]
 struct Watcher {
     tracked: HashMap<DeviceId, Tracked>,
+    repairs: Arc<parking_lot::Mutex<HashMap<DeviceId, Repair>>>,
     /// Highest warning given: 0 none, 80, 90, 100 (full).
     warned: u8,
 }
@@ -395,15 +423,76 @@ impl Watcher {
             t.last_used = s.used;
             if s.errors > 0 && !t.warned_errors {
                 t.warned_errors = true;
+                let name = engine
+                    .record(s.id)
+                    .map(|r| engine.full_name(&r))
+                    .unwrap_or_else(|_| format!("id {}", s.id));
                 log::error!(
-                    "image id {}: ext4 reports {} error(s) ({}); run `thinfs fsck` on it",
-                    s.id,
+                    "image {name}: ext4 reports {} error(s) ({}; a journal aborted by a failed write turns it read-only); it will be repaired (e2fsck -fy) when it is next unmounted",
                     s.errors,
                     t.sysfs.display()
                 );
+                self.repairs.lock().entry(s.id).or_insert(Repair::Pending);
             }
         }
         self.warn(&p, st.total, st.available);
+    }
+
+    /// Start `e2fsck -fy` on images that reported errors and are no longer
+    /// mounted, each in its own thread (the guard keeps ticking).
+    fn repair_unmounted(&mut self, engine: &Arc<Engine>) {
+        let ready: Vec<DeviceId> = self
+            .repairs
+            .lock()
+            .iter()
+            .filter(|(id, r)| {
+                // Not mounted, and no earlier mount still alive: then
+                // the engine's fsck neither fails nor waits holding the
+                // image's lock.
+                **r == Repair::Pending
+                    && engine.mounted(**id).is_none()
+                    && engine.wait_released(**id, Duration::ZERO).is_ok()
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ready {
+            self.repairs.lock().insert(id, Repair::Running);
+            let (e, repairs) = (engine.clone(), self.repairs.clone());
+            let spawned = std::thread::Builder::new()
+                .name("repair".into())
+                .spawn(move || {
+                    let name = match e.record(id) {
+                        Ok(r) => e.full_name(&r),
+                        Err(_) => {
+                            repairs.lock().remove(&id);
+                            return;
+                        }
+                    };
+                    let res = Target::parse(&name).and_then(|t| e.fsck(&t));
+                    let mut g = repairs.lock();
+                    match res {
+                        Ok((code, text)) => {
+                            log::warn!(
+                                "image {name}: repaired after ext4 errors: e2fsck -fy exit {code}: {}",
+                                text.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("")
+                            );
+                            g.remove(&id);
+                        }
+                        Err(crate::error::Error::Busy(why)) => {
+                            log::info!("image {name}: repair postponed ({why})");
+                            g.insert(id, Repair::Pending);
+                        }
+                        Err(err) => {
+                            log::error!("image {name}: repair (e2fsck -fy) failed: {err}");
+                            g.remove(&id);
+                        }
+                    }
+                });
+            if let Err(err) = spawned {
+                log::error!("cannot start a repair thread: {err}");
+                self.repairs.lock().insert(id, Repair::Pending);
+            }
+        }
     }
 
     /// Warn once per level crossed; re-arm when usage falls back 5 points.
