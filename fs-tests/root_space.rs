@@ -467,6 +467,23 @@ fn full_pool(tag: &str, snapshot: bool) {
         let dc = m.path("c");
         let fc = fill(&dc, "f", 4000, false, 32, None);
         report("c (fresh mount on a full pool)", &fc);
+        // How much c had taken before the guard first saw it: the margin
+        // (128M) must cover it.
+        let info: Value = serde_json::from_slice(&m.cli(&["info", "c", "--json"]).stdout).unwrap();
+        let key = format!("now guarding image id {} (", info["id"]);
+        let log = m.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains(&key))
+            .unwrap_or_else(|| panic!("no {key:?} in the log"));
+        let unguarded: u64 = line
+            .split("): ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap();
+        println!("c: {unguarded} bytes in use when the guard first saw it");
+        assert!(unguarded < 128 << 20, "{line}");
         loops.extend(image_loops(&m));
         assert_eq!(
             fc.others(),
@@ -553,12 +570,13 @@ fn ext4_errors_are_logged_and_repaired_on_unmount() {
     assert_eq!(loops.len(), 1, "{loops:?}");
     let sysfs = PathBuf::from("/sys/fs/ext4").join(&loops[0]);
     std::fs::write(sysfs.join("trigger_fs_error"), "thinfs test").unwrap();
-    assert_eq!(
+    // ext4 counts it in its superblock a moment later.
+    wait_for("errors_count 1", 10, || {
         std::fs::read_to_string(sysfs.join("errors_count"))
             .unwrap()
-            .trim(),
-        "1"
-    );
+            .trim()
+            == "1"
+    });
     wait_for("the error to be logged", 10, || {
         m.log().contains("image r: ext4 reports 1 error(s)")
     });

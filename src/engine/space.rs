@@ -151,9 +151,7 @@ fn ext4_sysfs(dev: &Path) -> Option<PathBuf> {
 }
 
 /// Full when the guard can give writers less than this.
-fn full_below(total: u64) -> i64 {
-    (64u64 << 20).max(total / 64) as i64
-}
+const FULL_BELOW: i64 = 64 << 20;
 
 /// Share the pool among the samples. `meta0` gives each image's metadata
 /// baseline (None: unknown, count delayed allocations only).
@@ -179,7 +177,7 @@ fn plan(
     } else {
         (total - available.min(total)) as f64 * 100.0 / total as f64
     };
-    let state = if budget < full_below(total) {
+    let state = if budget < FULL_BELOW {
         PoolState::Full
     } else if used_percent >= 80.0 {
         PoolState::Low
@@ -386,13 +384,21 @@ impl Watcher {
         self.tracked
             .retain(|id, t| samples.iter().any(|s| s.id == *id && s.sysfs == t.sysfs));
         for s in &samples {
-            self.tracked.entry(s.id).or_insert_with(|| Tracked {
-                sysfs: s.sysfs.clone(),
-                meta0: s.backed as i64 - s.used as i64,
-                default_resv: read_u64(&s.sysfs.join("reserved_clusters")).unwrap_or(4096),
-                last_used: s.used,
-                written_resv: None,
-                warned_errors: false,
+            self.tracked.entry(s.id).or_insert_with(|| {
+                log::debug!(
+                    "space guard: now guarding image id {} ({}): {} bytes in use at first sight",
+                    s.id,
+                    s.sysfs.display(),
+                    s.used
+                );
+                Tracked {
+                    sysfs: s.sysfs.clone(),
+                    meta0: s.backed as i64 - s.used as i64,
+                    default_resv: read_u64(&s.sysfs.join("reserved_clusters")).unwrap_or(4096),
+                    last_used: s.used,
+                    written_resv: None,
+                    warned_errors: false,
+                }
             });
         }
         let tracked = &self.tracked;
