@@ -532,6 +532,10 @@ fn full_pool(tag: &str, snapshot: bool) {
     assert!(loops.len() >= 2, "image loop devices: {loops:?}");
     fsck_clean(&mut m, &targets);
     let lines = kmsg.about(&loops);
+    assert!(
+        lines.iter().any(|l| l.contains("mounted filesystem")),
+        "the kernel log filter must see the images' mounts: {loops:?} {lines:?}"
+    );
     let bad = bad_kernel_lines(&lines);
     assert!(
         bad.is_empty(),

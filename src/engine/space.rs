@@ -204,8 +204,25 @@ fn plan(
 }
 
 impl Engine {
-    /// Sample every writable mounted image (ext4 only).
-    fn space_samples(&self) -> Vec<Sample> {
+    /// Size and block sharing of an image (from its records).
+    fn space_shape(&self, id: DeviceId) -> Option<(u64, bool)> {
+        let r = self.record(id).ok()?;
+        let snaps = self.snapshots_of(id).map(|s| !s.is_empty()).unwrap_or(true);
+        Some((
+            r.size.0,
+            snaps || (r.kind == DeviceKind::Image && r.parent.is_some()),
+        ))
+    }
+
+    /// Sample every writable mounted image (ext4 only). `shape` gives an
+    /// image's size and whether it shares blocks (cached by the watcher).
+    /// `cached` may hand back the previous sample of an image whose free
+    /// block count has not changed (saves the other reads).
+    fn space_samples(
+        &self,
+        mut shape: impl FnMut(DeviceId) -> Option<(u64, bool)>,
+        cached: impl Fn(DeviceId, &Path, u64) -> Option<Sample>,
+    ) -> Vec<Sample> {
         let mut v = Vec::new();
         for (id, _, _) in self.mounted_ids() {
             let Some(m) = self.mounted(id) else { continue };
@@ -218,18 +235,15 @@ impl Engine {
             let Ok(st) = crate::sys::fsio::statvfs(m.root()) else {
                 continue;
             };
+            if let Some(prev) = cached(id, &sysfs, st.f_bfree) {
+                v.push(prev);
+                continue;
+            }
             let Ok(backed) = self.backend.allocated(m.dev) else {
                 continue;
             };
-            let (size, shares) = match self.record(id) {
-                Ok(r) => {
-                    let snaps = self.snapshots_of(id).map(|s| !s.is_empty()).unwrap_or(true);
-                    (
-                        r.size.0,
-                        snaps || (r.kind == DeviceKind::Image && r.parent.is_some()),
-                    )
-                }
-                Err(_) => continue,
+            let Some((size, shares)) = shape(id) else {
+                continue;
             };
             let bsize = st.f_frsize.max(1);
             let delalloc = read_u64(&sysfs.join("delayed_allocation_blocks")).unwrap_or(0) * bsize;
@@ -253,7 +267,7 @@ impl Engine {
     /// writeback in flight is not counted), with the overcommit.
     pub fn space_view(&self) -> Result<SpaceView> {
         let st = self.backend.status()?;
-        let samples = self.space_samples();
+        let samples = self.space_samples(|id| self.space_shape(id), |_, _, _| None);
         let p = plan(st.total, st.available, &samples, |_| None, |_, _| true);
         let virtual_size: u64 = self
             .meta
@@ -365,6 +379,9 @@ enum Repair {
 #[derive(Debug, Default)]
 struct Watcher {
     tracked: HashMap<DeviceId, Tracked>,
+    shapes: HashMap<DeviceId, Option<(u64, bool)>>,
+    last: HashMap<DeviceId, Sample>,
+    ticks: u64,
     repairs: Arc<parking_lot::Mutex<HashMap<DeviceId, Repair>>>,
     /// Highest warning given: 0 none, 80, 90, 100 (full).
     warned: u8,
@@ -379,7 +396,27 @@ impl Watcher {
                 return;
             }
         };
-        let samples = engine.space_samples();
+        // Records change rarely: read them once a second (the margin
+        // covers a snapshot taken in between).
+        self.ticks += 1;
+        if self.ticks.is_multiple_of(40) {
+            self.shapes.clear();
+        }
+        // An image whose free blocks did not change since the last tick
+        // keeps its sample, at most 200 ms old.
+        let fresh = self.ticks.is_multiple_of(8);
+        let shapes = &mut self.shapes;
+        let last = &self.last;
+        let samples = engine.space_samples(
+            |id| *shapes.entry(id).or_insert_with(|| engine.space_shape(id)),
+            |id, sysfs, bfree| {
+                last.get(&id)
+                    .filter(|s| !fresh && s.sysfs == sysfs && s.bfree == bfree)
+                    .cloned()
+            },
+        );
+        shapes.retain(|id, _| samples.iter().any(|s| s.id == *id));
+        self.last = samples.iter().map(|s| (s.id, s.clone())).collect();
         // Forget unmounted images, (re)learn new or remounted ones.
         self.tracked
             .retain(|id, t| samples.iter().any(|s| s.id == *id && s.sysfs == t.sysfs));
