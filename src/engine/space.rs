@@ -566,7 +566,8 @@ impl Watcher {
             }
         } else if level < self.warned {
             let rearm = match self.warned {
-                100 => p.state != PoolState::Full,
+                // Hysteresis: twice the threshold, so that it does not flap.
+                100 => p.budget > 2 * FULL_BELOW,
                 l => p.used_percent < l as f64 - 5.0,
             };
             if rearm {
@@ -595,6 +596,28 @@ mod tests {
             hidden: 80 << 20,
             errors: 0,
         }
+    }
+
+    #[test]
+    fn warnings_once_per_level_with_hysteresis() {
+        let mut w = Watcher::default();
+        let plan = |state, budget, used_percent| Plan {
+            state,
+            budget,
+            used_percent,
+            allowed: vec![],
+        };
+        w.warn(&plan(PoolState::Low, 1 << 30, 85.0), 1, 1);
+        assert_eq!(w.warned, 80);
+        w.warn(&plan(PoolState::Full, 1 << 20, 86.0), 1, 1);
+        assert_eq!(w.warned, 100);
+        // Just above the full threshold: no re-arm, no second warning.
+        w.warn(&plan(PoolState::Low, FULL_BELOW + 1, 86.0), 1, 1);
+        assert_eq!(w.warned, 100);
+        w.warn(&plan(PoolState::Low, 4 * FULL_BELOW, 86.0), 1, 1);
+        assert_eq!(w.warned, 80);
+        w.warn(&plan(PoolState::Ok, 1 << 30, 70.0), 1, 1);
+        assert_eq!(w.warned, 0);
     }
 
     #[test]
