@@ -84,6 +84,11 @@ pub trait Backend: Send + Sync {
     fn usage(&self, dev: DeviceId) -> Result<Usage>;
     /// Pool status.
     fn status(&self) -> Result<PoolStatus>;
+    /// Bytes of pool space backing the device now, shared blocks included.
+    /// Cheap (called many times a second by the space guard).
+    fn allocated(&self, dev: DeviceId) -> Result<u64> {
+        self.usage(dev).map(|u| u.mapped)
+    }
     /// Return freed space to the layer below (best effort).
     fn trim(&self) -> Result<()>;
     /// The backend's own transaction id, if it keeps one (dm-thin).

@@ -251,12 +251,18 @@ pub fn pool(v: Value) -> Result<String> {
     let p: PoolInfo =
         serde_json::from_value(v).map_err(|e| Error::Corrupt(format!("pool: {e}")))?;
     Ok(format!(
-        "backend         {}\nlayout          {}\ndata used       {} of {} ({} free)\nreserve         {}\ndevices         {}\ntransaction id  {}\n",
+        "backend         {}\nlayout          {}\nstate           {}\ndata used       {} of {} ({} free, {} %)\novercommit      {} in images = {:.2}x the pool\nwriters budget  {} across {} writable mounted image(s)\nreserve         {}\ndevices         {}\ntransaction id  {}\n",
         p.status.backend,
         escape(&p.status.detail),
+        p.space.state,
         Bytes(p.status.used).approx(),
         Bytes(p.status.total),
         Bytes(p.status.available).approx(),
+        p.space.used_percent,
+        Bytes(p.space.virtual_size).approx(),
+        p.space.overcommit,
+        Bytes(p.space.writers_budget).approx(),
+        p.space.writable_mounted,
         Bytes(p.reserve),
         p.devices,
         p.transaction_id

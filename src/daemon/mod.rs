@@ -74,6 +74,7 @@ pub fn run(cfg: &MountConfig, ready: impl FnOnce()) -> Result<()> {
     }
     creds::drop_supplementary_groups().ctx(|| "drop supplementary groups".into())?;
     let engine = Arc::new(Engine::open_pool(&cfg.pool)?);
+    let mut space = crate::engine::space::SpaceGuard::start(engine.clone())?;
     let listener = control::bind(&cfg.socket)?;
     let fs = ThinFs::new(engine.clone(), cfg.fuse.clone());
     let core = fs.core();
@@ -134,6 +135,7 @@ pub fn run(cfg: &MountConfig, ready: impl FnOnce()) -> Result<()> {
     ready();
     let r = session.run();
     let _ = std::fs::remove_file(&cfg.socket);
+    space.stop();
     engine.unmount_all();
     drop(engine);
     log::info!("thinfs at {} stopped", cfg.mountpoint.display());

@@ -38,6 +38,9 @@ pub struct PoolInfo {
     pub devices: usize,
     /// Pool transaction id.
     pub transaction_id: u64,
+    /// State (ok/low/full) and overcommit.
+    #[serde(flatten)]
+    pub space: super::space::SpaceView,
 }
 
 /// Indentation shown at most in a text tree; deeper lines say their depth.
@@ -158,6 +161,7 @@ impl Engine {
             reserve: self.config.reserve.0,
             devices: self.meta.list()?.len(),
             transaction_id: self.meta.pool()?.map(|p| p.transaction_id).unwrap_or(0),
+            space: self.space_view()?,
         })
     }
 }

@@ -13,6 +13,7 @@ mod mounts;
 mod pool;
 mod recover;
 mod remove;
+pub mod space;
 
 pub use inspect::{DeviceInfo, PoolInfo};
 pub use mounts::{DeviceEntry, Holders, Mounted, OFFLINE_WAIT, Offline, OpenToken};

@@ -586,6 +586,22 @@ impl Engine {
             .collect()
     }
 
+    /// Every live mount, pinned or only held (a cwd, a cached inode): what
+    /// can still be written through.
+    pub fn live_mounts_all(&self) -> Vec<Arc<Mounted>> {
+        let mut out: Vec<Arc<Mounted>> = self.pinned.lock().values().cloned().collect();
+        let live = self.live.lock();
+        for (id, w) in live.iter() {
+            if out.iter().any(|m| m.id == *id) {
+                continue;
+            }
+            if let Some(m) = w.upgrade() {
+                out.push(m);
+            }
+        }
+        out
+    }
+
     /// Filesystems really mounted now (pinned or still held).
     pub fn live_mounts(&self) -> usize {
         self.census.counts().0

@@ -372,6 +372,13 @@ impl Backend for ReflinkPool {
         })
     }
 
+    fn allocated(&self, dev: DeviceId) -> Result<u64> {
+        let f = file::open_path(self.devices.as_fd(), OsStr::new(&dev_name(dev)))
+            .ctx(|| format!("look up device {dev}"))?;
+        let st = file::fstat(f.as_fd()).ctx(|| format!("stat device {dev}"))?;
+        Ok(st.st_blocks as u64 * 512)
+    }
+
     fn status(&self) -> Result<PoolStatus> {
         let s = fsio::statvfs(&self.devices).ctx(|| "statfs the pool".into())?;
         let bs = s.f_frsize;

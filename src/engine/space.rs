@@ -1,0 +1,655 @@
+//! The space guard: a full pool gives writers ENOSPC at `write()` time.
+//!
+//! Thin pools are overcommitted: the images' virtual sizes add up to more
+//! than the pool. A block the pool cannot give used to fail only at
+//! writeback, long after `write()` had succeeded: ext4 lost the data or
+//! aborted its journal. The guard keeps each writable inner ext4's idea of
+//! its free space below what the pool can still give, by raising ext4's
+//! `reserved_clusters` (sysfs, effective at once: later allocations fail
+//! with ENOSPC in `write()`, before anything reaches the block device), and
+//! lowers it again when the pool has room.
+//!
+//! It owns that sysfs knob, the pool's ok/low/full state, the log
+//! warnings at 80 %, 90 % and full, and the repair of an image whose ext4
+//! reported errors (`errors_count` in sysfs, e.g. an aborted journal): it
+//! logs them at once and runs `e2fsck -fy` (the engine's `fsck`) as soon as
+//! the image is no longer mounted. It reaches mounts only through the
+//! engine's public API (`live_mounts_all`, `mounted`) and never mounts,
+//! unmounts or writes into a filesystem.
+//!
+//! Accounting, per writable mounted image (bytes):
+//! - `pending`: blocks ext4 has handed out (or promised to dirty pages)
+//!   that the pool does not back yet: the larger of ext4's delayed
+//!   allocations and `ext4 used - (backed - metadata backed when first seen)`;
+//! - `hidden`: what ext4 may still write without allocating anything the
+//!   guard can stop: the journal plus a metadata margin, twice when the
+//!   image shares blocks with a snapshot or origin (copy-on-write of the
+//!   journal and metadata blocks).
+//!
+//! `budget = pool available - margin - sum(pending + hidden)` is shared
+//! among the writable images, images that wrote since the last tick
+//! getting four times the share of idle ones. ext4 enforces each share
+//! itself, synchronously, so writers cannot outrun the guard; the tick only
+//! decides how fast a share is rebalanced (and how long a freshly mounted
+//! image runs unguarded, which the margin covers). Not covered: in-place
+//! overwrites of data blocks shared with a snapshot (ext4 allocates nothing
+//! for them) beyond the margins.
+
+use super::{Engine, Target};
+use crate::error::{IoContext, Result};
+use crate::meta::DeviceKind;
+use crate::types::{Bytes, DeviceId};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// How often the guard looks at the pool.
+pub const TICK: Duration = Duration::from_millis(25);
+/// Kept free in the pool whatever the images need: the pool's own
+/// metadata, and what a freshly mounted image can dirty before the first
+/// tick sees it (~2 GB/s into the page cache for one tick).
+pub const MARGIN: u64 = 128 << 20;
+/// Per-image margin for metadata written without allocation (inode tables,
+/// bitmaps), on top of the journal.
+pub const META_MARGIN: u64 = 16 << 20;
+
+/// How full the pool is, for humans and scripts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolState {
+    /// Below 80 % used.
+    #[default]
+    Ok,
+    /// 80 % used or more.
+    Low,
+    /// The guard gives writers (almost) nothing more: they get ENOSPC.
+    Full,
+}
+
+impl std::fmt::Display for PoolState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PoolState::Ok => "ok",
+            PoolState::Low => "low",
+            PoolState::Full => "full",
+        })
+    }
+}
+
+/// One writable mounted image, as sampled.
+#[derive(Debug, Clone)]
+struct Sample {
+    id: DeviceId,
+    sysfs: PathBuf,
+    bsize: u64,
+    /// ext4 free blocks (delayed allocations already taken off).
+    bfree: u64,
+    /// ext4 data bytes in use (delayed allocations included).
+    used: u64,
+    delalloc: u64,
+    /// Pool bytes backing the device.
+    backed: u64,
+    /// Journal plus metadata margin (doubled when sharing blocks).
+    hidden: u64,
+    errors: u64,
+}
+
+/// Per-image state kept across ticks.
+#[derive(Debug)]
+struct Tracked {
+    sysfs: PathBuf,
+    /// Backed bytes that are not ext4 data when first seen (metadata).
+    meta0: i64,
+    default_resv: u64,
+    last_used: u64,
+    written_resv: Option<u64>,
+    warned_errors: bool,
+}
+
+/// The outcome of one look at the pool.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    /// Pool state.
+    pub state: PoolState,
+    /// Bytes the guard can still hand to writers (may be negative).
+    pub budget: i64,
+    /// Percent of the pool in use.
+    pub used_percent: f64,
+    /// Bytes each writable image may still allocate.
+    allowed: Vec<(DeviceId, u64)>,
+}
+
+/// mke2fs's default journal size for a filesystem of `size` bytes
+/// (4 KiB blocks), as `ext2fs_default_journal_size` picks it.
+fn journal_bytes(size: u64) -> u64 {
+    let blocks = size / 4096;
+    let j = match blocks {
+        b if b < 2048 => 0,
+        b if b < 32768 => 1024,
+        b if b < 256 * 1024 => 4096,
+        b if b < 512 * 1024 => 8192,
+        b if b < 4096 * 1024 => 16384,
+        b if b < 8192 * 1024 => 32768,
+        b if b < 16384 * 1024 => 65536,
+        b if b < 32768 * 1024 => 131072,
+        _ => 262144,
+    };
+    j * 4096
+}
+
+fn read_u64(p: &Path) -> Option<u64> {
+    std::fs::read_to_string(p).ok()?.trim().parse().ok()
+}
+
+fn ext4_sysfs(dev: &Path) -> Option<PathBuf> {
+    let name = dev.file_name()?;
+    let p = Path::new("/sys/fs/ext4").join(name);
+    p.is_dir().then_some(p)
+}
+
+/// Full when the guard can give writers less than this.
+const FULL_BELOW: i64 = 64 << 20;
+
+/// Share the pool among the samples. `meta0` gives each image's metadata
+/// baseline (None: unknown, count delayed allocations only).
+fn plan(
+    total: u64,
+    available: u64,
+    samples: &[Sample],
+    meta0: impl Fn(DeviceId) -> Option<i64>,
+    active: impl Fn(DeviceId, u64) -> bool,
+) -> Plan {
+    let mut need: i64 = 0;
+    for s in samples {
+        let pending = match meta0(s.id) {
+            Some(m) => (s.used as i64 - (s.backed as i64 - m)).max(s.delalloc as i64),
+            None => s.delalloc as i64,
+        }
+        .max(0);
+        need += pending + s.hidden as i64;
+    }
+    let budget = available as i64 - MARGIN as i64 - need;
+    let used_percent = if total == 0 {
+        100.0
+    } else {
+        (total - available.min(total)) as f64 * 100.0 / total as f64
+    };
+    let state = if budget < FULL_BELOW {
+        PoolState::Full
+    } else if used_percent >= 80.0 {
+        PoolState::Low
+    } else {
+        PoolState::Ok
+    };
+    let weights: Vec<u64> = samples
+        .iter()
+        .map(|s| if active(s.id, s.used) { 4 } else { 1 })
+        .collect();
+    let sum: u64 = weights.iter().sum::<u64>().max(1);
+    let give = budget.max(0) as u64;
+    let allowed = samples
+        .iter()
+        .zip(&weights)
+        .map(|(s, w)| (s.id, (give as u128 * *w as u128 / sum as u128) as u64))
+        .collect();
+    Plan {
+        state,
+        budget,
+        used_percent,
+        allowed,
+    }
+}
+
+impl Engine {
+    /// Size and block sharing of an image (from its records).
+    fn space_shape(&self, id: DeviceId) -> Option<(u64, bool)> {
+        let r = self.record(id).ok()?;
+        let snaps = self.snapshots_of(id).map(|s| !s.is_empty()).unwrap_or(true);
+        Some((
+            r.size.0,
+            snaps || (r.kind == DeviceKind::Image && r.parent.is_some()),
+        ))
+    }
+
+    /// Sample every writable mounted image (ext4 only). `shape` gives an
+    /// image's size and whether it shares blocks (cached by the watcher).
+    /// `cached` may hand back the previous sample of an image whose free
+    /// block count has not changed (saves the other reads).
+    fn space_samples(
+        &self,
+        mut shape: impl FnMut(DeviceId) -> Option<(u64, bool)>,
+        cached: impl Fn(DeviceId, &Path, u64) -> Option<Sample>,
+    ) -> Vec<Sample> {
+        let mut v = Vec::new();
+        for m in self.live_mounts_all() {
+            let id = m.id;
+            if m.read_only {
+                continue;
+            }
+            let Some(sysfs) = ext4_sysfs(m.device().path()) else {
+                continue;
+            };
+            let Ok(st) = crate::sys::fsio::statvfs(m.root()) else {
+                continue;
+            };
+            if let Some(prev) = cached(id, &sysfs, st.f_bfree) {
+                v.push(prev);
+                continue;
+            }
+            let Ok(backed) = self.backend.allocated(m.dev) else {
+                continue;
+            };
+            let Some((size, shares)) = shape(id) else {
+                continue;
+            };
+            let bsize = st.f_frsize.max(1);
+            let delalloc = read_u64(&sysfs.join("delayed_allocation_blocks")).unwrap_or(0) * bsize;
+            let one = journal_bytes(size) + META_MARGIN;
+            v.push(Sample {
+                id,
+                bfree: st.f_bfree,
+                used: (st.f_blocks - st.f_bfree.min(st.f_blocks)) * bsize,
+                bsize,
+                delalloc,
+                backed,
+                hidden: if shares { 2 * one } else { one },
+                errors: read_u64(&sysfs.join("errors_count")).unwrap_or(0),
+                sysfs,
+            });
+        }
+        v
+    }
+
+    /// The pool's state as the guard sees it now (without its baselines:
+    /// writeback in flight is not counted), with the overcommit.
+    pub fn space_view(&self) -> Result<SpaceView> {
+        let st = self.backend.status()?;
+        let samples = self.space_samples(|id| self.space_shape(id), |_, _, _| None);
+        let p = plan(st.total, st.available, &samples, |_| None, |_, _| true);
+        let virtual_size: u64 = self
+            .meta
+            .list()?
+            .iter()
+            .filter(|r| r.kind == DeviceKind::Image)
+            .map(|r| r.size.0)
+            .sum();
+        Ok(SpaceView {
+            state: p.state,
+            used_percent: (p.used_percent * 10.0).round() / 10.0,
+            virtual_size,
+            overcommit: if st.total == 0 {
+                0.0
+            } else {
+                (virtual_size as f64 / st.total as f64 * 100.0).round() / 100.0
+            },
+            writable_mounted: samples.len(),
+            writers_budget: p.budget.max(0) as u64,
+        })
+    }
+}
+
+/// The pool's space as `thinfs pool` shows it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SpaceView {
+    /// ok, low or full.
+    pub state: PoolState,
+    /// Percent of the pool in use.
+    pub used_percent: f64,
+    /// Sum of the images' virtual sizes (snapshots not counted).
+    pub virtual_size: u64,
+    /// `virtual_size` / pool size.
+    pub overcommit: f64,
+    /// Writable images mounted (guarded) now.
+    pub writable_mounted: usize,
+    /// Bytes the guard can still hand to writers.
+    pub writers_budget: u64,
+}
+
+/// The guard's thread; stops (and joins) on [`SpaceGuard::stop`] or drop.
+#[derive(Debug)]
+pub struct SpaceGuard {
+    stop: Arc<AtomicBool>,
+    repairs: Arc<parking_lot::Mutex<HashMap<DeviceId, Repair>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SpaceGuard {
+    /// Start guarding the pool of `engine`.
+    pub fn start(engine: Arc<Engine>) -> Result<SpaceGuard> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let repairs: Arc<parking_lot::Mutex<HashMap<DeviceId, Repair>>> = Arc::default();
+        let r = repairs.clone();
+        let thread = std::thread::Builder::new()
+            .name("space".into())
+            .spawn(move || {
+                let mut w = Watcher {
+                    repairs: r,
+                    ..Watcher::default()
+                };
+                while !s.load(Ordering::Relaxed) {
+                    w.tick(&engine);
+                    w.repair_unmounted(&engine);
+                    std::thread::sleep(TICK);
+                }
+            })
+            .ctx(|| "start the space guard thread".into())?;
+        Ok(SpaceGuard {
+            stop,
+            repairs,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stop the thread and wait for it, and for repairs under way (up to
+    /// a minute).
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while self.repairs.lock().values().any(|r| *r == Repair::Running)
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for SpaceGuard {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Repair of an image that reported ext4 errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Repair {
+    /// Waiting for the image to be unmounted.
+    Pending,
+    /// e2fsck is running (in its own thread).
+    Running,
+}
+
+#[derive(Debug, Default)]
+struct Watcher {
+    tracked: HashMap<DeviceId, Tracked>,
+    shapes: HashMap<DeviceId, Option<(u64, bool)>>,
+    last: HashMap<DeviceId, Sample>,
+    ticks: u64,
+    repairs: Arc<parking_lot::Mutex<HashMap<DeviceId, Repair>>>,
+    /// Highest warning given: 0 none, 80, 90, 100 (full).
+    warned: u8,
+}
+
+impl Watcher {
+    fn tick(&mut self, engine: &Engine) {
+        let st = match engine.backend.status() {
+            Ok(s) => s,
+            Err(e) => {
+                log::debug!("space guard: pool status: {e}");
+                return;
+            }
+        };
+        // Records change rarely: read them once a second (the margin
+        // covers a snapshot taken in between).
+        self.ticks += 1;
+        if self.ticks.is_multiple_of(40) {
+            self.shapes.clear();
+        }
+        // An image whose free blocks did not change since the last tick
+        // keeps its sample, at most 200 ms old.
+        let fresh = self.ticks.is_multiple_of(8);
+        let shapes = &mut self.shapes;
+        let last = &self.last;
+        let samples = engine.space_samples(
+            |id| *shapes.entry(id).or_insert_with(|| engine.space_shape(id)),
+            |id, sysfs, bfree| {
+                last.get(&id)
+                    .filter(|s| !fresh && s.sysfs == sysfs && s.bfree == bfree)
+                    .cloned()
+            },
+        );
+        shapes.retain(|id, _| samples.iter().any(|s| s.id == *id));
+        self.last = samples.iter().map(|s| (s.id, s.clone())).collect();
+        // Forget unmounted images, (re)learn new or remounted ones.
+        self.tracked
+            .retain(|id, t| samples.iter().any(|s| s.id == *id && s.sysfs == t.sysfs));
+        for s in &samples {
+            self.tracked.entry(s.id).or_insert_with(|| {
+                log::debug!(
+                    "space guard: now guarding image id {} ({}): {} bytes in use at first sight",
+                    s.id,
+                    s.sysfs.display(),
+                    s.used
+                );
+                Tracked {
+                    sysfs: s.sysfs.clone(),
+                    meta0: s.backed as i64 - s.used as i64,
+                    default_resv: read_u64(&s.sysfs.join("reserved_clusters")).unwrap_or(4096),
+                    last_used: s.used,
+                    written_resv: None,
+                    warned_errors: false,
+                }
+            });
+        }
+        let tracked = &self.tracked;
+        let p = plan(
+            st.total,
+            st.available,
+            &samples,
+            |id| tracked.get(&id).map(|t| t.meta0),
+            |id, used| tracked.get(&id).map(|t| used > t.last_used).unwrap_or(true),
+        );
+        for (s, (_, allowed)) in samples.iter().zip(&p.allowed) {
+            let Some(t) = self.tracked.get_mut(&s.id) else {
+                continue;
+            };
+            let want = s
+                .bfree
+                .saturating_sub(allowed / s.bsize)
+                .max(t.default_resv);
+            if t.written_resv != Some(want) {
+                match std::fs::write(t.sysfs.join("reserved_clusters"), want.to_string()) {
+                    Ok(()) => t.written_resv = Some(want),
+                    Err(e) => log::warn!(
+                        "space guard: cannot set {}/reserved_clusters to {want}: {e}",
+                        t.sysfs.display()
+                    ),
+                }
+            }
+            t.last_used = s.used;
+            if s.errors > 0 && !t.warned_errors {
+                t.warned_errors = true;
+                let name = engine
+                    .record(s.id)
+                    .map(|r| engine.full_name(&r))
+                    .unwrap_or_else(|_| format!("id {}", s.id));
+                log::error!(
+                    "image {name}: ext4 reports {} error(s) ({}; a journal aborted by a failed write turns it read-only); it will be repaired (e2fsck -fy) when it is next unmounted",
+                    s.errors,
+                    t.sysfs.display()
+                );
+                self.repairs.lock().entry(s.id).or_insert(Repair::Pending);
+            }
+        }
+        self.warn(&p, st.total, st.available);
+    }
+
+    /// Start `e2fsck -fy` on images that reported errors and are no longer
+    /// mounted, each in its own thread (the guard keeps ticking).
+    fn repair_unmounted(&mut self, engine: &Arc<Engine>) {
+        let ready: Vec<DeviceId> = self
+            .repairs
+            .lock()
+            .iter()
+            .filter(|(id, r)| {
+                // Not mounted, and no earlier mount still alive: then
+                // the engine's fsck neither fails nor waits holding the
+                // image's lock.
+                **r == Repair::Pending
+                    && engine.mounted(**id).is_none()
+                    && engine.wait_released(**id, Duration::ZERO).is_ok()
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ready {
+            self.repairs.lock().insert(id, Repair::Running);
+            let (e, repairs) = (engine.clone(), self.repairs.clone());
+            let spawned = std::thread::Builder::new()
+                .name("repair".into())
+                .spawn(move || {
+                    let name = match e.record(id) {
+                        Ok(r) => e.full_name(&r),
+                        Err(_) => {
+                            repairs.lock().remove(&id);
+                            return;
+                        }
+                    };
+                    let res = Target::parse(&name).and_then(|t| e.fsck(&t));
+                    let mut g = repairs.lock();
+                    match res {
+                        Ok((code, text)) => {
+                            log::warn!(
+                                "image {name}: repaired after ext4 errors: e2fsck -fy exit {code}: {}",
+                                text.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("")
+                            );
+                            g.remove(&id);
+                        }
+                        Err(crate::error::Error::Busy(why)) => {
+                            log::info!("image {name}: repair postponed ({why})");
+                            g.insert(id, Repair::Pending);
+                        }
+                        Err(err) => {
+                            log::error!("image {name}: repair (e2fsck -fy) failed: {err}");
+                            g.remove(&id);
+                        }
+                    }
+                });
+            if let Err(err) = spawned {
+                log::error!("cannot start a repair thread: {err}");
+                self.repairs.lock().insert(id, Repair::Pending);
+            }
+        }
+    }
+
+    /// Warn once per level crossed; re-arm when usage falls back 5 points.
+    fn warn(&mut self, p: &Plan, total: u64, available: u64) {
+        let level = if p.state == PoolState::Full {
+            100
+        } else if p.used_percent >= 90.0 {
+            90
+        } else if p.used_percent >= 80.0 {
+            80
+        } else {
+            0
+        };
+        if level > self.warned {
+            self.warned = level;
+            if level == 100 {
+                log::warn!(
+                    "pool full: {} of {} free, writers get ENOSPC until space is freed",
+                    Bytes(available),
+                    Bytes(total)
+                );
+            } else {
+                log::warn!(
+                    "pool {level} % used ({} of {} free)",
+                    Bytes(available),
+                    Bytes(total)
+                );
+            }
+        } else if level < self.warned {
+            let rearm = match self.warned {
+                // Hysteresis: twice the threshold, so that it does not flap.
+                100 => p.budget > 2 * FULL_BELOW,
+                l => p.used_percent < l as f64 - 5.0,
+            };
+            if rearm {
+                if self.warned == 100 {
+                    log::info!("pool no longer full: {} free", Bytes(available));
+                }
+                self.warned = level;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(id: u32, used: u64, backed: u64, delalloc: u64) -> Sample {
+        Sample {
+            id: DeviceId::new(id).unwrap(),
+            sysfs: PathBuf::new(),
+            bsize: 4096,
+            bfree: 1 << 20,
+            used,
+            delalloc,
+            backed,
+            hidden: 80 << 20,
+            errors: 0,
+        }
+    }
+
+    #[test]
+    fn warnings_once_per_level_with_hysteresis() {
+        let mut w = Watcher::default();
+        let plan = |state, budget, used_percent| Plan {
+            state,
+            budget,
+            used_percent,
+            allowed: vec![],
+        };
+        w.warn(&plan(PoolState::Low, 1 << 30, 85.0), 1, 1);
+        assert_eq!(w.warned, 80);
+        w.warn(&plan(PoolState::Full, 1 << 20, 86.0), 1, 1);
+        assert_eq!(w.warned, 100);
+        // Just above the full threshold: no re-arm, no second warning.
+        w.warn(&plan(PoolState::Low, FULL_BELOW + 1, 86.0), 1, 1);
+        assert_eq!(w.warned, 100);
+        w.warn(&plan(PoolState::Low, 4 * FULL_BELOW, 86.0), 1, 1);
+        assert_eq!(w.warned, 80);
+        w.warn(&plan(PoolState::Ok, 1 << 30, 70.0), 1, 1);
+        assert_eq!(w.warned, 0);
+    }
+
+    #[test]
+    fn journal_sizes_match_mke2fs() {
+        assert_eq!(journal_bytes(10 << 30), 64 << 20);
+        assert_eq!(journal_bytes(1 << 30), 32 << 20);
+    }
+
+    #[test]
+    fn budget_counts_unbacked_data_and_hidden_metadata() {
+        let s = [sample(1, 500 << 20, 300 << 20, 0), sample(2, 0, 0, 0)];
+        let p = plan(2 << 30, 1 << 30, &s, |_| Some(0), |_, _| true);
+        let want = (1i64 << 30) - MARGIN as i64 - (200 << 20) - 2 * (80 << 20);
+        assert_eq!(p.budget, want);
+        assert_eq!(p.allowed[0].1, want as u64 / 2);
+        // Delayed allocations count even when backed space looks larger.
+        let s = [sample(1, 0, 300 << 20, 50 << 20)];
+        let p = plan(2 << 30, 1 << 30, &s, |_| Some(0), |_, _| false);
+        assert_eq!(
+            p.budget,
+            (1 << 30) - MARGIN as i64 - (50 << 20) - (80 << 20)
+        );
+    }
+
+    #[test]
+    fn active_writers_get_more_and_full_gives_nothing() {
+        let s = [sample(1, 0, 0, 0), sample(2, 0, 0, 0)];
+        let p = plan(2 << 30, 1 << 30, &s, |_| Some(0), |id, _| id.get() == 1);
+        assert_eq!(p.allowed[0].1, 4 * p.allowed[1].1);
+        assert_eq!(p.state, PoolState::Ok);
+        let p = plan(2 << 30, 200 << 20, &s, |_| Some(0), |_, _| true);
+        assert_eq!(p.state, PoolState::Full);
+        assert!(p.allowed.iter().all(|(_, a)| *a == 0));
+    }
+}
