@@ -288,43 +288,91 @@ fn verify(files: &[Written]) {
     }
 }
 
-/// The kernel log from now on.
-struct Kmsg(File);
+/// The kernel log from now on, drained by a background thread so that a
+/// busy machine (other tests mounting and unmounting) cannot overwrite
+/// records in the ring buffer before we read them.
+struct Kmsg {
+    records: std::sync::Arc<parking_lot::Mutex<Vec<String>>>,
+    lost: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
 
 impl Kmsg {
     fn open() -> Kmsg {
-        let f = std::fs::OpenOptions::new()
+        use std::sync::atomic::Ordering;
+        let mut f = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NONBLOCK)
             .open("/dev/kmsg")
             .expect("open /dev/kmsg");
-        let mut f = f;
         f.seek(SeekFrom::End(0)).expect("seek /dev/kmsg to its end");
-        Kmsg(f)
+        let records: std::sync::Arc<parking_lot::Mutex<Vec<String>>> = Default::default();
+        let lost: std::sync::Arc<std::sync::atomic::AtomicUsize> = Default::default();
+        let stop: std::sync::Arc<std::sync::atomic::AtomicBool> = Default::default();
+        let (r, l, st) = (records.clone(), lost.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 8192];
+            loop {
+                match f.read(&mut buf) {
+                    Ok(0) => {}
+                    Ok(k) => {
+                        let rec = String::from_utf8_lossy(&buf[..k]).into_owned();
+                        let msg = rec.split_once(';').map(|x| x.1).unwrap_or(&rec);
+                        r.lock().push(msg.trim().to_string());
+                        continue;
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {
+                        l.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    Err(_) => {}
+                }
+                // Nothing to read now: stop if asked (everything up to here
+                // has been read), else wait a little.
+                if st.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        });
+        Kmsg {
+            records,
+            lost,
+            stop,
+            thread: Some(thread),
+        }
     }
+
     /// Records since `open` that speak of one of `devs` (e.g. "loop7").
     fn about(&mut self, devs: &[String]) -> Vec<String> {
-        let mut out = Vec::new();
-        let mut buf = vec![0u8; 8192];
-        loop {
-            match self.0.read(&mut buf) {
-                Ok(0) => break,
-                Ok(k) => {
-                    let rec = String::from_utf8_lossy(&buf[..k]).into_owned();
-                    let msg = rec.split_once(';').map(|x| x.1).unwrap_or(&rec);
-                    if devs.iter().any(|d| {
-                        msg.match_indices(d.as_str()).any(|(i, _)| {
-                            !msg[i + d.len()..].starts_with(|c: char| c.is_ascii_digit())
-                        })
-                    }) {
-                        out.push(msg.trim().to_string());
-                    }
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue,
-                Err(_) => break,
-            }
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("kmsg reader");
         }
-        out
+        let lost = self.lost.load(Ordering::Relaxed);
+        assert_eq!(
+            lost, 0,
+            "the kernel log overwrote {lost} record(s) before we read them"
+        );
+        self.records
+            .lock()
+            .iter()
+            .filter(|msg| {
+                devs.iter().any(|d| {
+                    msg.match_indices(d.as_str())
+                        .any(|(i, _)| !msg[i + d.len()..].starts_with(|c: char| c.is_ascii_digit()))
+                })
+            })
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for Kmsg {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -398,7 +446,12 @@ fn report(what: &str, f: &Fill) {
 
 /// Two writers (one with fsync, one without) fill the pool; a snapshot
 /// of `a` may be taken mid-fill. Checks everything the issue asks for.
+/// The full-pool runs write at full speed and time the guard: one at a
+/// time, so that two of them do not share the disk and the CPU.
+static FULL_POOL_RUNS: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+
 fn full_pool(tag: &str, snapshot: bool) {
+    let _one_at_a_time = FULL_POOL_RUNS.lock();
     let mut m = small_pool(tag);
     let mut kmsg = Kmsg::open();
     assert_eq!(state(&m), "ok");
