@@ -173,8 +173,7 @@ fn same_on_both(tag: &str, steps: fn(&Path) -> Vec<String>) {
         got.len(),
         m.log()
             .lines()
-            .filter(|l| !l.contains(" DEBUG ") && !l.contains(" TRACE "))
-            .last()
+            .rfind(|l| !l.contains(" DEBUG ") && !l.contains(" TRACE "))
             .unwrap_or("")
     );
 }

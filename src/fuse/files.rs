@@ -353,20 +353,17 @@ impl Core {
         fsio::statvfs(r.fd()).ctx(|| "statfs".into())
     }
 
-    pub(super) fn getxattr_real(
-        &self,
-        c: &Caller,
-        r: &Real,
-        name: &OsStr,
-        size: u32,
-    ) -> Result<Vec<u8>> {
-        self.as_user(
-            c,
-            || format!("getxattr {name:?}"),
-            || file::getxattr(r.fd(), name, size as usize),
-        )
+    /// getxattr as the daemon: the kernel has checked the caller's right
+    /// to read the name (`xattr_permission`: read permission for `user.*`,
+    /// CAP_SYS_ADMIN for `trusted.*`) before sending the request, and this
+    /// is the request the kernel makes to fetch ACLs for its permission
+    /// checks, after every change of a directory: it must stay cheap.
+    pub(super) fn getxattr_real(&self, r: &Real, name: &OsStr, size: u32) -> Result<Vec<u8>> {
+        file::getxattr(r.fd(), name, size as usize).ctx(|| format!("getxattr {name:?}"))
     }
 
+    /// listxattr as the caller: ext4 lists `trusted.*` names only to
+    /// CAP_SYS_ADMIN.
     pub(super) fn listxattr_real(&self, c: &Caller, r: &Real, size: u32) -> Result<Vec<u8>> {
         self.as_user(
             c,

@@ -643,10 +643,9 @@ impl Filesystem for ThinFs {
         reply_or!(reply, "setxattr", ino.0, r, |_v| reply.ok())
     }
 
-    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let c = Caller::of(req);
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let r = self.inodes.get(ino.0).and_then(|i| match &i.node {
-            Node::Real(_) => self.getxattr_real(&c, self.real(&i)?, name, size),
+            Node::Real(_) => self.getxattr_real(self.real(&i)?, name, size),
             _ => Err(no(
                 libc::ENODATA,
                 "virtual directories have no extended attributes",
