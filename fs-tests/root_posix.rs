@@ -184,8 +184,12 @@ fn new_node_steps(base: &Path) -> Vec<String> {
     let sg = dir(&base.join("sg"), 0, USERS, 0o2770);
     let gw = dir(&base.join("gw"), 0, USERS, 0o770);
     let open = dir(&base.join("open"), 0, 0, 0o777);
+    // The member's own setgid directory (the daemon's owner fast path).
+    let own = dir(&base.join("own"), USER, USERS, 0o2775);
+    // Owner bits decide for the owner, even when others may write.
+    let shut = dir(&base.join("shut"), USER, USERS, 0o077);
     let mut out = Vec::new();
-    for d in [&sg, &gw, &open] {
+    for d in [&sg, &gw, &open, &own, &shut] {
         for (who, r) in [
             ("member", {
                 let d = d.clone();

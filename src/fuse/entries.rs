@@ -83,12 +83,32 @@ impl Core {
         flags: i32,
     ) -> Result<(Arc<Inode>, FileAttr, File)> {
         self.refuse_snapdir(p, name)?;
-        let (f, made) = self.as_user_umask(
-            c,
-            umask,
-            || format!("create {name:?}"),
-            || file::create_at(p.fd(), name, flags, mode),
-        )?;
+        // A new file in the caller's own directory: no groups needed. If
+        // the name exists (its own permissions count), the full path.
+        let quick = if self.owns(c, p.fd(), mode & libc::S_ISGID != 0) {
+            let excl = (flags | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW) & !libc::O_TRUNC;
+            match self.as_owner(
+                c,
+                Some(umask),
+                || format!("create {name:?}"),
+                || file::openat(p.fd(), name, excl, mode).map(File::from),
+            ) {
+                Ok(f) => Some((f, true)),
+                Err(e) if e.errno() == libc::EEXIST && flags & libc::O_EXCL == 0 => None,
+                Err(e) => return Err(e),
+            }
+        } else {
+            None
+        };
+        let (f, made) = match quick {
+            Some(v) => v,
+            None => self.as_user_umask(
+                c,
+                umask,
+                || format!("create {name:?}"),
+                || file::create_at(p.fd(), name, flags, mode),
+            )?,
+        };
         let done = file::path_handle(f.as_fd())
             .ctx(|| format!("handle of new file {name:?}"))
             .and_then(|pfd| self.enter(p, pfd));
@@ -145,12 +165,13 @@ impl Core {
         umask: u32,
     ) -> Result<(Arc<Inode>, FileAttr)> {
         self.refuse_snapdir(p, name)?;
-        self.as_user_umask(
-            c,
-            umask,
-            || format!("mkdir {name:?}"),
-            || file::mkdirat(p.fd(), name, mode),
-        )?;
+        let what = || format!("mkdir {name:?}");
+        let make = || file::mkdirat(p.fd(), name, mode);
+        if self.owns(c, p.fd(), mode & libc::S_ISGID != 0) {
+            self.as_owner(c, Some(umask), what, make)?;
+        } else {
+            self.as_user_umask(c, umask, what, make)?;
+        }
         self.finish_made(p, name, true)
     }
 
@@ -214,11 +235,14 @@ impl Core {
         if self.is_snapdir_name(p, name) {
             return Err(Error::Busy(format!("{SNAPDIR} cannot be removed")));
         }
-        self.as_user(
-            c,
-            || format!("{} {name:?}", if dir { "rmdir" } else { "unlink" }),
-            || file::unlinkat(p.fd(), name, dir),
-        )
+        // Only the directory's permissions (and, if sticky, owners) count.
+        let what = || format!("{} {name:?}", if dir { "rmdir" } else { "unlink" });
+        let remove = || file::unlinkat(p.fd(), name, dir);
+        if self.owns(c, p.fd(), false) {
+            self.as_owner(c, None, what, remove)
+        } else {
+            self.as_user(c, what, remove)
+        }
     }
 
     pub(super) fn rename_real(

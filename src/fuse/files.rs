@@ -99,7 +99,17 @@ impl Core {
     /// Open a real file as the caller.
     pub(super) fn open_real(&self, c: &Caller, r: &Real, flags: i32) -> Result<File> {
         r.mount.touch();
-        self.as_user(c, || "open".into(), || file::reopen(r.fd(), flags))
+        // The caller's own file without setgid bit: no groups needed.
+        let sgid = file::fstat(r.fd())
+            .map(|st| st.st_mode & libc::S_ISGID != 0)
+            .unwrap_or(true);
+        let what = || "open".to_string();
+        let open = || file::reopen(r.fd(), flags);
+        if self.owns(c, r.fd(), sgid) {
+            self.as_owner(c, None, what, open)
+        } else {
+            self.as_user(c, what, open)
+        }
     }
 
     /// The passthrough backing id of inode `i`, shared by all its open
@@ -128,7 +138,18 @@ impl Core {
             }
             return Some(id.clone());
         }
-        match self.as_user(c, || "register passthrough file".into(), || make(file)) {
+        // Writes will run with these credentials: groups matter to them
+        // only for a setgid file (ext4 keeps S_ISGID for a group member).
+        let sgid = file::fstat(file.as_fd())
+            .map(|st| st.st_mode & libc::S_ISGID != 0)
+            .unwrap_or(true);
+        let what = || "register passthrough file".to_string();
+        let registered = if self.owns(c, file.as_fd(), sgid) {
+            self.as_owner(c, None, what, || make(file))
+        } else {
+            self.as_user(c, what, || make(file))
+        };
+        match registered {
             Ok(id) => {
                 let id = Arc::new(id);
                 *b = Some(id.clone());

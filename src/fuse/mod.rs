@@ -215,6 +215,39 @@ impl Core {
         self.as_user_in(c, Some(umask), what, f)
     }
 
+    /// Does the caller own the inode behind `fd`, the only one whose
+    /// permissions the operation checks? ext4 then looks at the owner bits
+    /// alone and supplementary groups cannot change the outcome, unless a
+    /// setgid bit is set or kept (`sgid`: ext4 asks whether the caller is
+    /// in the file's group). Saves reading `/proc` for the hot operations.
+    fn owns(&self, c: &Caller, fd: std::os::fd::BorrowedFd<'_>, sgid: bool) -> bool {
+        c.uid != 0
+            && !sgid
+            && crate::sys::file::fstat(fd)
+                .map(|st| st.st_uid == c.uid)
+                .unwrap_or(false)
+    }
+
+    /// [`Core::as_user_in`] without supplementary groups, for an operation
+    /// [`Core::owns`] cleared; the thread has none of its own, so the
+    /// caller has at most the rights the groups would give.
+    fn as_owner<T>(
+        &self,
+        c: &Caller,
+        umask: Option<u32>,
+        what: impl FnOnce() -> String,
+        f: impl FnOnce() -> std::io::Result<T>,
+    ) -> Result<T> {
+        let r = creds::become_user(creds::Identity {
+            uid: c.uid,
+            gid: c.gid,
+            groups: None,
+            umask,
+        })
+        .and_then(|_g| f());
+        r.map_err(|e| Error::io(what(), e))
+    }
+
     fn as_user_in<T>(
         &self,
         c: &Caller,
