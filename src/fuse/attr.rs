@@ -7,7 +7,9 @@ fn time(sec: i64, nsec: i64) -> SystemTime {
     if sec >= 0 {
         UNIX_EPOCH + Duration::new(sec as u64, nsec.clamp(0, 999_999_999) as u32)
     } else {
-        UNIX_EPOCH - Duration::new(sec.unsigned_abs(), 0)
+        // Before 1970: `sec` is rounded down, `nsec` counts up from it.
+        UNIX_EPOCH - Duration::from_secs(sec.unsigned_abs())
+            + Duration::from_nanos(nsec.clamp(0, 999_999_999) as u64)
     }
 }
 

@@ -1,6 +1,7 @@
 //! Directory streams: opendir, readdir, releasedir, for real and virtual
 //! directories. `.snapshots` and the inner `lost+found` are hidden from the
-//! root listing of an image unless the mount shows them.
+//! root listing of an image (and `lost+found` from a snapshot's) unless the
+//! mount shows them.
 
 use super::inode::{self, Inode, Node};
 use super::namespace::SNAPDIR;
@@ -22,7 +23,6 @@ impl Core {
                 let r = self.real(i)?;
                 let dir = self.as_user(
                     c,
-                    false,
                     || "opendir".into(),
                     || file::reopen(r.fd(), libc::O_RDONLY | libc::O_DIRECTORY),
                 )?;
@@ -103,10 +103,9 @@ impl Core {
                     }
                     for e in ents {
                         off = e.off as u64;
-                        if image_root
-                            && !self.opts.show_hidden
-                            && (e.name == "lost+found" || e.name == SNAPDIR)
-                        {
+                        // lost+found is hidden in snapshot roots as in
+                        // image roots, so that both list the same.
+                        if *is_root && !self.opts.show_hidden && e.name == "lost+found" {
                             continue;
                         }
                         if image_root && e.name == SNAPDIR {

@@ -1,6 +1,7 @@
 //! Directory-entry operations inside images and snapshots: lookup,
 //! create, mkdir, mknod, symlink, link, unlink, rmdir, rename, readlink.
-//! Every change runs as the calling user.
+//! Every change runs as the calling user; no symlink inside an image is
+//! ever followed, and a create-type request that fails removes what it made.
 
 use super::inode::{self, Inode, Node, Real};
 use super::namespace::SNAPDIR;
@@ -68,24 +69,91 @@ impl Core {
         Ok(())
     }
 
+    /// Create (or, without O_EXCL, open an existing) regular file as the
+    /// caller. Never through a symlink: a name that is a symlink fails with
+    /// ELOOP (the kernel sends CREATE only for names it believes missing).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn create_real(
         &self,
         c: &Caller,
         p: &Real,
         name: &OsStr,
         mode: u32,
+        umask: u32,
         flags: i32,
     ) -> Result<(Arc<Inode>, FileAttr, File)> {
         self.refuse_snapdir(p, name)?;
-        let f = self.as_user(
-            c,
-            false,
-            || format!("create {name:?}"),
-            || file::openat(p.fd(), name, flags | libc::O_CREAT, mode).map(File::from),
-        )?;
-        let pfd = file::path_handle(f.as_fd()).ctx(|| format!("handle of new file {name:?}"))?;
-        let (i, a) = self.enter(p, pfd)?;
-        Ok((i, a, f))
+        // A new file in the caller's own directory: no groups needed. If
+        // the name exists (its own permissions count), the full path.
+        let quick = if self.owns(c, p.fd(), mode & libc::S_ISGID != 0) {
+            let excl = (flags | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW) & !libc::O_TRUNC;
+            match self.as_owner(
+                c,
+                Some(umask),
+                || format!("create {name:?}"),
+                || file::openat(p.fd(), name, excl, mode).map(File::from),
+            ) {
+                Ok(f) => Some((f, true)),
+                Err(e) if e.errno() == libc::EEXIST && flags & libc::O_EXCL == 0 => None,
+                Err(e) => return Err(e),
+            }
+        } else {
+            None
+        };
+        let (f, made) = match quick {
+            Some(v) => v,
+            None => self.as_user_umask(
+                c,
+                umask,
+                || format!("create {name:?}"),
+                || file::create_at(p.fd(), name, flags, mode),
+            )?,
+        };
+        let done = file::path_handle(f.as_fd())
+            .ctx(|| format!("handle of new file {name:?}"))
+            .and_then(|pfd| self.enter(p, pfd));
+        match done {
+            Ok((i, a)) => Ok((i, a, f)),
+            Err(e) => {
+                if made {
+                    let ino = file::fstat(f.as_fd()).map(|st| st.st_ino).ok();
+                    self.undo_made(p, name, ino, false);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Finish a request that made `name` in `p`: enter it, or, if that
+    /// fails, remove what was made, so that a failed request leaves
+    /// nothing behind (the kernel would cache the name as missing).
+    fn finish_made(&self, p: &Real, name: &OsStr, dir: bool) -> Result<(Arc<Inode>, FileAttr)> {
+        let ino = file::stat_at(p.fd(), name).map(|st| st.st_ino).ok();
+        match self.lookup_real(p, name) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                self.undo_made(p, name, ino, dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// Remove `name` from `p` if it is still the inode `ino` this request
+    /// made (nothing if that cannot be told).
+    fn undo_made(&self, p: &Real, name: &OsStr, ino: Option<u64>, dir: bool) {
+        let same = match (ino, file::stat_at(p.fd(), name)) {
+            (Some(i), Ok(st)) => st.st_ino == i,
+            _ => false,
+        };
+        let r = if same {
+            file::unlinkat(p.fd(), name, dir)
+        } else {
+            Err(std::io::Error::from_raw_os_error(libc::ESTALE))
+        };
+        match r {
+            Ok(()) => log::debug!("removed {name:?} after its request failed"),
+            Err(e) => log::warn!("cannot remove {name:?} after its request failed: {e}"),
+        }
     }
 
     pub(super) fn mkdir_real(
@@ -94,15 +162,17 @@ impl Core {
         p: &Real,
         name: &OsStr,
         mode: u32,
+        umask: u32,
     ) -> Result<(Arc<Inode>, FileAttr)> {
         self.refuse_snapdir(p, name)?;
-        self.as_user(
-            c,
-            false,
-            || format!("mkdir {name:?}"),
-            || file::mkdirat(p.fd(), name, mode),
-        )?;
-        self.lookup_real(p, name)
+        let what = || format!("mkdir {name:?}");
+        let make = || file::mkdirat(p.fd(), name, mode);
+        if self.owns(c, p.fd(), mode & libc::S_ISGID != 0) {
+            self.as_owner(c, Some(umask), what, make)?;
+        } else {
+            self.as_user_umask(c, umask, what, make)?;
+        }
+        self.finish_made(p, name, true)
     }
 
     pub(super) fn mknod_real(
@@ -111,16 +181,17 @@ impl Core {
         p: &Real,
         name: &OsStr,
         mode: u32,
+        umask: u32,
         rdev: u32,
     ) -> Result<(Arc<Inode>, FileAttr)> {
         self.refuse_snapdir(p, name)?;
-        self.as_user(
+        self.as_user_umask(
             c,
-            false,
+            umask,
             || format!("mknod {name:?}"),
             || file::mknodat(p.fd(), name, mode, rdev as u64),
         )?;
-        self.lookup_real(p, name)
+        self.finish_made(p, name, false)
     }
 
     pub(super) fn symlink_real(
@@ -133,11 +204,10 @@ impl Core {
         self.refuse_snapdir(p, name)?;
         self.as_user(
             c,
-            false,
             || format!("symlink {name:?}"),
             || file::symlinkat(target, p.fd(), name),
         )?;
-        self.lookup_real(p, name)
+        self.finish_made(p, name, false)
     }
 
     pub(super) fn link_real(
@@ -155,23 +225,24 @@ impl Core {
         self.refuse_snapdir(p, name)?;
         self.as_user(
             c,
-            false,
             || format!("link {name:?}"),
             || file::linkat(src.fd(), p.fd(), name),
         )?;
-        self.lookup_real(p, name)
+        self.finish_made(p, name, false)
     }
 
     pub(super) fn unlink_real(&self, c: &Caller, p: &Real, name: &OsStr, dir: bool) -> Result<()> {
         if self.is_snapdir_name(p, name) {
             return Err(Error::Busy(format!("{SNAPDIR} cannot be removed")));
         }
-        self.as_user(
-            c,
-            false,
-            || format!("{} {name:?}", if dir { "rmdir" } else { "unlink" }),
-            || file::unlinkat(p.fd(), name, dir),
-        )
+        // Only the directory's permissions (and, if sticky, owners) count.
+        let what = || format!("{} {name:?}", if dir { "rmdir" } else { "unlink" });
+        let remove = || file::unlinkat(p.fd(), name, dir);
+        if self.owns(c, p.fd(), false) {
+            self.as_owner(c, None, what, remove)
+        } else {
+            self.as_user(c, what, remove)
+        }
     }
 
     pub(super) fn rename_real(
@@ -195,7 +266,6 @@ impl Core {
         }
         self.as_user(
             c,
-            false,
             || format!("rename {name:?} to {newname:?}"),
             || file::renameat2(p.fd(), name, np.fd(), newname, flags),
         )

@@ -1,5 +1,7 @@
 //! File operations inside images and snapshots: attributes, open, read,
-//! write, sync, space, seek, copy and extended attributes.
+//! write, sync, space, seek, copy and extended attributes. Everything that
+//! checks permissions or changes a file runs with the caller's full
+//! credentials, passthrough backing files included.
 
 use super::inode::{Inode, Real};
 use super::{Caller, Core, Handle, attr};
@@ -24,13 +26,18 @@ fn timespec(t: Option<TimeOrNow>) -> libc::timespec {
             tv_sec: 0,
             tv_nsec: libc::UTIME_NOW,
         },
-        Some(TimeOrNow::SpecificTime(t)) => {
-            let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-            libc::timespec {
+        Some(TimeOrNow::SpecificTime(t)) => match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => libc::timespec {
                 tv_sec: d.as_secs() as libc::time_t,
                 tv_nsec: d.subsec_nanos() as libc::c_long,
-            }
-        }
+            },
+            // Before 1970. fuser 0.18 decodes the kernel's (sec < 0, nsec)
+            // as epoch - (|sec| + nsec), so that is what is undone here.
+            Err(e) => libc::timespec {
+                tv_sec: -(e.duration().as_secs() as i64) as libc::time_t,
+                tv_nsec: e.duration().subsec_nanos() as libc::c_long,
+            },
+        },
     }
 }
 
@@ -62,16 +69,11 @@ impl Core {
         if let Some(mode) = s.mode
             && r.fmt != libc::S_IFLNK
         {
-            self.as_user(
-                c,
-                false,
-                || "chmod".into(),
-                || file::chmod(r.fd(), mode & 0o7777),
-            )?;
+            self.as_user(c, || "chmod".into(), || file::chmod(r.fd(), mode & 0o7777))?;
         }
         if s.uid.is_some() || s.gid.is_some() {
             let (u, g) = (s.uid.unwrap_or(u32::MAX), s.gid.unwrap_or(u32::MAX));
-            self.as_user(c, true, || "chown".into(), || file::chown(r.fd(), u, g))?;
+            self.as_user(c, || "chown".into(), || file::chown(r.fd(), u, g))?;
         }
         if let Some(size) = s.size {
             let h = match s.fh {
@@ -81,21 +83,15 @@ impl Core {
             match h.as_deref() {
                 Some(Handle::File { file: f, .. }) => self.as_user(
                     c,
-                    false,
                     || "ftruncate".into(),
                     || file::ftruncate(f.as_fd(), size),
                 )?,
-                _ => self.as_user(
-                    c,
-                    false,
-                    || "truncate".into(),
-                    || file::truncate(r.fd(), size),
-                )?,
+                _ => self.as_user(c, || "truncate".into(), || file::truncate(r.fd(), size))?,
             }
         }
         if s.atime.is_some() || s.mtime.is_some() {
             let ts = [timespec(s.atime), timespec(s.mtime)];
-            self.as_user(c, false, || "utimens".into(), || file::utimens(r.fd(), &ts))?;
+            self.as_user(c, || "utimens".into(), || file::utimens(r.fd(), &ts))?;
         }
         self.getattr_real(i, r)
     }
@@ -103,24 +99,57 @@ impl Core {
     /// Open a real file as the caller.
     pub(super) fn open_real(&self, c: &Caller, r: &Real, flags: i32) -> Result<File> {
         r.mount.touch();
-        self.as_user(c, false, || "open".into(), || file::reopen(r.fd(), flags))
+        // The caller's own file without setgid bit: no groups needed.
+        let sgid = file::fstat(r.fd())
+            .map(|st| st.st_mode & libc::S_ISGID != 0)
+            .unwrap_or(true);
+        let what = || "open".to_string();
+        let open = || file::reopen(r.fd(), flags);
+        if self.owns(c, r.fd(), sgid) {
+            self.as_owner(c, None, what, open)
+        } else {
+            self.as_user(c, what, open)
+        }
     }
 
     /// The passthrough backing id of inode `i`, shared by all its open
-    /// handles; made with `make` from the first.
-    pub(super) fn backing_for(
+    /// handles (the kernel allows one per inode); made from the first
+    /// opener's `file`, registered with that caller's credentials: the
+    /// kernel does passthrough I/O with them, so that a write by a user
+    /// clears setuid/setgid as it would on ext4.
+    fn backing_for(
         &self,
+        c: &Caller,
         i: &Inode,
-        make: impl FnOnce() -> std::io::Result<BackingId>,
+        file: &File,
+        writable: bool,
+        make: impl FnOnce(&File) -> std::io::Result<BackingId>,
     ) -> Option<Arc<BackingId>> {
         if !self.passthrough.load(Ordering::Relaxed) {
             return None;
         }
         let mut b = i.backing.lock();
         if let Some(id) = b.upgrade() {
+            // Writes through this handle will run with the first opener's
+            // credentials: if they might be root's, drop what a write by
+            // this caller would drop, now.
+            if writable && c.uid != 0 {
+                self.kill_privs_for(c, file);
+            }
             return Some(id);
         }
-        match make() {
+        // Writes will run with these credentials: groups matter to them
+        // only for a setgid file (ext4 keeps S_ISGID for a group member).
+        let sgid = file::fstat(file.as_fd())
+            .map(|st| st.st_mode & libc::S_ISGID != 0)
+            .unwrap_or(true);
+        let what = || "register passthrough file".to_string();
+        let registered = if self.owns(c, file.as_fd(), sgid) {
+            self.as_owner(c, None, what, || make(file))
+        } else {
+            self.as_user(c, what, || make(file))
+        };
+        match registered {
             Ok(id) => {
                 let id = Arc::new(id);
                 *b = Arc::downgrade(&id);
@@ -133,21 +162,47 @@ impl Core {
         }
     }
 
+    /// Clear setuid, and setgid where ext4 would, as a write by `c` does.
+    fn kill_privs_for(&self, c: &Caller, file: &File) {
+        use std::os::unix::fs::PermissionsExt;
+        let Ok(st) = file::fstat(file.as_fd()) else {
+            return;
+        };
+        let mode = st.st_mode & 0o7777;
+        let mut kill = mode & libc::S_ISUID;
+        if mode & libc::S_ISGID != 0 {
+            let member = || {
+                c.gid == st.st_gid
+                    || c.try_groups()
+                        .map(|g| g.contains(&st.st_gid))
+                        .unwrap_or(false)
+            };
+            if mode & libc::S_IXGRP != 0 || !member() {
+                kill |= libc::S_ISGID;
+            }
+        }
+        if kill != 0
+            && let Err(e) = file.set_permissions(std::fs::Permissions::from_mode(mode & !kill))
+        {
+            log::warn!("cannot clear setuid/setgid before a shared write: {e}");
+        }
+    }
+
     /// Register an opened file of inode `i` as a handle; regular files get
     /// the inode's passthrough backing id (made from the first opener with
     /// `open_backing`) when the kernel supports passthrough.
     pub(super) fn file_handle(
         &self,
+        c: &Caller,
         i: &Inode,
-        pid: u32,
         file: File,
-        regular: bool,
+        writable: bool,
         open_backing: impl FnOnce(&File) -> std::io::Result<BackingId>,
     ) -> Result<(u64, Option<Arc<BackingId>>)> {
         let r = self.real(i)?;
-        let open = r.mount.open_token(pid)?;
-        let backing = if regular {
-            self.backing_for(i, || open_backing(&file))
+        let open = r.mount.open_token(c.pid)?;
+        let backing = if r.fmt == libc::S_IFREG {
+            self.backing_for(c, i, &file, writable, open_backing)
         } else {
             None
         };
@@ -206,12 +261,13 @@ impl Core {
         }
     }
 
-    pub(super) fn write_fh(&self, fh: u64, off: u64, data: &[u8]) -> Result<u32> {
+    /// Write as the caller (so that ext4 clears setuid/setgid as for them).
+    pub(super) fn write_fh(&self, c: &Caller, fh: u64, off: u64, data: &[u8]) -> Result<u32> {
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
         let h = self.file_of(fh)?;
         match h.as_ref() {
             Handle::File { file: f, .. } => {
-                f.write_all_at(data, off).ctx(|| "write".into())?;
+                self.as_user(c, || "write".into(), || f.write_all_at(data, off))?;
                 Ok(data.len() as u32)
             }
             _ => Err(Error::ReadOnly(".thinfs files are read-only".into())),
@@ -254,7 +310,6 @@ impl Core {
         };
         self.as_user(
             c,
-            false,
             || "fallocate".into(),
             || file::fallocate(f.as_fd(), mode, off, len),
         )
@@ -268,8 +323,10 @@ impl Core {
         file::lseek(f.as_fd(), off, whence).ctx(|| "lseek".into())
     }
 
+    /// copy_file_range as the caller.
     pub(super) fn copy_range_fh(
         &self,
+        c: &Caller,
         fin: u64,
         off_in: u64,
         fout: u64,
@@ -283,8 +340,11 @@ impl Core {
         else {
             return Err(Error::Invalid("copy_file_range".into()));
         };
-        file::copy_file_range(fa.as_fd(), off_in, fb.as_fd(), off_out, len)
-            .ctx(|| "copy_file_range".into())
+        self.as_user(
+            c,
+            || "copy_file_range".into(),
+            || file::copy_file_range(fa.as_fd(), off_in, fb.as_fd(), off_out, len),
+        )
     }
 
     /// statfs of the image or snapshot `r` is in.
@@ -292,25 +352,20 @@ impl Core {
         fsio::statvfs(r.fd()).ctx(|| "statfs".into())
     }
 
-    pub(super) fn getxattr_real(
-        &self,
-        c: &Caller,
-        r: &Real,
-        name: &OsStr,
-        size: u32,
-    ) -> Result<Vec<u8>> {
-        self.as_user(
-            c,
-            false,
-            || format!("getxattr {name:?}"),
-            || file::getxattr(r.fd(), name, size as usize),
-        )
+    /// getxattr as the daemon: the kernel has checked the caller's right
+    /// to read the name (`xattr_permission`: read permission for `user.*`,
+    /// CAP_SYS_ADMIN for `trusted.*`) before sending the request, and this
+    /// is the request the kernel makes to fetch ACLs for its permission
+    /// checks, after every change of a directory: it must stay cheap.
+    pub(super) fn getxattr_real(&self, r: &Real, name: &OsStr, size: u32) -> Result<Vec<u8>> {
+        file::getxattr(r.fd(), name, size as usize).ctx(|| format!("getxattr {name:?}"))
     }
 
+    /// listxattr as the caller: ext4 lists `trusted.*` names only to
+    /// CAP_SYS_ADMIN.
     pub(super) fn listxattr_real(&self, c: &Caller, r: &Real, size: u32) -> Result<Vec<u8>> {
         self.as_user(
             c,
-            false,
             || "listxattr".into(),
             || file::listxattr(r.fd(), size as usize),
         )
@@ -326,7 +381,6 @@ impl Core {
     ) -> Result<()> {
         self.as_user(
             c,
-            false,
             || format!("setxattr {name:?}"),
             || file::setxattr(r.fd(), name, v, flags),
         )
@@ -335,7 +389,6 @@ impl Core {
     pub(super) fn removexattr_real(&self, c: &Caller, r: &Real, name: &OsStr) -> Result<()> {
         self.as_user(
             c,
-            false,
             || format!("removexattr {name:?}"),
             || file::removexattr(r.fd(), name),
         )

@@ -98,12 +98,13 @@ pub struct Caller {
     pub uid: u32,
     /// Group id.
     pub gid: u32,
-    /// Process id (for supplementary groups).
+    /// Process id; for a FUSE request the id of the sending *thread*
+    /// (whose supplementary groups are the ones that count).
     pub pid: u32,
     /// Supplementary groups, when captured with the identity (the control
     /// socket takes them at connect with SO_PEERGROUPS). `None`: read them
-    /// for `pid` when needed (a FUSE request's sender is blocked in its
-    /// system call, so its pid cannot be reused meanwhile).
+    /// for thread `pid` on every request (its sender is blocked in its
+    /// system call, so the id cannot be reused meanwhile).
     pub groups: Option<Arc<[u32]>>,
 }
 
@@ -117,11 +118,19 @@ impl Caller {
         }
     }
 
-    /// Supplementary groups of the caller.
+    /// Supplementary groups of the caller; none if they cannot be read
+    /// (fewer rights, never more).
     pub fn groups(&self) -> Arc<[u32]> {
+        self.try_groups().unwrap_or_else(|_| Arc::from(Vec::new()))
+    }
+
+    /// Supplementary groups of the caller: the captured ones, or those of
+    /// the sending thread read now (never cached: a thread that drops a
+    /// group loses it for its next request).
+    pub fn try_groups(&self) -> std::io::Result<Arc<[u32]>> {
         match &self.groups {
-            Some(g) => g.clone(),
-            None => creds::groups_of(self.pid).into(),
+            Some(g) => Ok(g.clone()),
+            None => creds::groups_of(self.pid).map(Arc::from),
         }
     }
 }
@@ -187,21 +196,85 @@ impl Core {
         self.stats.clone()
     }
 
-    /// Run `f` as the calling user (fsuid/fsgid; supplementary groups too if
-    /// `groups`), mapping an io error to [`Error::Io`] with `what`.
+    /// Run `f` as the calling user: fsuid, fsgid and supplementary groups
+    /// (root keeps the daemon's identity, with its fsgid set to the
+    /// caller's), mapping an io error to [`Error::Io`] with `what`.
     fn as_user<T>(
         &self,
         c: &Caller,
-        groups: bool,
         what: impl FnOnce() -> String,
         f: impl FnOnce() -> std::io::Result<T>,
     ) -> Result<T> {
-        let gr = if groups && c.uid != 0 {
-            Some(c.groups())
-        } else {
-            None
-        };
-        let r = creds::become_user(c.uid, c.gid, gr.as_deref()).and_then(|_g| f());
+        self.as_user_in(c, None, what, f)
+    }
+
+    /// [`Core::as_user`] for operations that create: the caller's `umask`
+    /// applies too (the kernel leaves it to us, FUSE_DONT_MASK, so that the
+    /// inner ext4 ignores it under a default ACL as it should).
+    fn as_user_umask<T>(
+        &self,
+        c: &Caller,
+        umask: u32,
+        what: impl FnOnce() -> String,
+        f: impl FnOnce() -> std::io::Result<T>,
+    ) -> Result<T> {
+        self.as_user_in(c, Some(umask), what, f)
+    }
+
+    /// Does the caller own the inode behind `fd`, the only one whose
+    /// permissions the operation checks? ext4 then looks at the owner bits
+    /// alone and supplementary groups cannot change the outcome, unless a
+    /// setgid bit is set or kept (`sgid`: ext4 asks whether the caller is
+    /// in the file's group). Saves reading `/proc` for the hot operations.
+    fn owns(&self, c: &Caller, fd: std::os::fd::BorrowedFd<'_>, sgid: bool) -> bool {
+        c.uid != 0
+            && !sgid
+            && crate::sys::file::fstat(fd)
+                .map(|st| st.st_uid == c.uid)
+                .unwrap_or(false)
+    }
+
+    /// [`Core::as_user_in`] without supplementary groups, for an operation
+    /// [`Core::owns`] cleared; the thread has none of its own, so the
+    /// caller has at most the rights the groups would give.
+    fn as_owner<T>(
+        &self,
+        c: &Caller,
+        umask: Option<u32>,
+        what: impl FnOnce() -> String,
+        f: impl FnOnce() -> std::io::Result<T>,
+    ) -> Result<T> {
+        let r = creds::become_user(creds::Identity {
+            uid: c.uid,
+            gid: c.gid,
+            groups: None,
+            umask,
+        })
+        .and_then(|_g| f());
+        r.map_err(|e| Error::io(what(), e))
+    }
+
+    fn as_user_in<T>(
+        &self,
+        c: &Caller,
+        umask: Option<u32>,
+        what: impl FnOnce() -> String,
+        f: impl FnOnce() -> std::io::Result<T>,
+    ) -> Result<T> {
+        let r = (|| {
+            let gr = if c.uid != 0 {
+                Some(c.try_groups()?)
+            } else {
+                None
+            };
+            let _g = creds::become_user(creds::Identity {
+                uid: c.uid,
+                gid: c.gid,
+                groups: gr.as_deref(),
+                umask,
+            })?;
+            f()
+        })();
         r.map_err(|e| Error::io(what(), e))
     }
 

@@ -86,12 +86,13 @@ impl Core {
         parent: u64,
         name: &OsStr,
         mode: u32,
+        umask: u32,
     ) -> Result<(std::sync::Arc<super::inode::Inode>, fuser::FileAttr)> {
         let p = self.inodes.get(parent)?;
         match &p.node {
             Node::Root => self.mkdir_image(c, name),
             Node::SnapDir(img) => self.mkdir_snapshot(c, *img, name),
-            Node::Real(_) => self.mkdir_real(c, self.real(&p)?, name, mode),
+            Node::Real(_) => self.mkdir_real(c, self.real(&p)?, name, mode, umask),
             _ => Err(Error::ReadOnly(".thinfs is read-only".into())),
         }
     }
@@ -150,7 +151,13 @@ impl Filesystem for ThinFs {
         {
             self.passthrough.store(true, Ordering::Relaxed);
         }
+        // POSIX_ACL: with default_permissions the kernel checks ACLs too
+        // (it reads them through getxattr), as ext4 would. DONT_MASK: the
+        // umask is applied here, by the inner ext4 as the caller (so that a
+        // default ACL overrides it as on ext4).
         for f in [
+            InitFlags::FUSE_POSIX_ACL,
+            InitFlags::FUSE_DONT_MASK,
             InitFlags::FUSE_HANDLE_KILLPRIV_V2,
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_ATOMIC_O_TRUNC,
@@ -272,14 +279,14 @@ impl Filesystem for ThinFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         rdev: u32,
         reply: ReplyEntry,
     ) {
         let c = Caller::of(req);
         let r = self
             .real_parent(parent.0, "mknod")
-            .and_then(|p| self.mknod_real(&c, self.real(&p)?, name, mode, rdev));
+            .and_then(|p| self.mknod_real(&c, self.real(&p)?, name, mode, umask, rdev));
         reply_or!(reply, "mknod", parent.0, r, |v| reply.entry(
             &self.opts.ttl,
             &v.1,
@@ -293,7 +300,7 @@ impl Filesystem for ThinFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
         let c = Caller::of(req);
@@ -301,7 +308,7 @@ impl Filesystem for ThinFs {
             reply,
             "mkdir",
             parent.0,
-            self.mkdir_any(&c, parent.0, name, mode),
+            self.mkdir_any(&c, parent.0, name, mode, umask),
             |v| reply.entry(&self.opts.ttl, &v.1, Generation(0))
         )
     }
@@ -432,9 +439,9 @@ impl Filesystem for ThinFs {
                     Ok(f) => f,
                     Err(e) => return reply.error(errno("open", ino.0, &e)),
                 };
-                let regular = r.fmt == libc::S_IFREG;
+                let writable = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
                 let (fh, backing) =
-                    match self.file_handle(&i, c.pid, file, regular, |f| reply.open_backing(f)) {
+                    match self.file_handle(&c, &i, file, writable, |f| reply.open_backing(f)) {
                         Ok(v) => v,
                         Err(e) => return reply.error(errno("open", ino.0, &e)),
                     };
@@ -475,7 +482,7 @@ impl Filesystem for ThinFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -489,7 +496,7 @@ impl Filesystem for ThinFs {
             reply,
             "write",
             ino.0,
-            self.write_fh(fh.0, offset, data),
+            self.write_fh(&Caller::of(req), fh.0, offset, data),
             |n| reply.written(n)
         )
     }
@@ -643,10 +650,9 @@ impl Filesystem for ThinFs {
         reply_or!(reply, "setxattr", ino.0, r, |_v| reply.ok())
     }
 
-    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let c = Caller::of(req);
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let r = self.inodes.get(ino.0).and_then(|i| match &i.node {
-            Node::Real(_) => self.getxattr_real(&c, self.real(&i)?, name, size),
+            Node::Real(_) => self.getxattr_real(self.real(&i)?, name, size),
             _ => Err(no(
                 libc::ENODATA,
                 "virtual directories have no extended attributes",
@@ -695,18 +701,19 @@ impl Filesystem for ThinFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
         let c = Caller::of(req);
         let r = self
             .real_parent(parent.0, "create")
-            .and_then(|p| self.create_real(&c, self.real(&p)?, name, mode, flags));
+            .and_then(|p| self.create_real(&c, self.real(&p)?, name, mode, umask, flags));
         match r {
             Ok((i, attr, file)) => {
+                let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
                 let (fh, backing) =
-                    match self.file_handle(&i, c.pid, file, true, |f| reply.open_backing(f)) {
+                    match self.file_handle(&c, &i, file, writable, |f| reply.open_backing(f)) {
                         Ok(v) => v,
                         Err(e) => return reply.error(errno("create", parent.0, &e)),
                     };
@@ -772,7 +779,7 @@ impl Filesystem for ThinFs {
 
     fn copy_file_range(
         &self,
-        _req: &Request,
+        req: &Request,
         ino_in: INodeNo,
         fh_in: FileHandle,
         offset_in: u64,
@@ -783,7 +790,8 @@ impl Filesystem for ThinFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        let r = self.copy_range_fh(fh_in.0, offset_in, fh_out.0, offset_out, len);
+        let c = Caller::of(req);
+        let r = self.copy_range_fh(&c, fh_in.0, offset_in, fh_out.0, offset_out, len);
         reply_or!(reply, "copy_file_range", ino_in.0, r, |n| reply
             .written(n as u32))
     }

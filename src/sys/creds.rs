@@ -1,16 +1,24 @@
 //! Per-thread filesystem credentials: FUSE requests are carried out as the
-//! calling user by switching this thread's fsuid/fsgid (and, where group
-//! membership matters, its supplementary groups) for the one operation.
+//! calling user by switching this thread's fsuid, fsgid, supplementary
+//! groups and (for operations that create) umask for the one operation.
 //!
-//! The raw syscalls are used on purpose: glibc's `setgroups` changes every
-//! thread of the process, the raw syscall only the calling thread.
+//! Everything here acts on the calling thread only: the raw `setgroups`
+//! syscall is used on purpose (glibc's wrapper changes every thread of the
+//! process), and a thread that sets a umask first unshares its
+//! `fs_struct` (CLONE_FS), which threads otherwise share. The guard puts
+//! every value back, so nothing of one request survives into the next
+//! request served by the same thread.
 
+use std::cell::Cell;
 use std::io;
 
-/// Restores root's filesystem identity when dropped.
+/// Restores the daemon's filesystem identity when dropped.
 #[derive(Debug)]
 pub struct CredGuard {
+    uid_changed: bool,
+    gid_changed: bool,
     groups_changed: bool,
+    old_umask: Option<libc::mode_t>,
 }
 
 fn set_fsuid(uid: u32) -> u32 {
@@ -24,7 +32,8 @@ fn set_fsgid(gid: u32) -> u32 {
 }
 
 fn set_groups(groups: &[libc::gid_t]) -> io::Result<()> {
-    // SAFETY: the pointer and length describe a valid slice for the call.
+    // SAFETY: the pointer and length describe a valid slice for the call;
+    // the raw syscall changes the calling thread's credentials only.
     let r = unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) };
     if r == -1 {
         return Err(io::Error::last_os_error());
@@ -32,25 +41,70 @@ fn set_groups(groups: &[libc::gid_t]) -> io::Result<()> {
     Ok(())
 }
 
-/// Act as `uid`/`gid` (with supplementary `groups` if given) on this thread
-/// until the guard drops. Root (0/0) is a no-op.
-pub fn become_user(uid: u32, gid: u32, groups: Option<&[libc::gid_t]>) -> io::Result<CredGuard> {
-    let mut g = CredGuard {
-        groups_changed: false,
-    };
-    if let Some(gr) = groups {
-        set_groups(gr)?;
-        g.groups_changed = true;
+thread_local! {
+    static OWN_FS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Give this thread its own umask (and cwd/root, which the daemon never
+/// uses), once per thread.
+fn unshare_fs() -> io::Result<()> {
+    if OWN_FS.with(|c| c.get()) {
+        return Ok(());
     }
-    if gid != 0 {
-        set_fsgid(gid);
-        if set_fsgid(u32::MAX) != gid {
+    // SAFETY: no memory arguments; CLONE_FS only copies this thread's
+    // fs_struct (cwd, root, umask) so that umask() stops affecting others.
+    if unsafe { libc::unshare(libc::CLONE_FS) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    OWN_FS.with(|c| c.set(true));
+    Ok(())
+}
+
+fn set_umask(mask: libc::mode_t) -> libc::mode_t {
+    // SAFETY: umask has no memory arguments and cannot fail.
+    unsafe { libc::umask(mask & 0o777) }
+}
+
+/// Who an operation runs as.
+#[derive(Debug, Clone, Copy)]
+pub struct Identity<'a> {
+    /// fsuid; 0 keeps the daemon's own (root's) identity and capabilities.
+    pub uid: u32,
+    /// fsgid.
+    pub gid: u32,
+    /// Supplementary groups (`None`: leave the thread's own, which are none).
+    pub groups: Option<&'a [libc::gid_t]>,
+    /// umask for operations that create (`None`: leave it).
+    pub umask: Option<u32>,
+}
+
+/// Act as `id` on this thread until the guard drops.
+pub fn become_user(id: Identity<'_>) -> io::Result<CredGuard> {
+    let mut g = CredGuard {
+        uid_changed: false,
+        gid_changed: false,
+        groups_changed: false,
+        old_umask: None,
+    };
+    if let Some(mask) = id.umask {
+        unshare_fs()?;
+        g.old_umask = Some(set_umask(mask));
+    }
+    if let Some(gr) = id.groups {
+        g.groups_changed = true;
+        set_groups(gr)?;
+    }
+    if id.gid != 0 {
+        g.gid_changed = true;
+        set_fsgid(id.gid);
+        if set_fsgid(u32::MAX) != id.gid {
             return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
     }
-    if uid != 0 {
-        set_fsuid(uid);
-        if set_fsuid(u32::MAX) != uid {
+    if id.uid != 0 {
+        g.uid_changed = true;
+        set_fsuid(id.uid);
+        if set_fsuid(u32::MAX) != id.uid {
             return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
     }
@@ -59,27 +113,39 @@ pub fn become_user(uid: u32, gid: u32, groups: Option<&[libc::gid_t]>) -> io::Re
 
 impl Drop for CredGuard {
     fn drop(&mut self) {
-        set_fsuid(0);
-        set_fsgid(0);
-        if self.groups_changed {
-            let _ = set_groups(&[]);
+        if self.uid_changed {
+            set_fsuid(0);
+        }
+        if self.gid_changed {
+            set_fsgid(0);
+        }
+        if self.groups_changed && set_groups(&[]).is_err() {
+            // Cannot happen while the daemon keeps CAP_SETGID; if it ever
+            // did, the thread must not serve another request with them.
+            log::error!("cannot drop supplementary groups; aborting");
+            std::process::abort();
+        }
+        if let Some(m) = self.old_umask {
+            set_umask(m);
         }
     }
 }
 
-/// Supplementary groups of process `pid`, from /proc/PID/status.
-pub fn groups_of(pid: u32) -> Vec<libc::gid_t> {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return Vec::new();
-    };
-    s.lines()
+/// Supplementary groups of thread `tid` (a FUSE request carries the id of
+/// the thread that made the system call; threads may differ in groups, so
+/// the thread's own status is read, not its process's).
+pub fn groups_of(tid: u32) -> io::Result<Vec<libc::gid_t>> {
+    let s = std::fs::read_to_string(format!("/proc/{tid}/task/{tid}/status"))?;
+    let line = s
+        .lines()
         .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|g| {
-            g.split_whitespace()
-                .filter_map(|x| x.parse().ok())
-                .collect()
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
+    line.split_whitespace()
+        .map(|x| {
+            x.parse()
+                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
         })
-        .unwrap_or_default()
+        .collect()
 }
 
 /// Drop the daemon's own supplementary groups (process-wide), so that

@@ -1,5 +1,8 @@
 //! The `*at` file operations that the FUSE passthrough layer performs on
-//! inner filesystems, relative to O_PATH file descriptors.
+//! inner filesystems, relative to O_PATH file descriptors. None of them
+//! follows a symlink inside an inner filesystem: names are single
+//! components opened with O_NOFOLLOW (or calls that never follow a final
+//! link), and `/proc/self/fd/N` reaches exactly the inode behind a handle.
 
 use super::{cstr, cvt, cvt_l};
 use std::ffi::{CString, OsStr, OsString};
@@ -22,6 +25,49 @@ pub fn openat(dir: BorrowedFd<'_>, name: &OsStr, flags: i32, mode: u32) -> io::R
         cvt(unsafe { libc::openat(dir.as_raw_fd(), n.as_ptr(), flags | libc::O_CLOEXEC, mode) })?;
     // SAFETY: fd was just returned by openat.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Create `name` in `dir` with open `flags`, or (without `O_EXCL` in
+/// `flags`) open it if it exists; a final symlink is never followed
+/// (ELOOP). Returns the file and whether this call made it.
+pub fn create_at(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    flags: i32,
+    mode: u32,
+) -> io::Result<(File, bool)> {
+    let base = (flags | libc::O_NOFOLLOW) & !(libc::O_CREAT | libc::O_EXCL);
+    for _ in 0..4 {
+        match openat(dir, name, base | libc::O_CREAT | libc::O_EXCL, mode) {
+            Ok(fd) => return Ok((File::from(fd), true)),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) && flags & libc::O_EXCL == 0 => {}
+            Err(e) => return Err(e),
+        }
+        match openat(dir, name, base, 0) {
+            Ok(fd) => return Ok((File::from(fd), false)),
+            // Removed in between: try to create it again.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::from_raw_os_error(libc::EAGAIN))
+}
+
+/// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`.
+pub fn stat_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<libc::stat> {
+    let n = cstr(name)?;
+    // SAFETY: zeroed stat is a valid out-parameter.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: n is a valid C string; st is a valid out-parameter.
+    cvt(unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            n.as_ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    Ok(st)
 }
 
 /// An O_PATH handle on `name` in `dir`, not following a final symlink.
