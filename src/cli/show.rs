@@ -43,7 +43,7 @@ fn raw_field(d: &DeviceInfo, f: &str) -> String {
     match f {
         "name" => d.full_name.clone(),
         "type" => match (r.kind, r.parent) {
-            (crate::meta::DeviceKind::Snapshot, _) => "snapshot".into(),
+            (crate::types::DeviceKind::Snapshot, _) => "snapshot".into(),
             (_, Some(_)) => "clone".into(),
             _ => "image".into(),
         },
@@ -134,7 +134,7 @@ pub fn tree(v: Value, dot: bool) -> Result<String> {
     for v in kids.values_mut() {
         v.sort_by_key(|d| {
             (
-                d.record.kind == crate::meta::DeviceKind::Image,
+                d.record.kind == crate::types::DeviceKind::Image,
                 d.record.seq,
             )
         });
@@ -142,7 +142,7 @@ pub fn tree(v: Value, dot: bool) -> Result<String> {
     if dot {
         let mut out = String::from("digraph thinfs {\n  rankdir=LR;\n");
         for d in &devs {
-            let shape = if d.record.kind == crate::meta::DeviceKind::Snapshot {
+            let shape = if d.record.kind == crate::types::DeviceKind::Snapshot {
                 "ellipse"
             } else {
                 "box"

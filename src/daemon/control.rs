@@ -253,8 +253,8 @@ fn handle(core: &Core, who: &Caller, op: &Op) -> Result<serde_json::Value> {
         Op::List { kind } => {
             let want = match kind.as_str() {
                 "all" => None,
-                "image" => Some(crate::meta::DeviceKind::Image),
-                "snapshot" => Some(crate::meta::DeviceKind::Snapshot),
+                "image" => Some(crate::types::DeviceKind::Image),
+                "snapshot" => Some(crate::types::DeviceKind::Snapshot),
                 k => {
                     return Err(Error::Invalid(format!(
                         "unknown type {k:?} (image, snapshot, all)"

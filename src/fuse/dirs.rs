@@ -7,8 +7,8 @@ use super::inode::{self, Inode, Node};
 use super::namespace::SNAPDIR;
 use super::{Caller, Core, Handle, attr};
 use crate::error::{Error, IoContext, Result};
-use crate::meta::DeviceKind;
 use crate::sys::file;
+use crate::types::DeviceKind;
 use fuser::{FileType, INodeNo, ReplyDirectory};
 use parking_lot::Mutex;
 
