@@ -12,6 +12,7 @@ pub mod error;
 pub mod fuse;
 pub mod lograte;
 pub mod meta;
+pub mod service;
 pub mod sys;
 pub mod types;
 

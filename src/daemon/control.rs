@@ -7,8 +7,9 @@
 use super::proto::{Op, Request, Response, VERSION};
 use crate::engine::Target;
 use crate::error::{Error, IoContext, Result};
-use crate::fuse::{Caller, Core};
+use crate::fuse::Core;
 use crate::lograte;
+use crate::service::Caller;
 use crate::types::{Bytes, MAX_SHOWN, Name, cut, escape};
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -274,45 +275,51 @@ fn handle(core: &Core, who: &Caller, op: &Op) -> Result<serde_json::Value> {
         Op::Pool => to_json(e.pool_info()?),
         Op::Create { name, size } => {
             let size = size.as_deref().map(Bytes::parse).transpose()?;
-            to_json(core.admin_create(who, &Name::fresh(name)?, size)?)
+            to_json(core.service().create_info(who, &Name::fresh(name)?, size)?)
         }
         Op::Snapshot { target } => {
             let t = Target::parse(target)?;
             if let Some(snap) = &t.snap {
                 Name::fresh(snap.as_str())?;
             }
-            to_json(core.admin_snapshot(who, &t)?)
+            to_json(core.service().snapshot(who, &t)?)
         }
-        Op::Clone { source, name } => {
-            to_json(core.admin_clone(who, &Target::parse(source)?, &Name::fresh(name)?)?)
-        }
+        Op::Clone { source, name } => to_json(core.service().clone_snapshot(
+            who,
+            &Target::parse(source)?,
+            &Name::fresh(name)?,
+        )?),
         Op::Rollback {
             target,
             destroy_newer,
         } => {
-            core.admin_rollback(who, &Target::parse(target)?, *destroy_newer)?;
+            core.service()
+                .rollback(who, &Target::parse(target)?, *destroy_newer)?;
             Ok(serde_json::Value::Null)
         }
         Op::Destroy { target, recursive } => {
-            core.admin_destroy(who, &Target::parse(target)?, *recursive)?;
+            core.service()
+                .destroy(who, &Target::parse(target)?, *recursive)?;
             Ok(serde_json::Value::Null)
         }
         Op::Rename { from, to } => {
             let f = Target::parse(from)?;
             let n = new_name(&f, to)?;
-            core.admin_rename(who, &f, &n)?;
+            core.service().rename(who, &f, &n)?;
             Ok(serde_json::Value::Null)
         }
         Op::Resize { name, size } => {
-            core.admin_resize(who, &Target::parse(name)?, Bytes::parse(size)?)?;
+            core.service()
+                .resize(who, &Target::parse(name)?, Bytes::parse(size)?)?;
             Ok(serde_json::Value::Null)
         }
         Op::Fsck { target } => {
-            let (code, output) = core.admin_fsck(who, &Target::parse(target)?)?;
+            let (code, output) = core.service().fsck(who, &Target::parse(target)?)?;
             Ok(serde_json::json!({ "exit": code, "output": output }))
         }
         Op::Label { target, key, value } => {
-            core.admin_label(who, &Target::parse(target)?, key, value.as_deref())?;
+            core.service()
+                .label(who, &Target::parse(target)?, key, value.as_deref())?;
             Ok(serde_json::Value::Null)
         }
     }

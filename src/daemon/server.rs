@@ -17,8 +17,9 @@
 
 use super::control::{self, Conn};
 use crate::error::Error;
-use crate::fuse::{Caller, Core};
+use crate::fuse::Core;
 use crate::lograte;
+use crate::service::Caller;
 use crate::sys::socket;
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::HashMap;

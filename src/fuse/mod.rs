@@ -1,26 +1,30 @@
-//! The FUSE layer: decodes kernel requests, calls the engine (for the
-//! namespace: images, `.snapshots`, `.thinfs`) or passes file operations
+//! The FUSE layer: decodes kernel requests, calls the service (mkdir,
+//! rmdir and mv of images and snapshots) or the engine (lookups of the
+//! namespace: images, `.snapshots`, `.thinfs`), or passes file operations
 //! through to the inner filesystems as the calling user, and maps every
-//! error to an errno. No graph logic lives here.
+//! error to an errno. No graph logic and no rights check lives here.
 //!
 //! Files: `inode` (inode numbers and table), `attr` (stat -> FileAttr),
-//! `namespace` (virtual directories and engine calls), `entries` (lookup,
+//! `namespace` (virtual directories, service calls), `holders` (what the
+//! engine asks of the mount, kernel invalidation, idle expiry), `entries` (lookup,
 //! create, link, rename... inside images), `files` (open, read, write,
 //! setattr, xattrs...), `dirs` (readdir), `control` (`.thinfs` content),
 //! `ops` (the `fuser::Filesystem` trait, one line per method).
 
-mod admin;
 mod attr;
 mod control;
 mod dirs;
 mod entries;
 mod files;
+mod holders;
 mod inode;
 mod namespace;
 mod ops;
 
 use crate::engine::{Engine, OpenToken};
 use crate::error::{Error, Result};
+pub use crate::service::Caller;
+use crate::service::Service;
 use crate::sys::creds;
 use crate::types::DeviceId;
 use fuser::{BackingId, Request};
@@ -91,47 +95,13 @@ enum Handle {
     Content(Vec<u8>),
 }
 
-/// Who sent a request (FUSE request or control-socket peer).
-#[derive(Debug, Clone)]
-pub struct Caller {
-    /// User id.
-    pub uid: u32,
-    /// Group id.
-    pub gid: u32,
-    /// Process id; for a FUSE request the id of the sending *thread*
-    /// (whose supplementary groups are the ones that count).
-    pub pid: u32,
-    /// Supplementary groups, when captured with the identity (the control
-    /// socket takes them at connect with SO_PEERGROUPS). `None`: read them
-    /// for thread `pid` on every request (its sender is blocked in its
-    /// system call, so the id cannot be reused meanwhile).
-    pub groups: Option<Arc<[u32]>>,
-}
-
-impl Caller {
-    fn of(req: &Request) -> Caller {
-        Caller {
-            uid: req.uid(),
-            gid: req.gid(),
-            pid: req.pid(),
-            groups: None,
-        }
-    }
-
-    /// Supplementary groups of the caller; none if they cannot be read
-    /// (fewer rights, never more).
-    pub fn groups(&self) -> Arc<[u32]> {
-        self.try_groups().unwrap_or_else(|_| Arc::from(Vec::new()))
-    }
-
-    /// Supplementary groups of the caller: the captured ones, or those of
-    /// the sending thread read now (never cached: a thread that drops a
-    /// group loses it for its next request).
-    pub fn try_groups(&self) -> std::io::Result<Arc<[u32]>> {
-        match &self.groups {
-            Some(g) => Ok(g.clone()),
-            None => creds::groups_of(self.pid).map(Arc::from),
-        }
+/// The caller of a FUSE request, as the service sees it.
+fn caller_of(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+        pid: req.pid(),
+        groups: None,
     }
 }
 
@@ -149,6 +119,7 @@ impl std::ops::Deref for ThinFs {
 /// control socket (which changes the namespace too: destroy, rollback).
 pub struct Core {
     engine: Arc<Engine>,
+    service: Arc<Service>,
     inodes: inode::InodeTable,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
@@ -178,6 +149,7 @@ impl ThinFs {
 impl Core {
     fn new(engine: Arc<Engine>, opts: FuseOptions) -> Core {
         Core {
+            service: Arc::new(Service::new(engine.clone(), opts.admin_group.clone())),
             engine,
             inodes: inode::InodeTable::new(),
             handles: Mutex::new(HashMap::new()),

@@ -28,26 +28,6 @@ impl Core {
         Name::lookup_os(name).map_err(|_| enoent(format!("{name:?}")))
     }
 
-    /// Only root and members of the admin group may change the namespace.
-    pub fn require_admin(&self, c: &Caller, what: &str) -> Result<()> {
-        if c.uid == 0 {
-            return Ok(());
-        }
-        if let Some((name, gid)) = &self.opts.admin_group {
-            if c.gid == *gid || c.groups().contains(gid) {
-                return Ok(());
-            }
-            return Err(Error::PermissionDenied(format!(
-                "{what} needs root or group {name} (uid {} is in neither)",
-                c.uid
-            )));
-        }
-        Err(Error::PermissionDenied(format!(
-            "{what} needs root (uid {} asked)",
-            c.uid
-        )))
-    }
-
     /// The root inode of image or snapshot `id`, mounting it if needed.
     pub(super) fn device_root(&self, id: DeviceId) -> Result<(Arc<Inode>, FileAttr)> {
         let m = self.engine.mount(id)?;
@@ -202,9 +182,8 @@ impl Core {
     /// `mkdir MOUNT/NAME`: a new image.
     pub(super) fn mkdir_image(&self, c: &Caller, name: &OsStr) -> Result<(Arc<Inode>, FileAttr)> {
         let n = Name::from_os(name)?;
-        self.require_admin(c, &format!("create image {n}"))?;
-        let r = self.engine.create_image(&n, None)?;
-        self.device_root(r.id)
+        let id = self.service.create(c, &n, None)?;
+        self.device_root(id)
     }
 
     /// `mkdir MOUNT/NAME/.snapshots/SNAP`: a snapshot.
@@ -215,12 +194,11 @@ impl Core {
         name: &OsStr,
     ) -> Result<(Arc<Inode>, FileAttr)> {
         let n = Name::from_os(name)?;
-        self.require_admin(c, &format!("snapshot {n}"))?;
-        let r = self.engine.snapshot(image, &n)?;
-        let root = self.device_root(r.id)?;
+        let id = self.service.snapshot_of(c, image, &n)?;
+        let root = self.device_root(id)?;
         // Thousands of snapshots must not mean thousands of mounts: this one
         // goes at the next idle pass unless somebody looks into it.
-        if let Some(m) = self.engine.mounted(r.id) {
+        if let Some(m) = self.engine.mounted(id) {
             m.mark_idle();
         }
         Ok(root)
@@ -243,12 +221,8 @@ impl Core {
     /// `rmdir MOUNT/NAME`: only an empty image without snapshots.
     pub(super) fn rmdir_image(&self, c: &Caller, name: &OsStr) -> Result<()> {
         let n = Self::lookup_name(name)?;
-        self.engine
-            .image_id(&n)?
-            .ok_or_else(|| enoent(format!("no image {n}")))?;
-        self.require_admin(c, &format!("destroy image {n}"))?;
-        let _ns = super::admin::NamespaceRequest::enter();
-        self.engine.destroy_if_empty(&n)
+        let _ns = super::holders::NamespaceRequest::enter();
+        self.service.destroy_if_empty(c, &n)
     }
 
     /// `rmdir MOUNT/NAME/.snapshots/SNAP`: destroy the snapshot.
@@ -258,10 +232,9 @@ impl Core {
             .engine
             .snapshot_id(image, &n)?
             .ok_or_else(|| enoent(format!("no snapshot {n}")))?;
-        self.require_admin(c, &format!("destroy snapshot {n}"))?;
         let t = self.target_of(id)?;
-        let _ns = super::admin::NamespaceRequest::enter();
-        self.engine.destroy(&t, false)
+        let _ns = super::holders::NamespaceRequest::enter();
+        self.service.destroy(c, &t, false)
     }
 
     /// Rename within the root (images) or within one `.snapshots`.
@@ -304,9 +277,8 @@ impl Core {
                 ));
             }
         };
-        self.require_admin(c, &format!("rename {t}"))?;
         self.engine.resolve(&t)?;
-        let _ns = super::admin::NamespaceRequest::enter();
-        self.engine.rename(&t, &new)
+        let _ns = super::holders::NamespaceRequest::enter();
+        self.service.rename(c, &t, &new)
     }
 }

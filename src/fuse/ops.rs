@@ -241,7 +241,7 @@ impl Filesystem for ThinFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let c = Caller::of(req);
+        let c = super::caller_of(req);
         let r = self.inodes.get(ino.0).and_then(|i| {
             let r = self.real(&i).map_err(|_| {
                 Error::PermissionDenied("attributes of images and snapshots are fixed".into())
@@ -283,7 +283,7 @@ impl Filesystem for ThinFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let c = Caller::of(req);
+        let c = super::caller_of(req);
         let r = self
             .real_parent(parent.0, "mknod")
             .and_then(|p| self.mknod_real(&c, self.real(&p)?, name, mode, umask, rdev));
@@ -303,7 +303,7 @@ impl Filesystem for ThinFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let c = Caller::of(req);
+        let c = super::caller_of(req);
         reply_or!(
             reply,
             "mkdir",
@@ -314,7 +314,7 @@ impl Filesystem for ThinFs {
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let c = Caller::of(req);
+        let c = super::caller_of(req);
         reply_or!(
             reply,
             "unlink",
@@ -325,7 +325,7 @@ impl Filesystem for ThinFs {
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let c = Caller::of(req);
+        let c = super::caller_of(req);
         reply_or!(
             reply,
             "rmdir",
@@ -343,7 +343,7 @@ impl Filesystem for ThinFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let c = Caller::of(req);
+        let c = super::caller_of(req);
         let r = self
             .real_parent(parent.0, "symlink")
             .and_then(|p| self.symlink_real(&c, self.real(&p)?, link_name, target.as_os_str()));
@@ -364,7 +364,7 @@ impl Filesystem for ThinFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let c = Caller::of(req);
+        let c = super::caller_of(req);
         let r = (|| {
             let p = self.inodes.get(parent.0)?;
             let np = self.inodes.get(newparent.0)?;
@@ -394,7 +394,7 @@ impl Filesystem for ThinFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let c = Caller::of(req);
+        let c = super::caller_of(req);
         let r = (|| {
             let i = self.inodes.get(ino.0)?;
             let p = self.real_parent(newparent.0, "link")?;
@@ -408,7 +408,7 @@ impl Filesystem for ThinFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let c = Caller::of(req);
+        let c = super::caller_of(req);
         let i = match self.inodes.get(ino.0) {
             Ok(i) => i,
             Err(e) => return reply.error(errno("open", ino.0, &e)),
@@ -496,7 +496,7 @@ impl Filesystem for ThinFs {
             reply,
             "write",
             ino.0,
-            self.write_fh(&Caller::of(req), fh.0, offset, data),
+            self.write_fh(&super::caller_of(req), fh.0, offset, data),
             |n| reply.written(n)
         )
     }
@@ -540,7 +540,7 @@ impl Filesystem for ThinFs {
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let c = Caller::of(req);
+        let c = super::caller_of(req);
         let r = self
             .inodes
             .get(ino.0)
@@ -640,7 +640,7 @@ impl Filesystem for ThinFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let c = Caller::of(req);
+        let c = super::caller_of(req);
         let r = self.inodes.get(ino.0).and_then(|i| match &i.node {
             Node::Real(_) => self.setxattr_real(&c, self.real(&i)?, name, value, flags),
             _ => Err(Error::PermissionDenied(
@@ -666,7 +666,7 @@ impl Filesystem for ThinFs {
     }
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let c = Caller::of(req);
+        let c = super::caller_of(req);
         let r = self.inodes.get(ino.0).and_then(|i| match &i.node {
             Node::Real(_) => self.listxattr_real(&c, self.real(&i)?, size),
             _ => Ok(Vec::new()),
@@ -679,7 +679,7 @@ impl Filesystem for ThinFs {
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let c = Caller::of(req);
+        let c = super::caller_of(req);
         let r = self.inodes.get(ino.0).and_then(|i| match &i.node {
             Node::Real(_) => self.removexattr_real(&c, self.real(&i)?, name),
             _ => Err(no(
@@ -705,7 +705,7 @@ impl Filesystem for ThinFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let c = Caller::of(req);
+        let c = super::caller_of(req);
         let r = self
             .real_parent(parent.0, "create")
             .and_then(|p| self.create_real(&c, self.real(&p)?, name, mode, umask, flags));
@@ -749,7 +749,7 @@ impl Filesystem for ThinFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let c = Caller::of(req);
+        let c = super::caller_of(req);
         reply_or!(
             reply,
             "fallocate",
@@ -790,7 +790,7 @@ impl Filesystem for ThinFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        let c = Caller::of(req);
+        let c = super::caller_of(req);
         let r = self.copy_range_fh(&c, fh_in.0, offset_in, fh_out.0, offset_out, len);
         reply_or!(reply, "copy_file_range", ino_in.0, r, |n| reply
             .written(n as u32))
