@@ -10,13 +10,15 @@ mod create;
 mod inspect;
 mod modify;
 mod mounts;
+mod offline;
 mod pool;
 mod recover;
 mod remove;
 pub mod space;
 
 pub use inspect::{DeviceInfo, PoolInfo};
-pub use mounts::{DeviceEntry, Holders, Mounted, OFFLINE_WAIT, Offline, OpenToken};
+pub use mounts::{Mounted, OFFLINE_WAIT, OpenToken};
+pub use offline::{DeviceEntry, Holders, Offline};
 pub use pool::{BackendChoice, PoolOptions};
 
 use crate::backend::Backend;

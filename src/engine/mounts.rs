@@ -9,7 +9,7 @@
 //! (a shell's cwd, an inotify watch) is reused, never mounted a second time.
 //!
 //! Operations that need a device unmounted (rollback, destroy, fsck,
-//! offline resize) take it [`Offline`]: under the device's lock they refuse
+//! offline resize) take it offline ([`super::Offline`], in `offline.rs`): under the device's lock they refuse
 //! (EBUSY, nothing changed) while files are open in it, otherwise they mark
 //! the mount closing (no new opens, no new inodes), let the layers above drop
 //! their cached references, and wait until the superblock is really gone.
@@ -31,10 +31,10 @@ use std::time::{Duration, Instant};
 /// How long a lookup waits for an operation that has the device offline.
 pub const OFFLINE_WAIT: Duration = Duration::from_secs(30);
 /// How long an operation waits for the last users of a mount to let go.
-const RELEASE_WAIT: Duration = Duration::from_secs(10);
+pub(super) const RELEASE_WAIT: Duration = Duration::from_secs(10);
 /// How long an operation waits for just-closed files (the kernel sends
 /// RELEASE asynchronously after the last close(2)).
-const SETTLE_WAIT: Duration = Duration::from_millis(500);
+pub(super) const SETTLE_WAIT: Duration = Duration::from_millis(500);
 
 /// Counts live superblocks per device (a mount is counted from the moment
 /// it is made until its last reference is dropped and the kernel let go).
@@ -211,7 +211,7 @@ impl Mounted {
     }
 
     /// Mark closing if nothing is open; else the pids holding files open.
-    fn try_close(&self) -> std::result::Result<(), (usize, Vec<u32>)> {
+    pub(super) fn try_close(&self) -> std::result::Result<(), (usize, Vec<u32>)> {
         let mut st = self.open.lock();
         if st.openers.is_empty() {
             st.closing = true;
@@ -223,94 +223,9 @@ impl Mounted {
         Err((st.openers.len(), pids))
     }
 
-    fn reopen(&self) {
+    pub(super) fn reopen(&self) {
         self.open.lock().closing = false;
     }
-}
-
-/// Devices taken offline by one operation: their locks are held (lookups
-/// wait) and their mounts are gone. Dropping it lets lookups in again.
-pub struct Offline {
-    _guards: Vec<parking_lot::ArcMutexGuard<parking_lot::RawMutex, ()>>,
-    /// Mounts marked closing, reopened on drop if they still live (the
-    /// operation failed before they went).
-    closing: Vec<Weak<Mounted>>,
-    ids: Vec<DeviceId>,
-}
-
-impl Offline {
-    /// The devices held offline.
-    pub fn ids(&self) -> &[DeviceId] {
-        &self.ids
-    }
-
-    /// Does this hold `id` offline?
-    pub fn holds(&self, id: DeviceId) -> bool {
-        self.ids.contains(&id)
-    }
-}
-
-impl Drop for Offline {
-    fn drop(&mut self) {
-        for w in &self.closing {
-            if let Some(m) = w.upgrade() {
-                m.reopen();
-            }
-        }
-    }
-}
-
-/// Where a device shows in the mount: what the layers above need to find
-/// their cached entries of it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceEntry {
-    /// Record id.
-    pub id: DeviceId,
-    /// Image or snapshot.
-    pub kind: DeviceKind,
-    /// The image of a snapshot (the snapshot of a clone).
-    pub parent: Option<DeviceId>,
-    /// Its name (within its image, for a snapshot).
-    pub name: crate::types::Name,
-}
-
-impl From<&DeviceRecord> for DeviceEntry {
-    fn from(r: &DeviceRecord) -> DeviceEntry {
-        DeviceEntry {
-            id: r.id,
-            kind: r.kind,
-            parent: r.parent,
-            name: r.name.clone(),
-        }
-    }
-}
-
-/// What holds devices above the engine (the FUSE mount). The engine asks it
-/// to drop its cached references before a device goes offline, and to
-/// invalidate what the kernel caches once the operation is over.
-pub trait Holders: Send + Sync {
-    /// Drop every cached reference to the mount of device `d` (inodes);
-    /// called with the device offline, so nothing new is made meanwhile.
-    fn drop_cached(&self, d: &DeviceEntry);
-    /// Tell the kernel that what it cached of `d` is gone or replaced;
-    /// called after the device locks are released.
-    fn invalidate(&self, d: &DeviceEntry);
-}
-
-/// EBUSY text: what was refused, where files are open, and by which
-/// processes (a FUSE request names the thread; its process is reported).
-fn busy_message(what: &str, name: &str, open: usize, tids: &[u32]) -> String {
-    let mut pids: Vec<u32> = tids
-        .iter()
-        .map(|t| crate::sys::process::tgid_of(*t).unwrap_or(*t))
-        .collect();
-    pids.sort_unstable();
-    pids.dedup();
-    let list: Vec<String> = pids.iter().map(|p| p.to_string()).collect();
-    format!(
-        "cannot {what}: {open} file(s) open in it ({name}, pid {})",
-        list.join(", ")
-    )
 }
 
 impl Engine {
@@ -385,7 +300,7 @@ impl Engine {
     }
 
     /// The live mount of `id`, if its superblock is alive (pinned or held).
-    fn live_mount(&self, id: DeviceId) -> Option<Arc<Mounted>> {
+    pub(super) fn live_mount(&self, id: DeviceId) -> Option<Arc<Mounted>> {
         if let Some(m) = self.pinned.lock().get(&id) {
             return Some(m.clone());
         }
@@ -448,132 +363,6 @@ impl Engine {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-    }
-
-    /// Take devices `recs` offline for an operation `what` (see the module
-    /// doc). EBUSY with the pids when files are open in any of them; nothing
-    /// has changed then.
-    /// The locks of `also` are taken too (in the same ascending order, so
-    /// that two operations never wait for each other), without taking those
-    /// devices offline.
-    fn take_offline(
-        &self,
-        recs: &[DeviceRecord],
-        also: &[DeviceId],
-        what: &str,
-    ) -> Result<Offline> {
-        let mut ids: Vec<DeviceId> = recs.iter().map(|r| r.id).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let mut locked: Vec<DeviceId> = ids.iter().chain(also).copied().collect();
-        locked.sort_unstable();
-        locked.dedup();
-        let mut guards = Vec::with_capacity(locked.len());
-        for id in &locked {
-            let lock = self.lock_of(*id);
-            let g = lock.try_lock_arc_for(OFFLINE_WAIT).ok_or_else(|| {
-                Error::Busy(format!(
-                    "cannot {what}: device id {id} is busy with another change"
-                ))
-            })?;
-            guards.push(g);
-        }
-        let mut off = Offline {
-            _guards: guards,
-            closing: Vec::new(),
-            ids,
-        };
-        let deadline = Instant::now() + SETTLE_WAIT;
-        for r in recs {
-            let Some(m) = self.live_mount(r.id) else {
-                continue;
-            };
-            loop {
-                match m.try_close() {
-                    Ok(()) => break,
-                    Err(_) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(10))
-                    }
-                    Err((open, pids)) => {
-                        return Err(Error::Busy(busy_message(
-                            what,
-                            &self.log_name(r),
-                            open,
-                            &pids,
-                        )));
-                    }
-                }
-            }
-            off.closing.push(Arc::downgrade(&m));
-        }
-        for id in off.ids.clone() {
-            self.pinned.lock().remove(&id);
-        }
-        Ok(off)
-    }
-
-    /// Run `f` with devices `recs` offline: taken offline, cached references
-    /// above dropped, every superblock gone; afterwards the kernel is told
-    /// to forget what it cached of them (after the locks are released, so a
-    /// lookup waiting on a lock cannot deadlock with the invalidation).
-    pub(super) fn with_offline<T>(
-        &self,
-        recs: &[DeviceRecord],
-        what: &str,
-        f: impl FnOnce(&Offline) -> Result<T>,
-    ) -> Result<T> {
-        self.with_offline_also(recs, &[], what, f)
-    }
-
-    /// [`Engine::with_offline`], holding the locks of `also` as well (in
-    /// order with the others) without taking those devices offline.
-    pub(super) fn with_offline_also<T>(
-        &self,
-        recs: &[DeviceRecord],
-        also: &[DeviceId],
-        what: &str,
-        f: impl FnOnce(&Offline) -> Result<T>,
-    ) -> Result<T> {
-        let holders = self.holders.read().as_ref().and_then(Weak::upgrade);
-        let r = {
-            let off = self.take_offline(recs, also, what)?;
-            if let Some(h) = &holders {
-                for r in recs {
-                    h.drop_cached(&r.into());
-                }
-            }
-            let mut r = Ok(());
-            for id in off.ids() {
-                if let Err(e) = self.wait_released(*id, RELEASE_WAIT) {
-                    r = Err(e);
-                    break;
-                }
-            }
-            r.and_then(|_| f(&off))
-        };
-        if let Some(h) = &holders {
-            for rec in recs {
-                h.invalidate(&rec.into());
-            }
-        }
-        r
-    }
-
-    /// Where device `id` shows in the mount.
-    pub fn entry(&self, id: DeviceId) -> Result<DeviceEntry> {
-        Ok(DeviceEntry::from(&self.record(id)?))
-    }
-
-    /// Call `f` on the holders above, if any.
-    pub(super) fn tell_holders(&self, f: impl FnOnce(&dyn Holders)) {
-        if let Some(h) = self.holders.read().as_ref().and_then(Weak::upgrade) {
-            f(h.as_ref());
-        }
-    }
-
-    /// Install what holds devices above the engine (the FUSE layer).
-    pub fn set_holders(&self, h: Weak<dyn Holders>) {
-        *self.holders.write() = Some(h);
     }
 
     /// Ids of devices the engine holds mounted, with their last use and
