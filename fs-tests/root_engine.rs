@@ -401,6 +401,14 @@ fn root_one_live_mount_per_device_under_stress() {
     write_file(e.mount(rb.id).unwrap().root(), "marker", b"base");
     e.snapshot(rb.id, &n("base")).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
+    // If the test panics, the threads stop too (they hold the engine).
+    struct StopOnDrop(Arc<AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let _stop_on_panic = StopOnDrop(stop.clone());
     let ops = Arc::new(AtomicUsize::new(0));
     type Synced = Vec<(String, Vec<u8>)>;
     let synced: Arc<parking_lot::Mutex<Synced>> = Default::default();
