@@ -209,9 +209,16 @@ impl InodeTable {
     /// The inode `ino` (reopened from its handle if it was evicted).
     pub fn get(&self, ino: u64) -> Result<Arc<Inode>> {
         let mut m = self.map.lock();
-        let slot = m
-            .get_mut(&ino)
-            .ok_or_else(|| estale(format!("inode {ino:#x}")))?;
+        self.use_known(&mut m, ino)?
+            .ok_or_else(|| estale(format!("inode {ino:#x}")))
+    }
+
+    /// Use inode `ino` if the table knows it: reopen it if it was evicted
+    /// (then evict others if that passed the budget), note the use.
+    fn use_known(&self, m: &mut HashMap<u64, Arc<Inode>>, ino: u64) -> Result<Option<Arc<Inode>>> {
+        let Some(slot) = m.get_mut(&ino) else {
+            return Ok(None);
+        };
         let restored = matches!(slot.node, Node::Evicted(_));
         if restored {
             self.restore(slot)?;
@@ -222,9 +229,9 @@ impl InodeTable {
         );
         let out = slot.clone();
         if restored && self.fds.load(Ordering::Relaxed) > self.budget {
-            self.evict(&mut m);
+            self.evict(m);
         }
-        Ok(out)
+        Ok(Some(out))
     }
 
     /// Reopen an evicted inode in place (under the table's lock).
@@ -329,22 +336,8 @@ impl InodeTable {
     /// lock, so no inode of that mount can slip in after the purge.
     pub fn remember(&self, ino: u64, make: impl FnOnce() -> Node) -> Result<Arc<Inode>> {
         let mut m = self.map.lock();
-        let i = match m.get_mut(&ino) {
-            Some(slot) => {
-                let restored = matches!(slot.node, Node::Evicted(_));
-                if restored {
-                    self.restore(slot)?;
-                }
-                slot.used.store(
-                    self.clock.fetch_add(1, Ordering::Relaxed),
-                    Ordering::Relaxed,
-                );
-                let out = slot.clone();
-                if restored && self.fds.load(Ordering::Relaxed) > self.budget {
-                    self.evict(&mut m);
-                }
-                out
-            }
+        let i = match self.use_known(&mut m, ino)? {
+            Some(i) => i,
             None => {
                 let i = self.new_inode(ino, make(), 0);
                 m.insert(ino, i.clone());

@@ -216,14 +216,7 @@ impl Core {
         what: impl FnOnce() -> String,
         f: impl FnOnce() -> std::io::Result<T>,
     ) -> Result<T> {
-        let r = creds::become_user(creds::Identity {
-            uid: c.uid,
-            gid: c.gid,
-            groups: None,
-            umask,
-        })
-        .and_then(|_g| f());
-        r.map_err(|e| Error::io(what(), e))
+        Self::as_identity(c, None, umask, what, f)
     }
 
     fn as_user_in<T>(
@@ -233,21 +226,34 @@ impl Core {
         what: impl FnOnce() -> String,
         f: impl FnOnce() -> std::io::Result<T>,
     ) -> Result<T> {
-        let r = (|| {
-            let gr = if c.uid != 0 {
-                Some(c.try_groups()?)
-            } else {
-                None
-            };
-            let _g = creds::become_user(creds::Identity {
-                uid: c.uid,
-                gid: c.gid,
-                groups: gr.as_deref(),
-                umask,
-            })?;
-            f()
-        })();
-        r.map_err(|e| Error::io(what(), e))
+        let groups = if c.uid != 0 {
+            match c.try_groups() {
+                Ok(g) => Some(g),
+                Err(e) => return Err(Error::io(what(), e)),
+            }
+        } else {
+            None
+        };
+        Self::as_identity(c, groups.as_deref(), umask, what, f)
+    }
+
+    /// Run `f` as `c` with exactly these supplementary `groups` (None:
+    /// leave the thread's, which are none) and `umask`.
+    fn as_identity<T>(
+        c: &Caller,
+        groups: Option<&[u32]>,
+        umask: Option<u32>,
+        what: impl FnOnce() -> String,
+        f: impl FnOnce() -> std::io::Result<T>,
+    ) -> Result<T> {
+        creds::become_user(creds::Identity {
+            uid: c.uid,
+            gid: c.gid,
+            groups,
+            umask,
+        })
+        .and_then(|_g| f())
+        .map_err(|e| Error::io(what(), e))
     }
 
     fn add_handle(&self, h: Handle) -> u64 {
