@@ -93,6 +93,13 @@ pub enum Error {
         /// The connect error.
         why: String,
     },
+    /// A long operation was cancelled (its client went away or asked).
+    #[error("cancelled: {0}")]
+    Cancelled(String),
+    /// A snapshot stream, backup or archive is damaged or does not fit:
+    /// the message says which record and why.
+    #[error("bad stream: {0}")]
+    BadStream(String),
     /// A failpoint fired (crash tests only).
     #[error("failpoint {0} fired")]
     Failpoint(String),
@@ -127,6 +134,8 @@ impl Error {
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Error::Daemon { errno, .. } => *errno,
             Error::NotRunning { .. } => libc::ENOTCONN,
+            Error::Cancelled(_) => libc::ECANCELED,
+            Error::BadStream(_) => libc::EBADMSG,
             Error::Faulty { .. } | Error::Meta(_) | Error::Corrupt(_) | Error::Failpoint(_) => {
                 libc::EIO
             }

@@ -9,8 +9,10 @@
 //! transport and call these functions; none of them decides rights itself.
 
 mod caller;
+mod job;
 
 pub use caller::Caller;
+pub use job::Job;
 
 use crate::engine::{DeviceInfo, Engine, Target};
 use crate::error::{Error, Result};
