@@ -69,6 +69,18 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// An external program (mkfs, e2fsck, resize2fs) ran and failed.
+    #[error("{what}: {program} exited {status}: {stderr}")]
+    Tool {
+        /// What was being done.
+        what: String,
+        /// The program.
+        program: &'static str,
+        /// Its exit status, as the shell would say it.
+        status: String,
+        /// The last lines it printed on stderr.
+        stderr: String,
+    },
     /// The metadata store failed.
     #[error("metadata store: {0}")]
     Meta(#[from] sled::Error),
@@ -136,6 +148,7 @@ impl Error {
             Error::NotRunning { .. } => libc::ENOTCONN,
             Error::Cancelled(_) => libc::ECANCELED,
             Error::BadStream(_) => libc::EBADMSG,
+            Error::Tool { .. } => libc::EIO,
             Error::Faulty { .. } | Error::Meta(_) | Error::Corrupt(_) | Error::Failpoint(_) => {
                 libc::EIO
             }

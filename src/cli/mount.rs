@@ -90,21 +90,26 @@ fn load_config(path: Option<&Path>) -> Result<FileConfig> {
     toml::from_str(&text).map_err(|e| Error::Invalid(format!("config {}: {e}", p.display())))
 }
 
-/// Resolve a group name (or number) to its gid from /etc/group.
+/// Resolve a group name (or number) to its gid through NSS (getgrnam_r),
+/// so groups from LDAP or sssd work as well as those in /etc/group.
 fn group_gid(name: &str) -> Result<u32> {
     if let Ok(n) = name.parse::<u32>() {
         return Ok(n);
     }
-    let text = std::fs::read_to_string("/etc/group").ctx(|| "read /etc/group".into())?;
-    text.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            (f.len() >= 3 && f[0] == name)
-                .then(|| f[2].parse::<u32>().ok())
-                .flatten()
-        })
-        .next()
-        .ok_or_else(|| Error::NotFound(format!("no group named {name:?} in /etc/group")))
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => Err(Error::NotFound(format!(
+            "no group named {:?} (looked up through NSS: /etc/group, LDAP, sssd...)",
+            crate::types::cut(name, crate::types::MAX_SHOWN)
+        ))),
+        Err(e) => Err(Error::io(
+            format!(
+                "look up group {:?}",
+                crate::types::cut(name, crate::types::MAX_SHOWN)
+            ),
+            std::io::Error::from_raw_os_error(e as i32),
+        )),
+    }
 }
 
 fn config(a: &MountArgs) -> Result<MountConfig> {

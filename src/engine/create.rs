@@ -133,17 +133,7 @@ impl Engine {
             label.as_ref(),
             active.path().as_os_str(),
         ];
-        let out = Tool::MkfsExt4.output(args).ctx(|| "run mkfs.ext4".into())?;
-        if !out.status.success() {
-            return Err(Error::io(
-                format!(
-                    "mkfs.ext4 on {}: {}",
-                    active.path().display(),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ),
-                std::io::Error::from_raw_os_error(libc::EIO),
-            ));
-        }
+        Tool::MkfsExt4.run(&format!("make the ext4 of {}", rec.name), args)?;
         Ok(())
     }
 

@@ -223,15 +223,10 @@ impl Engine {
                 String::from_utf8_lossy(&out.stdout).trim()
             );
         }
-        let out = Tool::Resize2fs
-            .output([active.path()])
-            .ctx(|| "run resize2fs".into())?;
-        if !out.status.success() {
-            return Err(Error::io(
-                format!("resize2fs: {}", String::from_utf8_lossy(&out.stderr).trim()),
-                std::io::Error::from_raw_os_error(libc::EIO),
-            ));
-        }
+        Tool::Resize2fs.run(
+            &format!("grow the ext4 of {} offline", rec.name),
+            [active.path()],
+        )?;
         self.record_size(rec, size)
     }
 
@@ -261,13 +256,7 @@ impl Engine {
                 );
                 log::info!("fsck of {target}: e2fsck exit {code}");
                 if code > 1 {
-                    return Err(Error::io(
-                        format!(
-                            "e2fsck of {target} exited {code}: {}",
-                            text.lines().last().unwrap_or("")
-                        ),
-                        std::io::Error::from_raw_os_error(libc::EIO),
-                    ));
+                    return Err(Tool::E2fsck.failed(&format!("fsck {target}"), &out));
                 }
                 Ok((code, text))
             },

@@ -2,6 +2,7 @@
 //! Debian package has it, and how a missing one is reported. Nothing else
 //! in thinfs spawns a file-system tool by name.
 
+use crate::error::{Error, IoContext, Result};
 use std::ffi::OsStr;
 use std::io;
 use std::path::PathBuf;
@@ -67,6 +68,39 @@ impl Tool {
         Command::new(prog).args(args).output()
     }
 
+    /// Run it with `args` for `what`; a non-zero exit is
+    /// [`Error::Tool`] with the tail of its stderr, a missing program
+    /// ENOENT naming the package.
+    pub fn run<I, S>(self, what: &str, args: I) -> Result<Output>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let out = self
+            .output(args)
+            .ctx(|| format!("{what}: run {}", self.program()))?;
+        if !out.status.success() {
+            return Err(self.failed(what, &out));
+        }
+        Ok(out)
+    }
+
+    /// The error for a run of this tool that ended with `out`.
+    pub fn failed(self, what: &str, out: &Output) -> Error {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = stderr.trim().lines().rev().take(3).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        Error::Tool {
+            what: what.to_string(),
+            program: self.program(),
+            status: match out.status.code() {
+                Some(c) => format!("with code {c}"),
+                None => "on a signal".to_string(),
+            },
+            stderr: crate::types::escape(&crate::types::cut(&tail.join(" / "), 400)).into_owned(),
+        }
+    }
+
     fn missing(self) -> io::Error {
         io::Error::new(
             io::ErrorKind::NotFound,
@@ -87,4 +121,29 @@ pub fn missing(tools: &[Tool]) -> Option<String> {
         .map(|t| format!("{} (package {})", t.program(), t.package()))
         .collect();
     (!gone.is_empty()).then(|| gone.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_run_says_what_which_program_exit_code_and_stderr_tail() {
+        let out = Command::new("sh")
+            .args([
+                "-c",
+                "echo one >&2; echo two >&2; echo 'three\x1b[31m' >&2; exit 3",
+            ])
+            .output()
+            .unwrap();
+        let e = Tool::Resize2fs.failed("grow the ext4 of a", &out);
+        assert_eq!(e.errno(), libc::EIO);
+        let m = e.to_string();
+        assert!(
+            m.starts_with("grow the ext4 of a: resize2fs exited with code 3: "),
+            "{m}"
+        );
+        assert!(m.contains("one / two / three"), "{m}");
+        assert!(!m.contains('\x1b'), "escape sequences are escaped: {m}");
+    }
 }

@@ -2,6 +2,7 @@
 
 use crate::backend::{ActiveDevice, Backend, PoolStatus, Usage};
 use crate::error::{Error, IoContext, Result};
+use crate::sys::tools::Tool;
 use crate::sys::{self, file, fsio, loopdev::LoopDevice, mount};
 use crate::types::{Bytes, DeviceId};
 use std::ffi::OsStr;
@@ -9,7 +10,6 @@ use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// The pool file's name in the state directory.
@@ -34,19 +34,6 @@ impl std::fmt::Debug for ReflinkPool {
 
 fn dev_name(dev: DeviceId) -> String {
     format!("{:08}.img", dev.get())
-}
-
-fn run(cmd: &mut Command, what: &str) -> Result<()> {
-    let out = cmd
-        .output()
-        .ctx(|| format!("{what}: cannot run {:?}", cmd.get_program()))?;
-    if !out.status.success() {
-        return Err(Error::io(
-            format!("{what}: {}", String::from_utf8_lossy(&out.stderr).trim()),
-            std::io::Error::from_raw_os_error(libc::EIO),
-        ));
-    }
-    Ok(())
 }
 
 /// Can files in `dir` be reflinked? (probe with two temporary files)
@@ -138,20 +125,19 @@ impl ReflinkPool {
             f.set_len(size.0)
                 .ctx(|| format!("size {}", tmp.display()))?;
             drop(f);
-            run(
-                Command::new("mkfs.xfs")
-                    .args([
-                        "-q",
-                        "-f",
-                        "-m",
-                        "reflink=1",
-                        "-s",
-                        "size=4096",
-                        "-L",
-                        "thinfs-pool",
-                    ])
-                    .arg(&tmp),
-                "format the pool (mkfs.xfs, Debian package xfsprogs)",
+            Tool::MkfsXfs.run(
+                "format the pool",
+                [
+                    "-q".as_ref(),
+                    "-f".as_ref(),
+                    "-m".as_ref(),
+                    "reflink=1".as_ref(),
+                    "-s".as_ref(),
+                    "size=4096".as_ref(),
+                    "-L".as_ref(),
+                    "thinfs-pool".as_ref(),
+                    tmp.as_os_str(),
+                ] as [&OsStr; 9],
             )?;
             std::fs::rename(&tmp, &pool_file).ctx(|| format!("rename {}", tmp.display()))?;
         } else {
