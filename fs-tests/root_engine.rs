@@ -151,7 +151,7 @@ fn root_bad_input_gives_distinct_errors_and_creates_nothing() {
     let s = Scratch::new("bad");
     let e = open(s.path());
     let img = e.create_image(&n("a"), None).unwrap();
-    let count = || e.meta().list().unwrap().len();
+    let count = || e.records().unwrap().len();
     let n0 = count();
     assert!(matches!(
         e.create_image(&n("a"), None),
@@ -261,7 +261,7 @@ fn killed(o: &std::process::Output) -> bool {
 
 /// Every device either complete with its record or gone; no orphan files.
 fn check_consistent(e: &thinfs::engine::Engine) {
-    let recs = e.meta().list().unwrap();
+    let recs = e.records().unwrap();
     for r in &recs {
         assert_eq!(r.state, DeviceState::Ready, "after recovery: {r:?}");
         assert!(
@@ -298,7 +298,7 @@ fn check_consistent(e: &thinfs::engine::Engine) {
     } else {
         assert_eq!(devs, backend, "backend devices must match the records");
     }
-    assert!(e.meta().gc_list().unwrap().is_empty());
+    assert!(e.gc_pending().unwrap().is_empty());
 }
 
 #[test]

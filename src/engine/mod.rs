@@ -181,9 +181,16 @@ impl Engine {
         Ok(e)
     }
 
-    /// The metadata store (read-only use by inspection).
-    pub fn meta(&self) -> &Meta {
-        &self.meta
+    /// Every device record, in id order (the metadata store itself stays
+    /// private to the engine).
+    pub fn records(&self) -> Result<Vec<crate::meta::DeviceRecord>> {
+        self.meta.list()
+    }
+
+    /// Backend devices whose records are gone and whose blocks are still
+    /// to be freed (finished at the next open).
+    pub fn gc_pending(&self) -> Result<Vec<crate::types::DeviceId>> {
+        self.meta.gc_list()
     }
 
     /// The backend.

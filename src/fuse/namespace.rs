@@ -157,7 +157,7 @@ impl Core {
                 }
             }
             Node::InfoDir => {
-                for r in self.engine.meta().list()? {
+                for r in self.engine.records()? {
                     v.push((
                         inode::info_ino(r.id),
                         FileType::RegularFile,
