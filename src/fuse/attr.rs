@@ -84,3 +84,24 @@ pub fn virtual_attr(ino: u64, dir: bool, size: u64, since: SystemTime) -> FileAt
         flags: 0,
     }
 }
+
+/// The group of the mount root: the highest valid group id (-1 is the
+/// kernel's invalid id, which would make it refuse writes to the root,
+/// `HAS_UNMAPPED_ID()`). No account has it; a process can only get it
+/// from root's `setgroups` or a user namespace mapping it.
+pub const ROOT_GID: u32 = u32::MAX - 1;
+
+/// Give the mount root the rights 0755 gives, without group bits: the
+/// kernel's permission check asks for a directory's ACL only when its
+/// mode has group bits (`acl_permission_check()` calls `check_acl()` only
+/// then), and it never caches the root's ACL: the root inode is made while
+/// mounting, before the INIT reply turns POSIX ACLs on, so
+/// `fuse_init_inode()` marks it `ACL_DONT_CACHE`, and no later
+/// invalidation clears that (measured on 6.18). With 0755, every path
+/// walk through the mount by anyone but root cost one GETXATTR round trip
+/// and left RCU walk mode. Nobody's access changes: 0755 gave the group
+/// what it gives others, and nobody is in [`ROOT_GID`].
+pub fn no_group_class(a: &mut FileAttr) {
+    a.gid = ROOT_GID;
+    a.perm = 0o705;
+}

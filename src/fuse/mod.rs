@@ -9,17 +9,22 @@
 //! engine asks of the mount, kernel invalidation, idle expiry), `entries` (lookup,
 //! create, link, rename... inside images), `files` (open, read, write,
 //! setattr, xattrs...), `dirs` (readdir), `control` (`.thinfs` content),
-//! `ops` (the `fuser::Filesystem` trait, one line per method).
+//! `ops` (the `fuser::Filesystem` trait), `dispatch` (virtual or inner path
+//! by the kind of inode), `open` (open and create replies), `reply` (error
+//! to errno).
 
 mod attr;
 mod control;
 mod dirs;
+mod dispatch;
 mod entries;
 mod files;
 mod holders;
 mod inode;
 mod namespace;
+mod open;
 mod ops;
+mod reply;
 
 use crate::engine::{Engine, OpenToken};
 use crate::error::{Error, Result};

@@ -122,6 +122,8 @@ impl Core {
                 if let Some((_, gid)) = &self.opts.admin_group {
                     a.gid = *gid;
                     a.perm = 0o775;
+                } else if matches!(i.node, Node::Root) {
+                    attr::no_group_class(&mut a);
                 }
                 a
             }

@@ -2,145 +2,21 @@
 //! the virtual or passthrough path by the kind of inode, and replies. Every
 //! error goes to the caller as an errno and to the log as one line.
 
+use super::ThinFs;
 use super::files::SetAttr;
 use super::inode::Node;
-use super::{Caller, Core, Handle, ThinFs};
-use crate::error::{Error, Result};
+use super::reply::{errno, no, reply_or};
+use crate::error::Error;
 use fuser::{
-    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileHandle, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BsdFileFlags, CopyFileRangeFlags, FileHandle, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
-
-/// Map an error to an errno, logging one line. Ordinary outcomes of file
-/// operations (ENOENT, EEXIST, EACCES...) are logged at debug level.
-fn errno(op: &str, ino: u64, e: &Error) -> Errno {
-    let n = e.errno();
-    let quiet = matches!(
-        n,
-        libc::ENOENT
-            | libc::EEXIST
-            | libc::EACCES
-            | libc::ENOTEMPTY
-            | libc::ENODATA
-            | libc::ERANGE
-            | libc::ENOTDIR
-            | libc::EISDIR
-            | libc::ELOOP
-            | libc::ENOTSUP
-            | libc::EROFS
-    );
-    if quiet {
-        log::debug!("{op} (inode {ino:#x}): {e}");
-    } else if let Some(dropped) = crate::lograte::FUSE.allow(crate::lograte::key_of(op)) {
-        // Any user can make requests fail: at most a few lines a second
-        // per request kind, with the error text cut.
-        log::warn!(
-            "{op} (inode {ino:#x}) failed, errno {n}: {}{}",
-            crate::types::escape(&crate::types::cut(&e.to_string(), 300)),
-            crate::lograte::dropped_note(dropped)
-        );
-    }
-    Errno::from_i32(n)
-}
-
-fn no(errno: i32, what: &str) -> Error {
-    Error::io(what.to_string(), std::io::Error::from_raw_os_error(errno))
-}
-
-macro_rules! reply_or {
-    ($reply:expr, $op:expr, $ino:expr, $res:expr, |$v:ident| $ok:expr) => {
-        match $res {
-            Ok($v) => $ok,
-            Err(e) => $reply.error(errno($op, $ino, &e)),
-        }
-    };
-}
-
-impl Core {
-    fn entry_of(
-        &self,
-        parent: u64,
-        name: &OsStr,
-    ) -> Result<(std::sync::Arc<super::inode::Inode>, fuser::FileAttr)> {
-        let p = self.inodes.get(parent)?;
-        match &p.node {
-            Node::Root => self.lookup_root(name),
-            Node::Control => self.lookup_control(name),
-            Node::InfoDir => self.lookup_info(name),
-            Node::SnapDir(img) => self.lookup_snapdir(*img, name),
-            Node::Real(_) => self.lookup_real(self.real(&p)?, name),
-            Node::ControlFile(_) => Err(no(libc::ENOTDIR, "lookup in a file")),
-            Node::Evicted(_) => Err(no(libc::ESTALE, "inode not reopened")),
-        }
-    }
-
-    fn mkdir_any(
-        &self,
-        c: &Caller,
-        parent: u64,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-    ) -> Result<(std::sync::Arc<super::inode::Inode>, fuser::FileAttr)> {
-        let p = self.inodes.get(parent)?;
-        match &p.node {
-            Node::Root => self.mkdir_image(c, name),
-            Node::SnapDir(img) => self.mkdir_snapshot(c, *img, name),
-            Node::Real(_) => self.mkdir_real(c, self.real(&p)?, name, mode, umask),
-            _ => Err(Error::ReadOnly(".thinfs is read-only".into())),
-        }
-    }
-
-    fn remove_any(&self, c: &Caller, parent: u64, name: &OsStr, dir: bool) -> Result<()> {
-        let p = self.inodes.get(parent)?;
-        match (&p.node, dir) {
-            (Node::Root, true) => self.rmdir_image(c, name),
-            (Node::SnapDir(img), true) => self.rmdir_snapshot(c, *img, name),
-            (Node::Real(_), _) => self.unlink_real(c, self.real(&p)?, name, dir),
-            (Node::Control | Node::InfoDir, _) => {
-                Err(Error::ReadOnly(".thinfs is read-only".into()))
-            }
-            _ => Err(no(
-                libc::EISDIR,
-                "unlink of an image or snapshot (use rmdir)",
-            )),
-        }
-    }
-
-    fn is_real(&self, ino: u64) -> bool {
-        self.inodes
-            .peek(ino)
-            .map(|i| matches!(i.node, Node::Real(_)))
-            .unwrap_or(false)
-    }
-
-    fn attr_any(&self, ino: u64) -> Result<fuser::FileAttr> {
-        let i = self.inodes.get(ino)?;
-        match &i.node {
-            Node::Real(_) => self.getattr_real(&i, self.real(&i)?),
-            _ => self.virtual_attr(&i),
-        }
-    }
-
-    fn real_parent(&self, parent: u64, what: &str) -> Result<std::sync::Arc<super::inode::Inode>> {
-        let p = self.inodes.get(parent)?;
-        match &p.node {
-            Node::Real(_) => Ok(p),
-            Node::Control | Node::InfoDir | Node::ControlFile(_) => {
-                Err(Error::ReadOnly(".thinfs is read-only".into()))
-            }
-            _ => Err(Error::PermissionDenied(format!(
-                "{what}: only directories (images, snapshots) can be made here"
-            ))),
-        }
-    }
-}
 
 impl Filesystem for ThinFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
@@ -408,56 +284,7 @@ impl Filesystem for ThinFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let c = super::caller_of(req);
-        let i = match self.inodes.get(ino.0) {
-            Ok(i) => i,
-            Err(e) => return reply.error(errno("open", ino.0, &e)),
-        };
-        match &i.node {
-            Node::ControlFile(f) => {
-                if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
-                    return reply.error(errno(
-                        "open",
-                        ino.0,
-                        &Error::ReadOnly(".thinfs is read-only".into()),
-                    ));
-                }
-                match self.control_content(*f) {
-                    Ok(data) => {
-                        let fh = self.add_handle(Handle::Content(data));
-                        reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
-                    }
-                    Err(e) => reply.error(errno("open", ino.0, &e)),
-                }
-            }
-            Node::Real(_) => {
-                let r = match self.real(&i) {
-                    Ok(r) => r,
-                    Err(e) => return reply.error(errno("open", ino.0, &e)),
-                };
-                let file = match self.open_real(&c, r, flags.0) {
-                    Ok(f) => f,
-                    Err(e) => return reply.error(errno("open", ino.0, &e)),
-                };
-                let writable = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
-                let (fh, backing) =
-                    match self.file_handle(&c, &i, file, writable, |f| reply.open_backing(f)) {
-                        Ok(v) => v,
-                        Err(e) => return reply.error(errno("open", ino.0, &e)),
-                    };
-                match backing {
-                    Some(b) => {
-                        reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &b)
-                    }
-                    None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH),
-                }
-            }
-            _ => reply.error(errno(
-                "open",
-                ino.0,
-                &no(libc::EISDIR, "open of a directory"),
-            )),
-        }
+        self.open_and_reply(req, ino, flags, reply)
     }
 
     fn read(
@@ -598,34 +425,7 @@ impl Filesystem for ThinFs {
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
-        let r = (|| {
-            let i = self.inodes.get(ino.0)?;
-            if let Node::Real(_) = &i.node {
-                let s = self.statfs_real(self.real(&i)?)?;
-                return Ok((
-                    s.f_blocks,
-                    s.f_bfree,
-                    s.f_bavail,
-                    s.f_files,
-                    s.f_ffree,
-                    s.f_bsize as u32,
-                    s.f_namemax as u32,
-                    s.f_frsize as u32,
-                ));
-            }
-            let p = self.engine.pool_info()?;
-            let bs = 4096u64;
-            Ok((
-                p.status.total / bs,
-                (p.status.total - p.status.used) / bs,
-                p.status.available / bs,
-                0,
-                0,
-                bs as u32,
-                255,
-                bs as u32,
-            ))
-        })();
+        let r = self.statfs_any(ino.0);
         reply_or!(reply, "statfs", ino.0, r, |s| reply
             .statfs(s.0, s.1, s.2, s.3, s.4, s.5, s.6, s.7))
     }
@@ -705,38 +505,7 @@ impl Filesystem for ThinFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let c = super::caller_of(req);
-        let r = self
-            .real_parent(parent.0, "create")
-            .and_then(|p| self.create_real(&c, self.real(&p)?, name, mode, umask, flags));
-        match r {
-            Ok((i, attr, file)) => {
-                let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
-                let (fh, backing) =
-                    match self.file_handle(&c, &i, file, writable, |f| reply.open_backing(f)) {
-                        Ok(v) => v,
-                        Err(e) => return reply.error(errno("create", parent.0, &e)),
-                    };
-                match backing {
-                    Some(b) => reply.created_passthrough(
-                        &self.opts.ttl,
-                        &attr,
-                        Generation(0),
-                        FileHandle(fh),
-                        FopenFlags::FOPEN_NOFLUSH,
-                        &b,
-                    ),
-                    None => reply.created(
-                        &self.opts.ttl,
-                        &attr,
-                        Generation(0),
-                        FileHandle(fh),
-                        FopenFlags::FOPEN_NOFLUSH,
-                    ),
-                }
-            }
-            Err(e) => reply.error(errno("create", parent.0, &e)),
-        }
+        self.create_and_reply(req, parent, name, mode, umask, flags, reply)
     }
 
     fn fallocate(
