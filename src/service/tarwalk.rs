@@ -323,6 +323,17 @@ impl<'a, 'j> Walker<'a, 'j> {
                 Err(e) => return Err(e),
             };
             let value = file::getxattr(fd, name, vlen.max(1) + 1024)?;
+            // GNU tar restores ACLs from their text form.
+            let acl = match n {
+                b"system.posix_acl_access" => Some("SCHILY.acl.access"),
+                b"system.posix_acl_default" => Some("SCHILY.acl.default"),
+                _ => None,
+            };
+            if let Some(key) = acl
+                && let Some(text) = acl_text(&value)
+            {
+                pax.push((key.into(), text.into_bytes()));
+            }
             pax.push((
                 format!("SCHILY.xattr.{}", String::from_utf8_lossy(n)),
                 value,
@@ -375,5 +386,65 @@ impl<'a, 'j> Walker<'a, 'j> {
         self.tar
             .append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
             .map_err(|e| self.err(format!("write /{} to the tarball", p.display()), e))
+    }
+}
+
+/// An ACL in the kernel's xattr form (version 2: a u32 header, then
+/// entries of u16 tag, u16 permissions, u32 id, little-endian) as the text
+/// `acl_from_text` reads, with numeric ids: `user::rwx\nuser:1000:r-x...`.
+fn acl_text(bin: &[u8]) -> Option<String> {
+    if bin.len() < 4 || u32::from_le_bytes(bin[..4].try_into().ok()?) != 2 {
+        return None;
+    }
+    let mut lines = Vec::new();
+    for e in bin[4..].chunks(8) {
+        if e.len() != 8 {
+            return None;
+        }
+        let tag = u16::from_le_bytes([e[0], e[1]]);
+        let perm = u16::from_le_bytes([e[2], e[3]]);
+        let id = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
+        let p = format!(
+            "{}{}{}",
+            if perm & 4 != 0 { 'r' } else { '-' },
+            if perm & 2 != 0 { 'w' } else { '-' },
+            if perm & 1 != 0 { 'x' } else { '-' }
+        );
+        lines.push(match tag {
+            0x01 => format!("user::{p}"),
+            0x02 => format!("user:{id}:{p}"),
+            0x04 => format!("group::{p}"),
+            0x08 => format!("group:{id}:{p}"),
+            0x10 => format!("mask::{p}"),
+            0x20 => format!("other::{p}"),
+            _ => return None,
+        });
+    }
+    Some(lines.join("\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acl_as_text() {
+        let mut b = 2u32.to_le_bytes().to_vec();
+        for (tag, perm, id) in [
+            (1u16, 7u16, u32::MAX),
+            (2, 5, 1000),
+            (4, 4, u32::MAX),
+            (0x10, 7, u32::MAX),
+            (0x20, 0, u32::MAX),
+        ] {
+            b.extend(tag.to_le_bytes());
+            b.extend(perm.to_le_bytes());
+            b.extend(id.to_le_bytes());
+        }
+        assert_eq!(
+            acl_text(&b).unwrap(),
+            "user::rwx\nuser:1000:r-x\ngroup::r--\nmask::rwx\nother::---"
+        );
+        assert!(acl_text(&b[..7]).is_none());
     }
 }
