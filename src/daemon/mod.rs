@@ -94,6 +94,7 @@ pub fn run(cfg: &MountConfig, ready: impl FnOnce()) -> Result<()> {
         .ctx(|| format!("mount FUSE at {}", cfg.mountpoint.display()))?;
     core.set_notifier(session.notifier());
     let mut unmounter = session.unmount_callable();
+    core.service().sweep_export_leftovers();
     let mut control =
         server::Server::start(listener, core.service().clone(), server::Limits::default())?;
     let mp = cfg.mountpoint.clone();

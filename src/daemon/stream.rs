@@ -27,6 +27,9 @@ use std::time::{Duration, Instant};
 /// How often progress is sent and the client is checked.
 const TICK: Duration = Duration::from_millis(200);
 
+/// Why a stream was cancelled, when the client said so.
+const ASKED: &str = "the client asked";
+
 /// A client that takes no progress line for this long is gone.
 const WRITE_LIMIT: Duration = Duration::from_secs(10);
 
@@ -143,7 +146,7 @@ impl Streams {
         mut c: Conn,
         op: Op,
         fds: Vec<OwnedFd>,
-        ended: impl FnOnce(u32) + Send + 'static,
+        ended: impl Fn(u32) + Clone + Send + 'static,
     ) {
         let uid = c.who.uid;
         let job = Job::new();
@@ -157,6 +160,7 @@ impl Streams {
                 return;
             }
         };
+        let ended2 = ended.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("stream-{}", slot.key))
             .spawn(move || {
@@ -164,13 +168,16 @@ impl Streams {
                 drop(c);
                 drop(service);
                 drop(slot);
-                ended(uid);
+                ended2(uid);
             });
         match spawned {
             Ok(t) => self.st.lock().threads.push(t),
             // The closure (connection, slot) is dropped: the client sees
             // its connection close; the count is given back.
-            Err(e) => log::error!("control: cannot start a stream thread: {e}"),
+            Err(e) => {
+                log::error!("control: cannot start a stream thread: {e}");
+                ended(uid);
+            }
         }
     }
 
@@ -240,7 +247,7 @@ fn run(service: &Service, c: &mut Conn, op: &Op, fds: Vec<OwnedFd>, job: &Arc<Jo
                         while let Some(i) = pending.iter().position(|&b| b == b'\n') {
                             let l: Vec<u8> = pending.drain(..=i).collect();
                             if serde_json::from_slice::<ClientLine>(&l).is_ok_and(|l| l.cancel) {
-                                why_cancelled = why_cancelled.or(Some("the client asked"));
+                                why_cancelled = why_cancelled.or(Some(ASKED));
                             }
                         }
                         pending.truncate(4096);
@@ -282,7 +289,8 @@ fn run(service: &Service, c: &mut Conn, op: &Op, fds: Vec<OwnedFd>, job: &Arc<Jo
         }
         _ => control::log_outcome(&who, op, &res),
     }
-    if why_cancelled.is_none() {
+    // A client that asked to cancel is still there to read the answer.
+    if matches!(why_cancelled, None | Some(ASKED)) {
         let (done, total) = job.progress();
         let _ = progress(&mut &c.stream, (done, total));
         let _ = control::send(&mut c.stream, res, WRITE_LIMIT);
@@ -304,4 +312,32 @@ fn progress(
         return Err(std::io::Error::from(std::io::ErrorKind::TimedOut));
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_bounded_per_uid_and_in_total() {
+        let s = Streams::new(StreamLimits {
+            total: 2,
+            per_uid: 1,
+        });
+        let j = Job::new();
+        let a = s.slot(1000, &j).unwrap();
+        let e = s.slot(1000, &j).err().unwrap();
+        assert_eq!(e.errno(), libc::EBUSY);
+        assert!(e.to_string().contains("uid 1000"), "{e}");
+        let b = s.slot(0, &j).unwrap();
+        let e = s.slot(0, &j).err().unwrap();
+        assert!(e.to_string().contains("at most 2"), "{e}");
+        drop(a);
+        let _c = s.slot(1000, &j).unwrap();
+        drop(b);
+        // Stopping cancels every running job and refuses new ones.
+        s.stop();
+        assert!(j.is_cancelled());
+        assert_eq!(s.slot(7, &Job::new()).err().unwrap().errno(), libc::EBUSY);
+    }
 }

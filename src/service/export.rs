@@ -4,8 +4,10 @@
 //! Rights: the export reads every file of the device as root, so it needs
 //! root or the admin group, like every change. A snapshot is exported as
 //! it is; an image from a consistent point: a temporary snapshot is taken
-//! (`export-tmp-PID-N`), exported and destroyed, whether the export ends
-//! well, fails or is cancelled. The device stays mounted (and cannot be
+//! (`export-tmp-PID-N`, labelled `thinfs.export=temporary`), exported and
+//! destroyed, whether the export ends well, fails or is cancelled; one
+//! left by a daemon that died meanwhile is destroyed when the next one
+//! starts ([`Service::sweep_export_leftovers`]). The device stays mounted (and cannot be
 //! taken offline) while it is read. The tar format is in
 //! [`super::tarwalk`].
 
@@ -80,6 +82,13 @@ impl Drop for TempSnapshot<'_> {
 
 static TEMP_SERIAL: AtomicU64 = AtomicU64::new(0);
 
+/// Prefix of a temporary snapshot's name.
+const TEMP_PREFIX: &str = "export-tmp-";
+/// Label of a temporary snapshot (with the name prefix: a snapshot a user
+/// named so is never taken for one).
+const TEMP_LABEL: &str = "thinfs.export";
+const TEMP_VALUE: &str = "temporary";
+
 impl Service {
     /// Write a tarball of `req.target` to `out`, advancing `job`; stops
     /// with [`Error::Cancelled`] when the job is cancelled, leaving no
@@ -102,13 +111,21 @@ impl Service {
             DeviceKind::Snapshot => rec.id,
             DeviceKind::Image => {
                 let n = TEMP_SERIAL.fetch_add(1, Ordering::Relaxed);
-                let name = Name::new(&format!("export-tmp-{}-{n}", std::process::id()))?;
+                let name = Name::new(&format!("{TEMP_PREFIX}{}-{n}", std::process::id()))?;
                 let s = self.engine.snapshot(rec.id, &name)?;
                 _temp = TempSnapshot {
                     engine: &self.engine,
                     id: s.id,
                     name: format!("{}@{name}", rec.name),
                 };
+                self.engine.set_label(
+                    &Target {
+                        image: rec.name.clone(),
+                        snap: Some(name),
+                    },
+                    TEMP_LABEL,
+                    Some(TEMP_VALUE),
+                )?;
                 s.id
             }
         };
@@ -131,5 +148,39 @@ impl Service {
             bytes: w.written,
             skipped_sockets: counts.skipped_sockets,
         })
+    }
+
+    /// Destroy temporary export snapshots left by a daemon that died during
+    /// an export (call before serving). Returns how many were destroyed.
+    pub fn sweep_export_leftovers(&self) -> usize {
+        let mut n = 0;
+        let Ok(images) = self.engine.images() else {
+            return 0;
+        };
+        for img in images {
+            for s in self.engine.snapshots_of(img.id).unwrap_or_default() {
+                let ours = s.name.as_str().starts_with(TEMP_PREFIX)
+                    && s.labels.get(TEMP_LABEL).map(String::as_str) == Some(TEMP_VALUE);
+                if !ours {
+                    continue;
+                }
+                match self.engine.destroy_id(s.id) {
+                    Ok(()) => {
+                        log::warn!(
+                            "destroyed {}@{}, left by an export that did not finish",
+                            img.name,
+                            s.name
+                        );
+                        n += 1;
+                    }
+                    Err(e) => log::error!(
+                        "cannot destroy {}@{}, left by an export: {e}",
+                        img.name,
+                        s.name
+                    ),
+                }
+            }
+        }
+        n
     }
 }

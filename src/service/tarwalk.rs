@@ -27,7 +27,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Counts of what went into the tarball.
 #[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
@@ -178,7 +178,7 @@ impl<'a, 'j> Walker<'a, 'j> {
 
     /// All names of directory `dir` (sorted, so that a tarball of the same
     /// tree is the same).
-    fn names(&self, dir: &OwnedFd, path: &PathBuf) -> Result<Vec<OsString>> {
+    fn names(&self, dir: &OwnedFd, path: &Path) -> Result<Vec<OsString>> {
         let f = file::reopen(dir.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)
             .map_err(|e| self.err(format!("open directory /{}", path.display()), e))?;
         let mut names = Vec::new();
@@ -199,7 +199,7 @@ impl<'a, 'j> Walker<'a, 'j> {
         Ok(names)
     }
 
-    fn dir_content(&mut self, dir: &OwnedFd, path: &PathBuf, is_root: bool) -> Result<()> {
+    fn dir_content(&mut self, dir: &OwnedFd, path: &Path, is_root: bool) -> Result<()> {
         for name in self.names(dir, path)? {
             if is_root && name == "lost+found" {
                 continue;
@@ -211,7 +211,7 @@ impl<'a, 'j> Walker<'a, 'j> {
     }
 
     /// One entry `name` of directory `dir` (at `path` in the archive).
-    fn entry(&mut self, dir: &OwnedFd, path: &PathBuf, name: &OsStr) -> Result<()> {
+    fn entry(&mut self, dir: &OwnedFd, path: &Path, name: &OsStr) -> Result<()> {
         let p = path.join(name);
         let shown = || format!("/{}", p.display());
         let h = file::open_path(dir.as_fd(), name).map_err(|e| self.err(shown(), e))?;
@@ -345,17 +345,17 @@ impl<'a, 'j> Walker<'a, 'j> {
     fn put(
         &mut self,
         hd: &mut tar::Header,
-        p: &PathBuf,
+        p: &Path,
         pax: &[(String, Vec<u8>)],
         data: impl Read,
     ) -> Result<()> {
         self.pax(pax, p)?;
         let path = if hd.entry_type() == tar::EntryType::Directory {
-            let mut s = p.clone().into_os_string();
+            let mut s = p.as_os_str().to_os_string();
             s.push("/");
             PathBuf::from(s)
         } else {
-            p.clone()
+            p.to_path_buf()
         };
         self.tar
             .append_data(hd, &path, data)
@@ -367,8 +367,8 @@ impl<'a, 'j> Walker<'a, 'j> {
     fn put_link(
         &mut self,
         hd: &mut tar::Header,
-        p: &PathBuf,
-        target: &PathBuf,
+        p: &Path,
+        target: &Path,
         pax: &[(String, Vec<u8>)],
     ) -> Result<()> {
         self.pax(pax, p)?;
@@ -379,7 +379,7 @@ impl<'a, 'j> Walker<'a, 'j> {
         Ok(())
     }
 
-    fn pax(&mut self, pax: &[(String, Vec<u8>)], p: &PathBuf) -> Result<()> {
+    fn pax(&mut self, pax: &[(String, Vec<u8>)], p: &Path) -> Result<()> {
         if pax.is_empty() {
             return Ok(());
         }
