@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -253,6 +253,7 @@ fn root_protocol_export_snapshot_while_image_changes() {
 /// A fifo whose reader reads `n` bytes, then holds it open without
 /// reading until dropped.
 struct StalledReader {
+    fifo: PathBuf,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     t: Option<std::thread::JoinHandle<()>>,
 }
@@ -269,13 +270,23 @@ impl StalledReader {
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
-        StalledReader { stop, t: Some(t) }
+        StalledReader {
+            fifo: fifo.to_path_buf(),
+            stop,
+            t: Some(t),
+        }
     }
 }
 
 impl Drop for StalledReader {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // A reader still waiting in open() for a writer (the export never
+        // started) is released by a writer that comes and goes.
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&self.fifo);
         if let Some(t) = self.t.take() {
             let _ = t.join();
         }
