@@ -553,3 +553,51 @@ fn root_protocol_export_leftover_swept_at_start() {
     assert!(names.contains("img@export-tmp-2-0"), "{names}");
     assert!(m.log().contains("left by an export that did not finish"));
 }
+
+#[test]
+fn root_protocol_stream_progress_and_cancel_message() {
+    let m = TestMount::start("proto-msg");
+    ok(&m.cli(&["create", "img"]));
+    std::fs::write(m.path("img/data"), pattern(32 << 20, 3)).unwrap();
+    // The output: a pipe nobody reads past its first bytes.
+    let (mut r, w) = std::io::pipe().unwrap();
+    let s = std::os::unix::net::UnixStream::connect(m.socket()).unwrap();
+    thinfs::sys::scm::send_with_fds(
+        s.as_fd(),
+        b"{\"v\":2,\"op\":\"export\",\"target\":\"img\"}\n",
+        &[w.as_fd()],
+    )
+    .unwrap();
+    drop(w);
+    let mut head = vec![0u8; 4096];
+    r.read_exact(&mut head).unwrap();
+    assert_eq!(&head[257..262], b"ustar", "a tar header comes first");
+    let mut rd = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    rd.read_line(&mut line).unwrap();
+    let p: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(p["v"], 2, "{line}");
+    assert!(p["progress"]["done"].is_u64(), "{line}");
+    assert!(
+        p["progress"]["total"].as_u64().unwrap() >= 32 << 20,
+        "{line}"
+    );
+    assert!(p.get("ok").is_none(), "a progress line has no ok: {line}");
+    (&s).write_all(b"{\"cancel\":true}\n").unwrap();
+    let last = loop {
+        line.clear();
+        rd.read_line(&mut line).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v.get("progress").is_none() {
+            break v;
+        }
+    };
+    assert_eq!(last["ok"], false, "{last}");
+    assert_eq!(last["errno"], libc::ECANCELED, "{last}");
+    assert!(no_temp_snapshot(&m));
+    assert!(
+        m.log().contains("cancelled: the client asked; undone"),
+        "{}",
+        m.log()
+    );
+}
