@@ -374,6 +374,41 @@ fn root_protocol_export_needs_admin() {
 }
 
 #[test]
+fn root_protocol_export_by_admin_group_member_into_own_file() {
+    let m = TestMount::start_with("proto-admin", &["--admin-group", "users"]);
+    ok(&m.cli(&["create", "img"]));
+    std::fs::write(m.path("img/f"), b"data").unwrap();
+    let s = Scratch::new("proto-admin-out");
+    let dir = s.path().join("u1234");
+    std::fs::create_dir(&dir).unwrap();
+    std::os::unix::fs::chown(&dir, Some(1234), Some(1234)).unwrap();
+    // Group "users" (100): allowed; the output file is made as the user.
+    let out = dir.join("img.tar");
+    let (good, text) = as_user(
+        1234,
+        1234,
+        &[100],
+        &m.cli_sh(&format!("export img -q -o {}", out.display())),
+    );
+    assert!(good, "{text}");
+    let md = std::fs::metadata(&out).unwrap();
+    assert_eq!((md.uid(), md.gid()), (1234, 1234));
+    let list = Command::new("tar").arg("-tf").arg(&out).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&list.stdout), "f\n");
+    // The user's own rights apply to the output: a file it may not write.
+    let theirs = s.path().join("root-only.tar");
+    std::fs::write(&theirs, b"keep").unwrap();
+    let (good, text) = as_user(
+        1234,
+        1234,
+        &[100],
+        &m.cli_sh(&format!("export img -q -o {}", theirs.display())),
+    );
+    assert!(!good && text.contains("Permission denied"), "{text}");
+    assert_eq!(std::fs::read(&theirs).unwrap(), b"keep");
+}
+
+#[test]
 fn root_protocol_export_to_a_terminal_is_refused() {
     let m = TestMount::start("proto-tty");
     ok(&m.cli(&["create", "img"]));
