@@ -246,7 +246,7 @@ fn root_cli_bad_input_and_dead_daemon() {
     // A malformed request gets an error answer; the daemon keeps serving.
     let s = std::os::unix::net::UnixStream::connect(m.socket()).unwrap();
     let mut w = s.try_clone().unwrap();
-    w.write_all(b"this is not json\n{\"v\":9,\"op\":\"pool\"}\n{\"v\":1,\"op\":\"pool\"}\n")
+    w.write_all(b"this is not json\n{\"v\":9,\"op\":\"pool\"}\n{\"v\":2,\"op\":\"pool\"}\n")
         .unwrap();
     let mut rd = BufReader::new(s);
     let mut answers = Vec::new();
@@ -257,7 +257,7 @@ fn root_cli_bad_input_and_dead_daemon() {
     }
     assert_eq!(answers[0]["ok"], false);
     assert_eq!(answers[0]["errno"], libc::EINVAL);
-    assert!(answers[1]["error"].as_str().unwrap().contains("version 9"));
+    assert!(answers[1]["error"].as_str().unwrap().contains("protocol 9"));
     assert_eq!(answers[2]["ok"], true);
     ok(&m.cli(&["list"]));
 

@@ -247,7 +247,7 @@ fn hostile_bad_requests_keep_the_log_small() {
     let log0 = log_len(&m);
     let long = "n".repeat(65400);
     for _ in 0..100 {
-        let a = raw_request(&m, &format!(r#"{{"v":1,"op":"create","name":"{long}"}}"#));
+        let a = raw_request(&m, &format!(r#"{{"v":2,"op":"create","name":"{long}"}}"#));
         assert!(a.contains(r#""ok":false"#), "{a}");
         assert!(
             a.contains("longer than 255 bytes"),
@@ -257,7 +257,7 @@ fn hostile_bad_requests_keep_the_log_small() {
         assert!(a.len() < 1024, "answer of {} bytes", a.len());
     }
     // A bad op name is quoted by serde: cut too.
-    let a = raw_request(&m, &format!(r#"{{"v":1,"op":"{long}"}}"#));
+    let a = raw_request(&m, &format!(r#"{{"v":2,"op":"{long}"}}"#));
     assert!(
         a.contains("malformed request") && a.len() < 1024,
         "{}",
@@ -414,11 +414,11 @@ fn hostile_deep_clone_chain_is_printed() {
     let t0 = Instant::now();
     for i in 1..=DEPTH {
         ask(format!(
-            r#"{{"v":1,"op":"snapshot","target":"c{}@s"}}"#,
+            r#"{{"v":2,"op":"snapshot","target":"c{}@s"}}"#,
             i - 1
         ));
         ask(format!(
-            r#"{{"v":1,"op":"clone","source":"c{}@s","name":"c{i}"}}"#,
+            r#"{{"v":2,"op":"clone","source":"c{}@s","name":"c{i}"}}"#,
             i - 1
         ));
     }
@@ -455,7 +455,7 @@ c.connect(sys.argv[1])
 os.setresuid(0, 0, 0)
 os.setgroups(groups(sys.argv[3]))
 os.setresuid(65534, 65534, 0)
-c.sendall(('{"v":1,"op":"create","name":"%s"}\n' % sys.argv[4]).encode())
+c.sendall(('{"v":2,"op":"create","name":"%s"}\n' % sys.argv[4]).encode())
 print(c.makefile().readline(), end="")
 "#;
 

@@ -4,6 +4,7 @@
 //! control socket.
 
 mod client;
+mod export;
 mod mount;
 mod show;
 
@@ -93,6 +94,17 @@ enum Cmd {
         target: String,
         /// KEY=VALUE to set, KEY to remove
         label: String,
+    },
+    /// Write a tarball of an image's or snapshot's files (root or admin group)
+    Export {
+        /// NAME (exported from a temporary snapshot) or NAME@SNAP
+        target: String,
+        /// Output file, created as the calling user; `-` or none: stdout (never a terminal)
+        #[arg(short = 'o', long = "output")]
+        output: Option<PathBuf>,
+        /// No progress bar and no summary
+        #[arg(short = 'q', long)]
+        quiet: bool,
     },
     /// List images and snapshots (any user)
     List {
@@ -243,6 +255,11 @@ fn run(cli: Cli) -> Result<()> {
             call(Op::Label { target, key, value })?;
             Ok(())
         }
+        Cmd::Export {
+            target,
+            output,
+            quiet,
+        } => export::export(sock, target, output, quiet),
         Cmd::List {
             kind,
             fields,

@@ -1,17 +1,21 @@
 //! The control socket's requests: binds the socket, reads one request line
-//! of a connection, decodes it, calls the filesystem core as the peer
-//! (credentials and groups taken at connect), answers. A malformed request
-//! gets an error answer, and one log line with the input cut. Connections
-//! and threads are the business of [`super::server`].
+//! of a connection (with the descriptors sent on it), decodes it, calls
+//! the service as the peer (credentials and groups taken at connect),
+//! answers. A malformed request, or one of another protocol version, gets
+//! an error answer, and one log line with the input cut. A streaming
+//! request is handed back to the caller to run ([`Served::Stream`], see
+//! [`super::stream`]). Connections and threads are the business of
+//! [`super::server`].
 
-use super::proto::{Op, Request, Response, VERSION};
+use super::proto::{DeviceView, Op, Request, Response, VERSION, version_mismatch};
 use crate::engine::Target;
 use crate::error::{Error, IoContext, Result};
-use crate::fuse::Core;
 use crate::lograte;
-use crate::service::Caller;
+use crate::service::{Caller, Service};
+use crate::sys::scm;
 use crate::types::{Bytes, MAX_SHOWN, Name, cut, escape};
-use std::io::{Read, Write};
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -49,7 +53,20 @@ pub struct Conn {
     pub(super) stream: UnixStream,
     pub(super) who: Caller,
     buf: Vec<u8>,
+    /// Descriptors received with the bytes in `buf`.
+    fds: Vec<OwnedFd>,
     pub(super) since: Instant,
+}
+
+/// What became of a connection after one request.
+pub enum Served {
+    /// Answered; the connection stays open.
+    Keep,
+    /// Answered (or gone); close it.
+    Close,
+    /// A streaming request, read and checked, to be run with its
+    /// descriptors; the connection belongs to the stream from now on.
+    Stream(Op, Vec<OwnedFd>),
 }
 
 impl Conn {
@@ -58,6 +75,7 @@ impl Conn {
             stream,
             who,
             buf: Vec::new(),
+            fds: Vec::new(),
             since: Instant::now(),
         }
     }
@@ -90,7 +108,7 @@ impl Conn {
             self.stream
                 .set_read_timeout(Some(left))
                 .ctx(|| "control socket timeout".into())?;
-            match self.stream.read(&mut chunk) {
+            match scm::recv_with_fds(self.stream.as_fd(), &mut chunk, &mut self.fds) {
                 Ok(0) if self.buf.is_empty() => return Ok(None),
                 Ok(0) => return Err(Error::Invalid("request line without its end".into())),
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
@@ -118,12 +136,31 @@ fn log_limited(level: log::Level, who: &Caller, msg: std::fmt::Arguments<'_>) {
     }
 }
 
-/// Serve one request of `c` (reading it within `limit`). Returns whether
-/// the connection stays open.
-pub fn serve_one(core: &Core, c: &mut Conn, limit: Duration) -> bool {
+/// Decode a request line: its version first, so that a request of
+/// another version gets an answer naming both versions, whatever its
+/// operations look like.
+fn decode(line: &str) -> Result<Request> {
+    let bad = |e: serde_json::Error| {
+        Error::Invalid(format!(
+            "malformed request: {}",
+            cut(&e.to_string(), MAX_SHOWN * 2)
+        ))
+    };
+    let v: serde_json::Value = serde_json::from_str(line).map_err(bad)?;
+    match v.get("v").and_then(|v| v.as_u64()) {
+        Some(n) if n == u64::from(VERSION) => serde_json::from_value(v).map_err(bad),
+        Some(n) => Err(Error::Invalid(version_mismatch(n))),
+        None => Err(Error::Invalid(
+            "malformed request: no protocol version \"v\"".into(),
+        )),
+    }
+}
+
+/// Serve one request of `c` (reading it within `limit`).
+pub fn serve_one(service: &Service, c: &mut Conn, limit: Duration) -> Served {
     let line = match c.read_line(limit) {
         Ok(Some(l)) => l,
-        Ok(None) => return false,
+        Ok(None) => return Served::Close,
         Err(e) => {
             log_limited(
                 log::Level::Warn,
@@ -131,44 +168,29 @@ pub fn serve_one(core: &Core, c: &mut Conn, limit: Duration) -> bool {
                 format_args!("{}", shown(&e.to_string())),
             );
             let _ = send(&mut c.stream, Err(e), limit);
-            return false;
+            return Served::Close;
         }
     };
+    // Descriptors belong to the line they came with.
+    let fds = std::mem::take(&mut c.fds);
     let line = String::from_utf8_lossy(&line);
     if line.trim().is_empty() {
-        return true;
+        return Served::Keep;
     }
-    let res = match serde_json::from_str::<Request>(&line) {
-        Ok(req) if req.v != VERSION => Err(Error::Invalid(format!(
-            "protocol version {} not supported (daemon speaks {VERSION})",
-            req.v
+    let res = match decode(&line) {
+        Ok(req) if req.op.fds() != fds.len() => Err(Error::Invalid(format!(
+            "{} needs {} descriptor(s), {} came with it",
+            req.op.summary(),
+            req.op.fds(),
+            fds.len()
         ))),
+        Ok(req) if req.op.fds() > 0 => return Served::Stream(req.op, fds),
         Ok(req) => {
-            let r = handle(core, &c.who, &req.op);
-            match &r {
-                Ok(_) if req.op.is_change() => log_limited(
-                    log::Level::Info,
-                    &c.who,
-                    format_args!("{}: ok", req.op.summary()),
-                ),
-                Ok(_) => {}
-                Err(e) => log_limited(
-                    if req.op.is_change() || e.errno() == libc::EINVAL {
-                        log::Level::Warn
-                    } else {
-                        log::Level::Debug
-                    },
-                    &c.who,
-                    format_args!("{}: {}", req.op.summary(), shown(&e.to_string())),
-                ),
-            }
+            let r = handle(service, &c.who, &req.op);
+            log_outcome(&c.who, &req.op, &r);
             r
         }
         Err(e) => {
-            let e = Error::Invalid(format!(
-                "malformed request: {}",
-                cut(&e.to_string(), MAX_SHOWN * 2)
-            ));
             log_limited(
                 log::Level::Warn,
                 &c.who,
@@ -178,7 +200,30 @@ pub fn serve_one(core: &Core, c: &mut Conn, limit: Duration) -> bool {
         }
     };
     c.since = Instant::now();
-    send(&mut c.stream, res, limit).is_ok()
+    if send(&mut c.stream, res, limit).is_ok() {
+        Served::Keep
+    } else {
+        Served::Close
+    }
+}
+
+/// Log the outcome of a request of `who` (changes and failures).
+pub(super) fn log_outcome<T>(who: &Caller, op: &Op, r: &Result<T>) {
+    match r {
+        Ok(_) if op.is_change() || op.fds() > 0 => {
+            log_limited(log::Level::Info, who, format_args!("{}: ok", op.summary()))
+        }
+        Ok(_) => {}
+        Err(e) => log_limited(
+            if op.is_change() || op.fds() > 0 || e.errno() == libc::EINVAL {
+                log::Level::Warn
+            } else {
+                log::Level::Debug
+            },
+            who,
+            format_args!("{}: {}", op.summary(), shown(&e.to_string())),
+        ),
+    }
 }
 
 /// Error text as logged: cut, and escaped to one line.
@@ -191,6 +236,7 @@ pub fn answer(r: Result<serde_json::Value>) -> Vec<u8> {
     let resp = match r {
         Ok(data) => Response {
             v: VERSION,
+            progress: None,
             ok: true,
             data: Some(data),
             error: None,
@@ -198,6 +244,7 @@ pub fn answer(r: Result<serde_json::Value>) -> Vec<u8> {
         },
         Err(e) => Response {
             v: VERSION,
+            progress: None,
             ok: false,
             data: None,
             error: Some(e.to_string()),
@@ -209,7 +256,7 @@ pub fn answer(r: Result<serde_json::Value>) -> Vec<u8> {
     line
 }
 
-fn send(
+pub(super) fn send(
     out: &mut UnixStream,
     r: Result<serde_json::Value>,
     limit: Duration,
@@ -218,7 +265,7 @@ fn send(
     out.write_all(&answer(r))
 }
 
-fn to_json<T: serde::Serialize>(v: T) -> Result<serde_json::Value> {
+pub(super) fn to_json<T: serde::Serialize>(v: T) -> Result<serde_json::Value> {
     serde_json::to_value(v).map_err(|e| Error::Corrupt(format!("encode: {e}")))
 }
 
@@ -248,8 +295,13 @@ fn new_name_any(from: &Target, to: &str) -> Result<Name> {
     }
 }
 
-fn handle(core: &Core, who: &Caller, op: &Op) -> Result<serde_json::Value> {
-    let e = core.engine();
+/// The devices as the CLI prints them.
+fn views(v: &[&crate::engine::DeviceInfo]) -> Vec<DeviceView> {
+    v.iter().map(|d| DeviceView::from(*d)).collect()
+}
+
+fn handle(service: &Service, who: &Caller, op: &Op) -> Result<serde_json::Value> {
+    let e = service.engine();
     match op {
         Op::List { kind } => {
             let want = match kind.as_str() {
@@ -262,65 +314,68 @@ fn handle(core: &Core, who: &Caller, op: &Op) -> Result<serde_json::Value> {
                     )));
                 }
             };
-            let all = core.devices_with_usage()?;
+            let all = service.devices_with_usage()?;
             let v: Vec<_> = all
                 .iter()
                 .filter(|d| want.is_none_or(|k| d.record.kind == k))
                 .collect();
-            to_json(v)
+            to_json(views(&v))
         }
-        Op::Tree => to_json(e.list_info(false)?),
-        Op::Info { target } => to_json(e.info(&e.resolve(&Target::parse(target)?)?, true)?),
-        Op::Usage => to_json(&*core.devices_with_usage()?),
+        Op::Tree => to_json(views(&e.list_info(false)?.iter().collect::<Vec<_>>())),
+        Op::Info { target } => {
+            let r = e.resolve(&Target::parse(target)?)?;
+            to_json(DeviceView::from(&service.info_with_usage(r.id)?))
+        }
+        Op::Usage => to_json(views(
+            &service.devices_with_usage()?.iter().collect::<Vec<_>>(),
+        )),
         Op::Pool => to_json(e.pool_info()?),
         Op::Create { name, size } => {
             let size = size.as_deref().map(Bytes::parse).transpose()?;
-            to_json(core.service().create_info(who, &Name::fresh(name)?, size)?)
+            to_json(service.create_info(who, &Name::fresh(name)?, size)?)
         }
         Op::Snapshot { target } => {
             let t = Target::parse(target)?;
             if let Some(snap) = &t.snap {
                 Name::fresh(snap.as_str())?;
             }
-            to_json(core.service().snapshot(who, &t)?)
+            to_json(service.snapshot(who, &t)?)
         }
-        Op::Clone { source, name } => to_json(core.service().clone_snapshot(
-            who,
-            &Target::parse(source)?,
-            &Name::fresh(name)?,
-        )?),
+        Op::Clone { source, name } => {
+            to_json(service.clone_snapshot(who, &Target::parse(source)?, &Name::fresh(name)?)?)
+        }
         Op::Rollback {
             target,
             destroy_newer,
         } => {
-            core.service()
-                .rollback(who, &Target::parse(target)?, *destroy_newer)?;
+            service.rollback(who, &Target::parse(target)?, *destroy_newer)?;
             Ok(serde_json::Value::Null)
         }
         Op::Destroy { target, recursive } => {
-            core.service()
-                .destroy(who, &Target::parse(target)?, *recursive)?;
+            service.destroy(who, &Target::parse(target)?, *recursive)?;
             Ok(serde_json::Value::Null)
         }
         Op::Rename { from, to } => {
             let f = Target::parse(from)?;
             let n = new_name(&f, to)?;
-            core.service().rename(who, &f, &n)?;
+            service.rename(who, &f, &n)?;
             Ok(serde_json::Value::Null)
         }
         Op::Resize { name, size } => {
-            core.service()
-                .resize(who, &Target::parse(name)?, Bytes::parse(size)?)?;
+            service.resize(who, &Target::parse(name)?, Bytes::parse(size)?)?;
             Ok(serde_json::Value::Null)
         }
         Op::Fsck { target } => {
-            let (code, output) = core.service().fsck(who, &Target::parse(target)?)?;
+            let (code, output) = service.fsck(who, &Target::parse(target)?)?;
             Ok(serde_json::json!({ "exit": code, "output": output }))
         }
         Op::Label { target, key, value } => {
-            core.service()
-                .label(who, &Target::parse(target)?, key, value.as_deref())?;
+            service.label(who, &Target::parse(target)?, key, value.as_deref())?;
             Ok(serde_json::Value::Null)
         }
+        Op::Export(_) => Err(Error::Invalid(format!(
+            "{} is a streaming request",
+            op.summary()
+        ))),
     }
 }

@@ -3,8 +3,10 @@
 //! process-level concerns (signals, threads, stale mounts), nothing else.
 
 pub mod control;
+pub mod periodic;
 pub mod proto;
 pub mod server;
+pub mod stream;
 
 use crate::engine::{Engine, PoolOptions};
 use crate::error::{Error, IoContext, Result};
@@ -92,11 +94,9 @@ pub fn run(cfg: &MountConfig, ready: impl FnOnce()) -> Result<()> {
         .ctx(|| format!("mount FUSE at {}", cfg.mountpoint.display()))?;
     core.set_notifier(session.notifier());
     let mut unmounter = session.unmount_callable();
-    let ctl_core = core.clone();
-    std::thread::Builder::new()
-        .name("control".into())
-        .spawn(move || server::serve(listener, ctl_core, server::Limits::default()))
-        .ctx(|| "start control socket thread".into())?;
+    core.service().sweep_export_leftovers();
+    let mut control =
+        server::Server::start(listener, core.service().clone(), server::Limits::default())?;
     let mp = cfg.mountpoint.clone();
     std::thread::Builder::new()
         .name("signals".into())
@@ -114,18 +114,16 @@ pub fn run(cfg: &MountConfig, ready: impl FnOnce()) -> Result<()> {
         })
         .ctx(|| "start signal thread".into())?;
     let idle = cfg.idle;
-    std::thread::Builder::new()
-        .name("expire".into())
-        .spawn(move || {
-            loop {
-                std::thread::sleep(Duration::from_secs(5).min(idle.max(Duration::from_secs(1))));
-                let n = expirer.expire_idle(idle);
-                if n > 0 {
-                    log::info!("unmounted {n} idle device(s)");
-                }
+    let mut expire = periodic::Periodic::start(
+        "expire",
+        Duration::from_secs(5).min(idle.max(Duration::from_secs(1))),
+        move || {
+            let n = expirer.expire_idle(idle);
+            if n > 0 {
+                log::info!("unmounted {n} idle device(s)");
             }
-        })
-        .ctx(|| "start expiry thread".into())?;
+        },
+    )?;
     log::info!(
         "thinfs mounted at {} (state {}, control socket {})",
         cfg.mountpoint.display(),
@@ -135,9 +133,23 @@ pub fn run(cfg: &MountConfig, ready: impl FnOnce()) -> Result<()> {
     ready();
     let r = session.run();
     let _ = std::fs::remove_file(&cfg.socket);
+    // Every thread that holds the engine stops here, so that it is dropped
+    // (and a dm pool torn down) before the process exits.
+    control.stop();
+    expire.stop();
     space.stop();
     engine.unmount_all();
-    drop(engine);
+    drop(core);
+    match Arc::try_unwrap(engine) {
+        Ok(e) => {
+            drop(e);
+            log::info!("engine closed");
+        }
+        Err(e) => log::warn!(
+            "engine still held by {} owner(s) at exit; closed by the exit",
+            Arc::strong_count(&e) - 1
+        ),
+    }
     log::info!("thinfs at {} stopped", cfg.mountpoint.display());
     r.ctx(|| "FUSE session".into())
 }

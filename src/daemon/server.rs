@@ -14,12 +14,19 @@
 //! working. Connections idle longer than [`Limits::idle`] are closed. An
 //! accept that fails (EMFILE...) pauses accepting, doubling the pause up
 //! to a second, and logs once per pause, not once per try.
+//!
+//! Streaming requests leave the pool: a worker hands them to
+//! [`super::stream::Streams`], which runs each on a thread of its own.
+//! [`Server`] owns every one of these threads: [`Server::stop`] (or drop)
+//! stops the dispatcher, lets the workers finish the request they serve,
+//! cancels the streams, and joins them all, so that nothing holds the
+//! service (and its engine) after shutdown.
 
-use super::control::{self, Conn};
-use crate::error::Error;
-use crate::fuse::Core;
+use super::control::{self, Conn, Served};
+use super::stream::{StreamLimits, Streams};
+use crate::error::{Error, IoContext, Result};
 use crate::lograte;
-use crate::service::Caller;
+use crate::service::{Caller, Service};
 use crate::sys::socket;
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::HashMap;
@@ -27,6 +34,8 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Bounds of the control socket.
@@ -44,6 +53,8 @@ pub struct Limits {
     pub idle: Duration,
     /// A request line (and its answer) must go through within this time.
     pub request: Duration,
+    /// Streaming requests.
+    pub streams: StreamLimits,
 }
 
 impl Default for Limits {
@@ -55,14 +66,88 @@ impl Default for Limits {
             busy_per_uid: 1,
             idle: Duration::from_secs(30),
             request: Duration::from_secs(5),
+            streams: StreamLimits::default(),
         }
     }
 }
 
-/// What a worker gives back: the connection if it stays open.
-struct Done {
-    uid: u32,
-    conn: Option<Conn>,
+/// What a worker or a stream gives back.
+enum Done {
+    /// A worker served a request: the connection if it stays open.
+    Served { uid: u32, conn: Option<Conn> },
+    /// A worker handed the connection to a stream (it stays counted).
+    HandedOff { uid: u32 },
+    /// A stream ended and closed its connection.
+    StreamEnded { uid: u32 },
+}
+
+/// The way back to the dispatcher: its channel and its wake-up socket.
+#[derive(Clone)]
+struct Back {
+    tx: Sender<Done>,
+    wake: Arc<UnixStream>,
+}
+
+impl Back {
+    fn send(&self, d: Done) -> bool {
+        let ok = self.tx.send(d).is_ok();
+        let _ = (&*self.wake).write(&[1]);
+        ok
+    }
+}
+
+/// The control server's threads: the dispatcher (which owns the workers)
+/// and the streams. Stops and joins them on [`Server::stop`] or drop.
+pub struct Server {
+    stop: Arc<AtomicBool>,
+    wake: Arc<UnixStream>,
+    dispatcher: Option<JoinHandle<()>>,
+    streams: Arc<Streams>,
+}
+
+impl Server {
+    /// Serve `l` with `service` on threads of its own.
+    pub fn start(l: UnixListener, service: Arc<Service>, lim: Limits) -> Result<Server> {
+        let (wake_r, wake_w) = UnixStream::pair().ctx(|| "control socket wake-up pair".into())?;
+        wake_r
+            .set_nonblocking(true)
+            .and_then(|_| wake_w.set_nonblocking(true))
+            .and_then(|_| l.set_nonblocking(true))
+            .ctx(|| "control socket non-blocking".into())?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let wake = Arc::new(wake_w);
+        let streams = Streams::new(lim.streams.clone());
+        let (st, wk, ss) = (stop.clone(), wake.clone(), streams.clone());
+        let dispatcher = std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || serve(l, service, lim, st, wake_r, wk, ss))
+            .ctx(|| "start control socket thread".into())?;
+        Ok(Server {
+            stop,
+            wake,
+            dispatcher: Some(dispatcher),
+            streams,
+        })
+    }
+
+    /// Stop accepting, let workers finish the request they serve, cancel
+    /// every stream, and join every thread.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = (&*self.wake).write(&[1]);
+        self.streams.stop();
+        if let Some(t) = self.dispatcher.take() {
+            let _ = t.join();
+        }
+        // Streams handed off while the dispatcher was stopping.
+        self.streams.stop();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 struct Dispatcher {
@@ -157,32 +242,58 @@ fn refuse(mut s: UnixStream, e: Error) {
     let _ = s.write_all(&control::answer(Err(e)));
 }
 
-/// Serve the control socket forever.
-pub fn serve(l: UnixListener, core: Arc<Core>, lim: Limits) {
+/// The dispatcher: serve the control socket until `stop`, then close
+/// the workers' channel and join them.
+fn serve(
+    l: UnixListener,
+    service: Arc<Service>,
+    lim: Limits,
+    stop: Arc<AtomicBool>,
+    wake_r: UnixStream,
+    wake_w: Arc<UnixStream>,
+    streams: Arc<Streams>,
+) {
     let (job_tx, job_rx) = crossbeam_channel::unbounded::<Conn>();
     let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
-    let (wake_r, wake_w) = match UnixStream::pair() {
-        Ok(p) => p,
-        Err(e) => {
-            log::error!("control socket: cannot make a wake-up pair: {e}; not serving");
-            return;
-        }
+    let back = Back {
+        tx: done_tx,
+        wake: wake_w,
     };
-    let _ = wake_r.set_nonblocking(true);
-    let _ = wake_w.set_nonblocking(true);
-    let _ = l.set_nonblocking(true);
+    let mut workers = Vec::new();
     for i in 0..lim.workers.max(1) {
-        let (rx, tx, core, lim) = (job_rx.clone(), done_tx.clone(), core.clone(), lim.clone());
-        let Ok(wake) = wake_w.try_clone() else {
-            continue;
-        };
+        let (rx, back, service, lim, streams) = (
+            job_rx.clone(),
+            back.clone(),
+            service.clone(),
+            lim.clone(),
+            streams.clone(),
+        );
         let spawned = std::thread::Builder::new()
             .name(format!("control-{i}"))
-            .spawn(move || worker(rx, tx, wake, core, lim));
-        if let Err(e) = spawned {
-            log::error!("control socket: cannot start worker {i}: {e}");
+            .spawn(move || worker(rx, back, service, lim, streams));
+        match spawned {
+            Ok(t) => workers.push(t),
+            Err(e) => log::error!("control socket: cannot start worker {i}: {e}"),
         }
     }
+    drop((job_rx, service, streams, back));
+    dispatch(&l, &lim, &stop, &wake_r, &job_tx, &done_rx);
+    drop(job_tx);
+    for t in workers {
+        let _ = t.join();
+    }
+}
+
+/// The dispatcher's loop, until `stop`.
+fn dispatch(
+    l: &UnixListener,
+    lim: &Limits,
+    stop: &AtomicBool,
+    wake_r: &UnixStream,
+    job_tx: &Sender<Conn>,
+    done_rx: &Receiver<Done>,
+) {
+    let lim = lim.clone();
     let mut d = Dispatcher {
         lim,
         idle: Vec::new(),
@@ -193,7 +304,7 @@ pub fn serve(l: UnixListener, core: Arc<Core>, lim: Limits) {
     let mut paused_until: Option<Instant> = None;
     let mut pause = Duration::ZERO;
     let mut wake_buf = [0u8; 64];
-    loop {
+    while !stop.load(Ordering::SeqCst) {
         let now = Instant::now();
         let accepting = paused_until.is_none_or(|t| now >= t);
         // Poll set: the wake-up socket, the listener (unless paused), and
@@ -224,17 +335,26 @@ pub fn serve(l: UnixListener, core: Arc<Core>, lim: Limits) {
             }
         };
         drop(fds);
-        while (&wake_r).read(&mut wake_buf).is_ok_and(|n| n > 0) {}
+        while (&*wake_r).read(&mut wake_buf).is_ok_and(|n| n > 0) {}
         while let Ok(done) = done_rx.try_recv() {
-            if let Some(n) = d.busy.get_mut(&done.uid) {
-                *n = n.saturating_sub(1);
-            }
-            match done.conn {
-                Some(mut c) => {
-                    c.since = Instant::now();
-                    d.idle.push(c);
+            let unbusy = |d: &mut Dispatcher, uid: u32| {
+                if let Some(n) = d.busy.get_mut(&uid) {
+                    *n = n.saturating_sub(1);
                 }
-                None => d.closed(done.uid),
+            };
+            match done {
+                Done::Served { uid, conn } => {
+                    unbusy(&mut d, uid);
+                    match conn {
+                        Some(mut c) => {
+                            c.since = Instant::now();
+                            d.idle.push(c);
+                        }
+                        None => d.closed(uid),
+                    }
+                }
+                Done::HandedOff { uid } => unbusy(&mut d, uid),
+                Done::StreamEnded { uid } => d.closed(uid),
             }
         }
         let base = if accepting { 2 } else { 1 };
@@ -302,27 +422,31 @@ pub fn serve(l: UnixListener, core: Arc<Core>, lim: Limits) {
 
 fn worker(
     rx: Receiver<Conn>,
-    tx: Sender<Done>,
-    mut wake: UnixStream,
-    core: Arc<Core>,
+    back: Back,
+    service: Arc<Service>,
     lim: Limits,
+    streams: Arc<Streams>,
 ) {
     for mut c in rx {
         let uid = c.who.uid;
         // A panic in a request must not take a worker (and its slot) away.
-        let keep = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            control::serve_one(&core, &mut c, lim.request)
+        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            control::serve_one(&service, &mut c, lim.request)
         }))
-        .unwrap_or(false);
-        if tx
-            .send(Done {
-                uid,
-                conn: keep.then_some(c),
-            })
-            .is_err()
-        {
+        .unwrap_or(Served::Close);
+        let done = match served {
+            Served::Keep => Done::Served { uid, conn: Some(c) },
+            Served::Close => Done::Served { uid, conn: None },
+            Served::Stream(op, fds) => {
+                let b = back.clone();
+                streams.start(service.clone(), c, op, fds, move |uid| {
+                    b.send(Done::StreamEnded { uid });
+                });
+                Done::HandedOff { uid }
+            }
+        };
+        if !back.send(done) {
             return;
         }
-        let _ = wake.write(&[1]);
     }
 }

@@ -133,7 +133,6 @@ pub struct Core {
     passthrough: AtomicBool,
     stats: Arc<Stats>,
     notifier: std::sync::OnceLock<fuser::Notifier>,
-    scans: control::Scans,
 }
 
 impl ThinFs {
@@ -164,7 +163,6 @@ impl Core {
             passthrough: AtomicBool::new(false),
             stats: Arc::new(Stats::default()),
             notifier: std::sync::OnceLock::new(),
-            scans: control::Scans::default(),
         }
     }
 

@@ -9,9 +9,13 @@
 //! transport and call these functions; none of them decides rights itself.
 
 mod caller;
+mod export;
 mod job;
+mod tarwalk;
+mod usage;
 
 pub use caller::Caller;
+pub use export::{ExportRequest, ExportSummary};
 pub use job::Job;
 
 use crate::engine::{DeviceInfo, Engine, Target};
@@ -24,6 +28,8 @@ pub struct Service {
     engine: Arc<Engine>,
     /// Members of this group (name, gid) may change images, as root may.
     admin_group: Option<(String, u32)>,
+    /// The last usage scan (see [`usage`]).
+    scans: usage::Scans,
 }
 
 impl Service {
@@ -32,6 +38,7 @@ impl Service {
         Service {
             engine,
             admin_group,
+            scans: usage::Scans::default(),
         }
     }
 

@@ -14,6 +14,7 @@ pub mod handle;
 pub mod loopdev;
 pub mod mount;
 pub mod process;
+pub mod scm;
 pub mod signals;
 pub mod socket;
 pub mod tools;

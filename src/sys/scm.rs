@@ -1,0 +1,166 @@
+//! Descriptor passing over unix sockets (SCM_RIGHTS), and the small
+//! descriptor checks a streaming front end needs: waiting until a peer
+//! hangs up or a descriptor is writable, and whether one is a terminal.
+
+use super::cvt;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+/// Most descriptors accepted with one message.
+pub const MAX_FDS: usize = 4;
+
+/// Room for a control message carrying [`MAX_FDS`] descriptors.
+fn cmsg_space() -> usize {
+    // SAFETY: CMSG_SPACE only computes a size.
+    unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<RawFd>()) as u32) as usize }
+}
+
+/// Send all of `data` on `sock`, with `fds` attached to its first byte.
+pub fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    if fds.len() > MAX_FDS {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut sent = 0;
+    while sent < data.len() {
+        let rest = &data[sent..];
+        let mut iov = libc::iovec {
+            iov_base: rest.as_ptr() as *mut libc::c_void,
+            iov_len: rest.len(),
+        };
+        // u64 keeps the control buffer aligned for cmsghdr.
+        let mut cbuf = vec![0u64; cmsg_space().div_ceil(8)];
+        // SAFETY: a zeroed msghdr is valid; fields are set below.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        if sent == 0 && !fds.is_empty() {
+            let len = std::mem::size_of_val(fds);
+            msg.msg_control = cbuf.as_mut_ptr().cast();
+            // SAFETY: CMSG_SPACE only computes a size.
+            msg.msg_controllen = unsafe { libc::CMSG_SPACE(len as u32) } as _;
+            // SAFETY: msg_control points at a buffer of at least
+            // msg_controllen bytes, so the first header and its data fit.
+            unsafe {
+                let c = libc::CMSG_FIRSTHDR(&msg);
+                (*c).cmsg_level = libc::SOL_SOCKET;
+                (*c).cmsg_type = libc::SCM_RIGHTS;
+                (*c).cmsg_len = libc::CMSG_LEN(len as u32) as _;
+                let p = libc::CMSG_DATA(c).cast::<RawFd>();
+                for (i, f) in fds.iter().enumerate() {
+                    p.add(i).write_unaligned(f.as_raw_fd());
+                }
+            }
+        }
+        // SAFETY: msg points at valid iovec and control buffers.
+        let r = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        sent += r as usize;
+    }
+    Ok(())
+}
+
+/// Receive into `buf`; descriptors that came with the bytes are appended
+/// to `fds` (close-on-exec). Returns the byte count (0: end of stream).
+pub fn recv_with_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<usize> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut cbuf = vec![0u64; cmsg_space().div_ceil(8)];
+    // SAFETY: a zeroed msghdr is valid; fields are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = (cbuf.len() * 8) as _;
+    // SAFETY: msg points at valid buffers of the sizes given.
+    let r = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel filled msg_control up to msg_controllen; the
+    // CMSG_* macros walk only within it. Every descriptor it carries is
+    // new in this process and owned by nobody else.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c).cast::<RawFd>();
+                let bytes = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                for i in 0..bytes / std::mem::size_of::<RawFd>() {
+                    fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        // More descriptors than room: those kept are closed by the caller
+        // when it refuses the request.
+        return Err(io::Error::other(format!(
+            "more than {MAX_FDS} descriptors sent with one request"
+        )));
+    }
+    Ok(r as usize)
+}
+
+/// Wait up to `timeout_ms` for `fd` to have input or be hung up. Returns
+/// (readable, hung up); an interrupted wait returns (false, false).
+pub fn poll_in_or_hup(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<(bool, bool)> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN | libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: p is one valid pollfd.
+    match cvt(unsafe { libc::poll(&mut p, 1, timeout_ms) }) {
+        Ok(_) => Ok((
+            p.revents & libc::POLLIN != 0,
+            p.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR | libc::POLLNVAL) != 0,
+        )),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok((false, false)),
+        Err(e) => Err(e),
+    }
+}
+
+/// Wait up to `timeout_ms` for `fd` to take output (or fail: the write
+/// that follows reports why).
+pub fn wait_writable(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: p is one valid pollfd.
+    match cvt(unsafe { libc::poll(&mut p, 1, timeout_ms) }) {
+        Ok(_) => Ok(p.revents != 0),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Is `fd` a terminal?
+pub fn is_tty(fd: impl AsFd) -> bool {
+    // SAFETY: isatty only reads the descriptor number.
+    unsafe { libc::isatty(fd.as_fd().as_raw_fd()) == 1 }
+}
+
+/// Is `fd` open for writing (O_WRONLY or O_RDWR)?
+pub fn is_writable(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: F_GETFL only reads the descriptor's flags.
+    let fl = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
+    Ok(matches!(
+        fl & libc::O_ACCMODE,
+        libc::O_WRONLY | libc::O_RDWR
+    ))
+}
