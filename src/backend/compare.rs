@@ -107,7 +107,9 @@ pub fn compare_by_reading<B: Backend + ?Sized>(
         None => None,
     };
     let bf = match &b_act {
-        Some(a) => Some(std::fs::File::open(a.path()).ctx(|| format!("open {}", a.path().display()))?),
+        Some(a) => {
+            Some(std::fs::File::open(a.path()).ctx(|| format!("open {}", a.path().display()))?)
+        }
         None => None,
     };
     let base_len = match &bf {
@@ -145,7 +147,11 @@ pub fn compare_by_reading<B: Backend + ?Sized>(
                 out.push(ChangedRange {
                     offset: off + i as u64,
                     len: blk.len() as u64,
-                    kind: if zero { RangeKind::Zero } else { RangeKind::Data },
+                    kind: if zero {
+                        RangeKind::Zero
+                    } else {
+                        RangeKind::Data
+                    },
                 });
             }
         }

@@ -203,11 +203,14 @@ impl Meta {
     fn upgrade(&self) -> Result<()> {
         for mut r in self.list()? {
             if r.kind == DeviceKind::Snapshot && r.identity.is_none() {
-                r.identity = Some(
-                    Identity::random().map_err(|e| Error::io("read /dev/urandom", e))?,
-                );
+                r.identity =
+                    Some(Identity::random().map_err(|e| Error::io("read /dev/urandom", e))?);
                 self.devices.insert(r.id.key(), encode(&r)?)?;
-                log::info!("upgrade: snapshot id {} has identity {:?}", r.id, r.identity);
+                log::info!(
+                    "upgrade: snapshot id {} has identity {:?}",
+                    r.id,
+                    r.identity
+                );
             }
         }
         self.db.flush()?;

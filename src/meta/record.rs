@@ -94,8 +94,7 @@ impl Serialize for Identity {
 impl<'de> Deserialize<'de> for Identity {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Identity, D::Error> {
         let s = String::deserialize(d)?;
-        Identity::parse(&s)
-            .ok_or_else(|| serde::de::Error::custom(format!("bad identity {s:?}")))
+        Identity::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("bad identity {s:?}")))
     }
 }
 

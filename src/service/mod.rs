@@ -10,9 +10,11 @@
 
 mod caller;
 mod job;
+mod stream;
 
 pub use caller::Caller;
 pub use job::Job;
+pub use stream::{HaveSnapshot, Haves, ReceiveRequest, ReceiveSummary, SendRequest, SendSummary};
 
 use crate::engine::{DeviceInfo, Engine, Target};
 use crate::error::{Error, Result};

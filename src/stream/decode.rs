@@ -125,7 +125,9 @@ impl<R: Read> Decoder<R> {
         let mut payload = vec![0u8; h.payload_len as usize];
         read_full(&mut self.input, &mut payload, &what)?;
         if crc32c::crc32c(&payload) != h.payload_crc {
-            return Err(Error::BadStream(format!("{what}: payload checksum mismatch")));
+            return Err(Error::BadStream(format!(
+                "{what}: payload checksum mismatch"
+            )));
         }
         if h.kind != T_END {
             self.digest.update(&hb);
@@ -187,7 +189,9 @@ impl<R: Read> Decoder<R> {
             }
             T_ZERO => {
                 if !payload.is_empty() {
-                    return Err(Error::BadStream(format!("{what}: zero record with a payload")));
+                    return Err(Error::BadStream(format!(
+                        "{what}: zero record with a payload"
+                    )));
                 }
                 self.check_range(&h, &what)?;
                 Ok(Some(Record::Zero {
@@ -218,9 +222,7 @@ impl<R: Read> Decoder<R> {
                 self.done = true;
                 Ok(None)
             }
-            _ => Err(Error::BadStream(format!(
-                "{what}: a second header record"
-            ))),
+            _ => Err(Error::BadStream(format!("{what}: a second header record"))),
         }
     }
 }

@@ -151,10 +151,14 @@ impl RecHeader {
     pub(super) fn decode(b: &[u8; REC_HEADER], what: &str) -> Result<RecHeader> {
         let want = u32::from_le_bytes([b[28], b[29], b[30], b[31]]);
         if crc32c::crc32c(&b[..28]) != want {
-            return Err(Error::BadStream(format!("{what}: header checksum mismatch")));
+            return Err(Error::BadStream(format!(
+                "{what}: header checksum mismatch"
+            )));
         }
         if b[1..4] != [0, 0, 0] {
-            return Err(Error::BadStream(format!("{what}: reserved bytes are not zero")));
+            return Err(Error::BadStream(format!(
+                "{what}: reserved bytes are not zero"
+            )));
         }
         let u64_at = |o: usize| {
             let mut x = [0u8; 8];
