@@ -300,10 +300,11 @@ impl Engine {
             .ctx(|| format!("open {}", active.path().display()))?;
         let (tx, rx) = bounded::<Result<Record>>(4);
         let mut ranges = 0u64;
+        let d = &mut *dec;
         let res: Result<()> = std::thread::scope(|s| {
-            let reader = s.spawn(|| {
+            let reader = s.spawn(move || {
                 loop {
-                    match dec.next() {
+                    match d.next() {
                         Ok(Some(r)) => {
                             if tx.send(Ok(r)).is_err() {
                                 return;

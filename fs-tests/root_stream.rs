@@ -1,0 +1,359 @@
+//! Root tests of send/receive on real reflink pools: two engines with their
+//! own state directories, real loop devices, real ext4; the received
+//! snapshots are mounted and compared file by file.
+
+mod common;
+
+use common::*;
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use thinfs::engine::{Engine, Progress, Target};
+use thinfs::error::Result;
+use thinfs::meta::DeviceRecord;
+use thinfs::types::{Bytes, Name};
+
+fn n(s: &str) -> Name {
+    Name::new(s).unwrap()
+}
+
+struct Quiet;
+impl Progress for Quiet {
+    fn total(&self, _n: u64) {}
+    fn advance(&self, _n: u64) -> Result<()> {
+        Ok(())
+    }
+}
+
+fn proc_path(fd: BorrowedFd<'_>) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+fn snap(e: &Engine, t: &str) -> DeviceRecord {
+    e.resolve(&Target::parse(t).unwrap()).unwrap()
+}
+
+fn send(e: &Engine, t: &str, base: Option<&str>) -> Vec<u8> {
+    let s = snap(e, t);
+    let b = base.map(|b| snap(e, b));
+    let mut out = Vec::new();
+    e.send_stream(&s, b.as_ref(), &mut out, &Quiet).unwrap();
+    out
+}
+
+fn receive(e: &Engine, name: &str, force: bool, stream: &[u8]) -> Result<thinfs::engine::Received> {
+    let mut r: &[u8] = stream;
+    e.receive_stream(&n(name), force, &mut r, &Quiet)
+}
+
+/// Everything a user sees of a tree: type, mode, owner, size, content
+/// digest or link target, xattrs, and hard links (by first path).
+fn tree(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut inodes: BTreeMap<u64, String> = BTreeMap::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for ent in std::fs::read_dir(root.join(&rel)).unwrap() {
+            let ent = ent.unwrap();
+            let r = rel.join(ent.file_name());
+            let key = r.to_string_lossy().into_owned();
+            if key == "lost+found" {
+                continue;
+            }
+            let p = root.join(&r);
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            let mut d = format!("mode {:o} uid {} gid {}", md.mode(), md.uid(), md.gid());
+            if md.file_type().is_symlink() {
+                d += &format!(" -> {:?}", std::fs::read_link(&p).unwrap());
+            } else {
+                let f = std::fs::File::open(&p).unwrap();
+                let list = thinfs::sys::file::listxattr(f.as_fd(), 4096).unwrap();
+                for name in list.split(|&b| b == 0).filter(|x| !x.is_empty()) {
+                    let name = std::ffi::OsStr::new(std::str::from_utf8(name).unwrap());
+                    let v = thinfs::sys::file::getxattr(f.as_fd(), name, 4096).unwrap();
+                    d += &format!(" xattr {name:?}={v:?}");
+                }
+                if md.is_dir() {
+                    stack.push(r.clone());
+                } else {
+                    if md.nlink() > 1 {
+                        if let Some(first) = inodes.get(&md.ino()) {
+                            d += &format!(" hardlink of {first}");
+                        } else {
+                            inodes.insert(md.ino(), key.clone());
+                        }
+                    }
+                    let data = std::fs::read(&p).unwrap();
+                    d += &format!(" size {} blake3 {}", data.len(), blake3::hash(&data));
+                }
+            }
+            out.insert(key, d);
+        }
+    }
+    out
+}
+
+fn populate(root: &Path) {
+    std::fs::create_dir(root.join("dir")).unwrap();
+    std::fs::write(root.join("dir/a.bin"), pattern(3 << 20, 1)).unwrap();
+    std::fs::write(root.join("small.txt"), b"hello").unwrap();
+    std::os::unix::fs::symlink("dir/a.bin", root.join("link")).unwrap();
+    std::fs::hard_link(root.join("small.txt"), root.join("dir/hard")).unwrap();
+    std::os::unix::fs::chown(root.join("small.txt"), Some(1234), Some(4321)).unwrap();
+    std::fs::set_permissions(
+        root.join("dir"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o750),
+    )
+    .unwrap();
+    let f = std::fs::File::open(root.join("dir/a.bin")).unwrap();
+    thinfs::sys::file::setxattr(f.as_fd(), "user.color".as_ref(), b"blue", 0).unwrap();
+}
+
+/// What a refusal must leave exactly as it was in the receiving pool.
+fn pool_state(e: &Engine) -> (Vec<String>, Vec<u32>) {
+    let recs = e
+        .meta()
+        .list()
+        .unwrap()
+        .iter()
+        .map(|r| format!("{} {} {} {:?} {:?}", r.id, r.dev, r.name, r.state, r.identity))
+        .collect();
+    let devs = e.backend().list().unwrap().iter().map(|d| d.get()).collect();
+    (recs, devs)
+}
+
+fn used(e: &Engine) -> u64 {
+    e.backend().status().unwrap().used
+}
+
+fn assert_same_tree(a: &Engine, at: &str, b: &Engine, bt: &str) {
+    let ra = snap(a, at);
+    let rb = snap(b, bt);
+    let ma = a.mount(ra.id).unwrap();
+    let mb = b.mount(rb.id).unwrap();
+    let ta = tree(&proc_path(ma.root()));
+    let tb = tree(&proc_path(mb.root()));
+    assert!(!ta.is_empty(), "source tree is empty");
+    assert_eq!(ta, tb, "{at} and {bt} must hold the same files");
+}
+
+#[test]
+fn root_stream_full_and_incremental_round_trip() {
+    let (sa, sb) = (Scratch::new("send"), Scratch::new("recv"));
+    let (a, b) = (open(sa.path()), open(sb.path()));
+    let img = a.create_image(&n("src"), Some(Bytes(256 << 20))).unwrap();
+    {
+        let m = a.mount(img.id).unwrap();
+        populate(&proc_path(m.root()));
+        thinfs::sys::fsio::syncfs(m.root()).unwrap();
+    }
+    let s1 = a.snapshot(img.id, &n("s1")).unwrap();
+    let id1 = s1.identity.expect("a snapshot has an identity");
+    let info = a.info(&s1, false).unwrap();
+    let json = serde_json::to_value(&info).unwrap();
+    assert_eq!(json["identity"], id1.to_string(), "info shows the identity");
+
+    let full = send(&a, "src@s1", None);
+    let r = receive(&b, "copy", false, &full).unwrap();
+    assert!(r.created_image);
+    assert_eq!(r.snapshot.identity, Some(id1), "receive keeps the identity");
+    assert_eq!(r.snapshot.name.as_str(), "s1");
+    assert_same_tree(&a, "src@s1", &b, "copy@s1");
+    assert_same_tree(&a, "src@s1", &b, "copy");
+    // Mounting the received head (as users browsing it do) is no change.
+    b.unmount(r.image.id);
+
+    // Change: rewrite part of a file, delete one, add one, fstrim.
+    {
+        let m = a.mount(img.id).unwrap();
+        let root = proc_path(m.root());
+        std::fs::write(root.join("dir/a.bin"), pattern(3 << 20, 2)).unwrap();
+        std::fs::remove_file(root.join("dir/hard")).unwrap();
+        std::fs::write(root.join("new.bin"), pattern(1 << 20, 3)).unwrap();
+        std::os::unix::fs::chown(root.join("new.bin"), Some(77), Some(88)).unwrap();
+        thinfs::sys::fsio::syncfs(m.root()).unwrap();
+        thinfs::sys::fsio::fitrim(m.root()).unwrap();
+    }
+    a.snapshot(img.id, &n("s2")).unwrap();
+    let inc = send(&a, "src@s2", Some("src@s1"));
+    assert!(
+        inc.len() < full.len(),
+        "incremental {} must be smaller than full {}",
+        inc.len(),
+        full.len()
+    );
+    let r2 = receive(&b, "copy", false, &inc).unwrap();
+    assert!(!r2.created_image && !r2.rolled_back);
+    assert_same_tree(&a, "src@s2", &b, "copy@s2");
+    assert_same_tree(&a, "src@s2", &b, "copy");
+    assert_same_tree(&a, "src@s1", &b, "copy@s1");
+    let ids: Vec<_> = b
+        .snapshots_of(r2.image.id)
+        .unwrap()
+        .iter()
+        .map(|s| s.identity)
+        .collect();
+    assert_eq!(ids.len(), 2);
+    // Check the received filesystems are clean.
+    for t in ["copy@s1", "copy@s2", "copy"] {
+        let (code, out) = b.fsck(&Target::parse(t).unwrap()).unwrap();
+        assert_eq!(code, 0, "fsck {t}: {out}");
+    }
+}
+
+#[test]
+fn root_stream_refusals_leave_nothing() {
+    let (sa, sb) = (Scratch::new("send"), Scratch::new("recv"));
+    let (a, b) = (open(sa.path()), open(sb.path()));
+    let img = a.create_image(&n("src"), Some(Bytes(64 << 20))).unwrap();
+    {
+        let m = a.mount(img.id).unwrap();
+        write_file(m.root(), "f", &pattern(1 << 20, 5));
+    }
+    a.snapshot(img.id, &n("s1")).unwrap();
+    {
+        let m = a.mount(img.id).unwrap();
+        write_file(m.root(), "g", &pattern(1 << 20, 6));
+    }
+    a.snapshot(img.id, &n("s2")).unwrap();
+    let full1 = send(&a, "src@s1", None);
+    let inc12 = send(&a, "src@s2", Some("src@s1"));
+    let other = b.create_image(&n("other"), Some(Bytes(64 << 20))).unwrap();
+    b.snapshot(other.id, &n("s1")).unwrap();
+    receive(&b, "copy", false, &full1).unwrap();
+
+    let before = pool_state(&b);
+    let used_before = used(&b);
+    let refuse = |name: &str, force: bool, stream: &[u8], want: &str| {
+        let err = receive(&b, name, force, stream).unwrap_err();
+        assert!(
+            err.to_string().contains(want),
+            "{name}: expected {want:?}, got {err}"
+        );
+        assert_eq!(pool_state(&b), before, "refusal ({want}) must leave nothing");
+        // XFS frees the blocks of a deleted file in the background.
+        let mut u = used(&b);
+        for _ in 0..50 {
+            if u <= used_before + (1 << 20) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            u = used(&b);
+        }
+        assert!(
+            u <= used_before + (1 << 20),
+            "refusal ({want}) must free its space: {used_before} -> {u}"
+        );
+        err
+    };
+    // A full stream onto an existing image.
+    refuse("copy", false, &full1, "a full stream creates a new image");
+    // Base missing by identity: `other` has a snapshot named s1, but not
+    // the same one.
+    refuse("other", false, &inc12, "no snapshot with identity");
+    // No such image for an incremental.
+    refuse("nosuch", false, &inc12, "no image nosuch");
+    // Cut streams and a bit flip, each with a message saying which.
+    for cut in [10, 100, inc12.len() / 2, inc12.len() - 1] {
+        let e = refuse("copy", false, &inc12[..cut], "EOF before the end record");
+        assert_eq!(e.errno(), libc::EBADMSG);
+    }
+    let mut flipped = inc12.clone();
+    let at = flipped.len() / 2;
+    flipped[at] ^= 0x10;
+    refuse("copy", false, &flipped, "checksum mismatch");
+    let mut trailing = inc12.clone();
+    trailing.extend_from_slice(b"junk");
+    refuse("copy", false, &trailing, "trailing bytes");
+
+    // Image changed since its newest snapshot: refused, then -F.
+    let copy = snap(&b, "copy");
+    {
+        let m = b.mount(copy.id).unwrap();
+        write_file(m.root(), "local", b"change");
+    }
+    b.unmount(copy.id);
+    let before_changed = pool_state(&b);
+    let err = receive(&b, "copy", false, &inc12).unwrap_err();
+    assert!(err.to_string().contains("was changed since its newest snapshot"), "{err}");
+    assert_eq!(pool_state(&b), before_changed);
+    let r = receive(&b, "copy", true, &inc12).unwrap();
+    assert!(r.rolled_back);
+    assert_same_tree(&a, "src@s2", &b, "copy");
+    assert_eq!(b.snapshots_of(copy.id).unwrap().len(), 2, "-F destroys no snapshot");
+    // Already there.
+    let after = pool_state(&b);
+    let err = receive(&b, "copy", false, &inc12).unwrap_err();
+    assert!(err.to_string().contains("up to date"), "{err}");
+    assert_eq!(pool_state(&b), after);
+    // The same name with another identity.
+    let bc = snap(&b, "copy");
+    b.destroy(&Target::parse("copy@s2").unwrap(), false).unwrap();
+    b.snapshot(bc.id, &n("s2")).unwrap();
+    let after = pool_state(&b);
+    let err = receive(&b, "copy", false, &inc12).unwrap_err();
+    assert!(err.to_string().contains("with another identity"), "{err}");
+    assert_eq!(pool_state(&b), after);
+    // Base not the newest snapshot.
+    b.destroy(&Target::parse("copy@s2").unwrap(), false).unwrap();
+    b.snapshot(bc.id, &n("later")).unwrap();
+    let after = pool_state(&b);
+    let err = receive(&b, "copy", true, &inc12).unwrap_err();
+    assert!(err.to_string().contains("not the newest snapshot"), "{err}");
+    assert_eq!(pool_state(&b), after);
+}
+
+#[test]
+fn root_stream_grow_and_incremental_is_small() {
+    let (sa, sb) = (Scratch::new("send"), Scratch::new("recv"));
+    let (a, b) = (open(sa.path()), open(sb.path()));
+    let size = 256u64 << 20;
+    let img = a.create_image(&n("big"), Some(Bytes(size))).unwrap();
+    {
+        let m = a.mount(img.id).unwrap();
+        write_file(m.root(), "data", &pattern(200 << 20, 1));
+    }
+    a.snapshot(img.id, &n("s1")).unwrap();
+    {
+        // Change 1 % of the image in place.
+        let m = a.mount(img.id).unwrap();
+        let p = proc_path(m.root()).join("data");
+        let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&pattern((size / 100) as usize, 9), 50 << 20)
+            .unwrap();
+        f.sync_all().unwrap();
+    }
+    a.snapshot(img.id, &n("s2")).unwrap();
+    let full = send(&a, "big@s1", None);
+    let inc = send(&a, "big@s2", Some("big@s1"));
+    eprintln!(
+        "full stream {} bytes, incremental after changing 1 %: {} bytes ({:.2} % of the image)",
+        full.len(),
+        inc.len(),
+        inc.len() as f64 * 100.0 / size as f64
+    );
+    assert!(
+        (inc.len() as u64) < size * 2 / 100,
+        "incremental {} must be < 2 % of {size}",
+        inc.len()
+    );
+    receive(&b, "big", false, &full).unwrap();
+    receive(&b, "big", false, &inc).unwrap();
+    assert_same_tree(&a, "big@s2", &b, "big@s2");
+
+    // Grow, write past the old end, send incrementally.
+    a.resize(&Target::parse("big").unwrap(), Bytes(512 << 20))
+        .unwrap();
+    {
+        let m = a.mount(img.id).unwrap();
+        write_file(m.root(), "more", &pattern(150 << 20, 4));
+    }
+    a.snapshot(img.id, &n("s3")).unwrap();
+    let inc3 = send(&a, "big@s3", Some("big@s2"));
+    let r = receive(&b, "big", false, &inc3).unwrap();
+    assert_eq!(r.image.size, Bytes(512 << 20));
+    assert_same_tree(&a, "big@s3", &b, "big@s3");
+    assert_same_tree(&a, "big@s3", &b, "big");
+}
