@@ -117,9 +117,20 @@ fn pool_state(e: &Engine) -> (Vec<String>, Vec<u32>) {
         .list()
         .unwrap()
         .iter()
-        .map(|r| format!("{} {} {} {:?} {:?}", r.id, r.dev, r.name, r.state, r.identity))
+        .map(|r| {
+            format!(
+                "{} {} {} {:?} {:?}",
+                r.id, r.dev, r.name, r.state, r.identity
+            )
+        })
         .collect();
-    let devs = e.backend().list().unwrap().iter().map(|d| d.get()).collect();
+    let devs = e
+        .backend()
+        .list()
+        .unwrap()
+        .iter()
+        .map(|d| d.get())
+        .collect();
     (recs, devs)
 }
 
@@ -233,7 +244,11 @@ fn root_stream_refusals_leave_nothing() {
             err.to_string().contains(want),
             "{name}: expected {want:?}, got {err}"
         );
-        assert_eq!(pool_state(&b), before, "refusal ({want}) must leave nothing");
+        assert_eq!(
+            pool_state(&b),
+            before,
+            "refusal ({want}) must leave nothing"
+        );
         // XFS frees the blocks of a deleted file in the background.
         let mut u = used(&b);
         for _ in 0..50 {
@@ -278,12 +293,20 @@ fn root_stream_refusals_leave_nothing() {
     b.unmount(copy.id);
     let before_changed = pool_state(&b);
     let err = receive(&b, "copy", false, &inc12).unwrap_err();
-    assert!(err.to_string().contains("was changed since its newest snapshot"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("was changed since its newest snapshot"),
+        "{err}"
+    );
     assert_eq!(pool_state(&b), before_changed);
     let r = receive(&b, "copy", true, &inc12).unwrap();
     assert!(r.rolled_back);
     assert_same_tree(&a, "src@s2", &b, "copy");
-    assert_eq!(b.snapshots_of(copy.id).unwrap().len(), 2, "-F destroys no snapshot");
+    assert_eq!(
+        b.snapshots_of(copy.id).unwrap().len(),
+        2,
+        "-F destroys no snapshot"
+    );
     // Already there.
     let after = pool_state(&b);
     let err = receive(&b, "copy", false, &inc12).unwrap_err();
@@ -291,14 +314,16 @@ fn root_stream_refusals_leave_nothing() {
     assert_eq!(pool_state(&b), after);
     // The same name with another identity.
     let bc = snap(&b, "copy");
-    b.destroy(&Target::parse("copy@s2").unwrap(), false).unwrap();
+    b.destroy(&Target::parse("copy@s2").unwrap(), false)
+        .unwrap();
     b.snapshot(bc.id, &n("s2")).unwrap();
     let after = pool_state(&b);
     let err = receive(&b, "copy", false, &inc12).unwrap_err();
     assert!(err.to_string().contains("with another identity"), "{err}");
     assert_eq!(pool_state(&b), after);
     // Base not the newest snapshot.
-    b.destroy(&Target::parse("copy@s2").unwrap(), false).unwrap();
+    b.destroy(&Target::parse("copy@s2").unwrap(), false)
+        .unwrap();
     b.snapshot(bc.id, &n("later")).unwrap();
     let after = pool_state(&b);
     let err = receive(&b, "copy", true, &inc12).unwrap_err();
@@ -376,9 +401,7 @@ fn root_stream_service_haves_rights_and_cancel() {
     let a = Service::new(std::sync::Arc::new(open(sa.path())), None);
     let b = Service::new(std::sync::Arc::new(open(sb.path())), None);
     let root = caller(0);
-    let img = a
-        .create(&root, &n("src"), Some(Bytes(64 << 20)))
-        .unwrap();
+    let img = a.create(&root, &n("src"), Some(Bytes(64 << 20))).unwrap();
     for (i, s) in ["s1", "s2", "s3"].iter().enumerate() {
         let m = a.engine().mount(img).unwrap();
         write_file(m.root(), "f", &pattern(1 << 20, i as u64));
@@ -402,7 +425,9 @@ fn root_stream_service_haves_rights_and_cancel() {
     };
     // Rights: a raw stream bypasses file permissions.
     let (f, _) = file(&sa, "x");
-    let err = a.send(&caller(1000), &req("src@s1"), f, &Job::new()).unwrap_err();
+    let err = a
+        .send(&caller(1000), &req("src@s1"), f, &Job::new())
+        .unwrap_err();
     assert_eq!(err.errno(), libc::EPERM, "{err}");
     // -s and compression are refused as not implemented.
     let (f, _) = file(&sa, "x");
@@ -421,7 +446,12 @@ fn root_stream_service_haves_rights_and_cancel() {
     let sum = a.send(&root, &req("src@s1"), f, &Job::new()).unwrap();
     assert!(sum.base.is_none() && !sum.up_to_date);
     let got = b
-        .receive(&root, &rreq("copy"), std::fs::File::open(&p).unwrap(), &Job::new())
+        .receive(
+            &root,
+            &rreq("copy"),
+            std::fs::File::open(&p).unwrap(),
+            &Job::new(),
+        )
         .unwrap();
     assert!(got.created_image);
     assert_eq!(got.id, sum.id);
@@ -445,8 +475,13 @@ fn root_stream_service_haves_rights_and_cancel() {
         .unwrap_err();
     assert_eq!(err.errno(), libc::ECANCELED, "{err}");
     assert_eq!(pool_state(b.engine()), before);
-    b.receive(&root, &rreq("copy"), std::fs::File::open(&p).unwrap(), &Job::new())
-        .unwrap();
+    b.receive(
+        &root,
+        &rreq("copy"),
+        std::fs::File::open(&p).unwrap(),
+        &Job::new(),
+    )
+    .unwrap();
     assert_same_tree(a.engine(), "src@s3", b.engine(), "copy@s3");
     // Up to date: nothing is written.
     let mut hreq = req("src@s3");
@@ -460,7 +495,10 @@ fn root_stream_service_haves_rights_and_cancel() {
     ireq.incremental_from = Some("s2".into());
     let (f, _) = file(&sa, "i");
     assert_eq!(
-        a.send(&root, &ireq, f, &Job::new()).unwrap().base.as_deref(),
+        a.send(&root, &ireq, f, &Job::new())
+            .unwrap()
+            .base
+            .as_deref(),
         Some("s2")
     );
 }
@@ -472,7 +510,10 @@ fn root_stream_identity_upgrade() {
     let img = e.create_image(&n("old"), Some(Bytes(32 << 20))).unwrap();
     let sn = e.snapshot(img.id, &n("s")).unwrap();
     assert!(sn.identity.is_some());
-    assert!(e.record(img.id).unwrap().identity.is_none(), "images have none");
+    assert!(
+        e.record(img.id).unwrap().identity.is_none(),
+        "images have none"
+    );
     // Make it look like a schema-1 pool: the snapshot loses its identity.
     let mut r = sn.clone();
     r.identity = None;
@@ -480,7 +521,10 @@ fn root_stream_identity_upgrade() {
     drop(e);
     let e = open(s.path());
     let id = e.record(sn.id).unwrap().identity;
-    assert!(id.is_some(), "an existing snapshot gets an identity at open");
+    assert!(
+        id.is_some(),
+        "an existing snapshot gets an identity at open"
+    );
     drop(e);
     let e = open(s.path());
     assert_eq!(e.record(sn.id).unwrap().identity, id, "and keeps it");
@@ -533,8 +577,17 @@ fn root_stream_kill9_during_receive_leaves_nothing() {
         let recs = b.meta().list().unwrap();
         let mut devs: Vec<u32> = recs.iter().map(|r| r.dev.get()).collect();
         devs.sort();
-        let backend: Vec<u32> = b.backend().list().unwrap().iter().map(|d| d.get()).collect();
-        assert_eq!(devs, backend, "{fp}: backend devices must match the records");
+        let backend: Vec<u32> = b
+            .backend()
+            .list()
+            .unwrap()
+            .iter()
+            .map(|d| d.get())
+            .collect();
+        assert_eq!(
+            devs, backend,
+            "{fp}: backend devices must match the records"
+        );
         assert!(b.meta().receiving_list().unwrap().is_empty());
         if fp == "receive.done" {
             assert_eq!(recs.len(), 2, "{fp}: published before the kill");
