@@ -353,7 +353,9 @@ fn root_stream_grow_and_incremental_is_small() {
         f.sync_all().unwrap();
     }
     a.snapshot(img.id, &n("s2")).unwrap();
+    let t = std::time::Instant::now();
     let full = send(&a, "big@s1", None);
+    let send_s = t.elapsed().as_secs_f64();
     let inc = send(&a, "big@s2", Some("big@s1"));
     eprintln!(
         "full stream {} bytes, incremental after changing 1 %: {} bytes ({:.2} % of the image)",
@@ -366,7 +368,13 @@ fn root_stream_grow_and_incremental_is_small() {
         "incremental {} must be < 2 % of {size}",
         inc.len()
     );
+    let t = std::time::Instant::now();
     receive(&b, "big", false, &full).unwrap();
+    eprintln!(
+        "full send {:.0} MiB/s, receive {:.0} MiB/s (stream in memory)",
+        full.len() as f64 / send_s / 1048576.0,
+        full.len() as f64 / t.elapsed().as_secs_f64() / 1048576.0
+    );
     receive(&b, "big", false, &inc).unwrap();
     assert_same_tree(&a, "big@s2", &b, "big@s2");
 
@@ -466,7 +474,18 @@ fn root_stream_service_haves_rights_and_cancel() {
     let (f, p) = file(&sa, "inc");
     let sum3 = a.send(&root, &hreq, f, &Job::new()).unwrap();
     assert_eq!(sum3.base.as_deref(), Some("s1"));
-    // A cancelled receive leaves nothing behind.
+    // A cancelled send or receive leaves nothing behind.
+    let sbefore = pool_state(a.engine());
+    let job = Job::new();
+    job.cancel();
+    let (f, _) = file(&sa, "c");
+    let err = a.send(&root, &req("src@s3"), f, &job).unwrap_err();
+    assert_eq!(err.errno(), libc::ECANCELED, "{err}");
+    assert_eq!(
+        pool_state(a.engine()).1,
+        sbefore.1,
+        "hidden devices of a send go"
+    );
     let before = pool_state(b.engine());
     let job = Job::new();
     job.cancel();

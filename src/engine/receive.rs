@@ -192,6 +192,7 @@ impl Engine {
         };
         let image = match &plan.image {
             None => {
+                snap.seq = self.meta.pool()?.map(|p| p.transaction_id + 1).unwrap_or(0);
                 let img = DeviceRecord {
                     id: head_dev,
                     dev: head_dev,
@@ -201,7 +202,6 @@ impl Engine {
                     ..snap.clone()
                 };
                 snap.parent = Some(img.id);
-                snap.seq = self.meta.pool()?.map(|p| p.transaction_id + 1).unwrap_or(0);
                 self.meta.txn(|t| {
                     t.receiving_done(snap_dev)?;
                     t.receiving_done(head_dev)?;
