@@ -13,6 +13,7 @@ pub mod fuse;
 pub mod lograte;
 pub mod meta;
 pub mod service;
+pub mod stream;
 pub mod sys;
 pub mod types;
 

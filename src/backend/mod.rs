@@ -6,8 +6,11 @@
 //! embedded default: sparse image files on a reflink-capable XFS, attached
 //! through loop devices) and [`dm`] (Linux dm-thin).
 
+mod compare;
 pub mod dm;
 pub mod reflink;
+
+pub use compare::{ChangedRange, RangeKind, compare_by_reading, normalize};
 
 use crate::error::Result;
 use crate::types::{Bytes, DeviceId};
@@ -88,6 +91,19 @@ pub trait Backend: Send + Sync {
     /// Cheap (called many times a second by the space guard).
     fn allocated(&self, dev: DeviceId) -> Result<u64> {
         self.usage(dev).map(|u| u.mapped)
+    }
+    /// The logical ranges of `snap` (a device of `size` bytes) that differ
+    /// from `base`, in increasing order: `Data` where `snap` holds bytes
+    /// to send, `Zero` where it reads as zeros and `base` did not. With no
+    /// base: every range that may hold data (holes omitted). The default
+    /// reads both devices whole: correct, but proportional to the device.
+    fn changed_ranges(
+        &self,
+        base: Option<DeviceId>,
+        snap: DeviceId,
+        size: Bytes,
+    ) -> Result<Vec<ChangedRange>> {
+        compare_by_reading(self, base, snap, size)
     }
     /// Return freed space to the layer below (best effort).
     fn trim(&self) -> Result<()>;

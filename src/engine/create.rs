@@ -43,6 +43,13 @@ impl Engine {
             created: now_secs(),
             seq,
             labels: BTreeMap::new(),
+            identity: match kind {
+                DeviceKind::Snapshot => Some(
+                    crate::meta::Identity::random()
+                        .map_err(|e| Error::io("read /dev/urandom", e))?,
+                ),
+                DeviceKind::Image => None,
+            },
         };
         self.meta.txn(|t| t.put(&rec))?;
         Ok(rec)

@@ -12,14 +12,19 @@ mod modify;
 mod mounts;
 mod offline;
 mod pool;
+mod receive;
 mod recover;
 mod remove;
+mod send;
 pub mod space;
+mod unchanged;
 
 pub use inspect::{DeviceInfo, PoolInfo};
 pub use mounts::{Mounted, OFFLINE_WAIT, OpenToken};
 pub use offline::{DeviceEntry, Holders, Offline};
 pub use pool::{BackendChoice, PoolOptions};
+pub use receive::Received;
+pub use send::{Progress, STREAM_BLOCK, SendStats};
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};

@@ -7,6 +7,9 @@
 //! - `gc`:      backend device id -> empty: devices whose record is gone
 //!   and whose blocks must still be freed (finished at the next open)
 //! - `pool`:    `pool` -> [`PoolRecord`] (JSON)
+//! - `receiving`: backend device id -> empty: hidden devices a `receive`
+//!   is writing; no record shows them. Opening the store moves them to
+//!   `gc` (a receive never outlives its process), so a crash leaves nothing.
 //!
 //! Every change goes through [`Meta::txn`]: one sled transaction over all
 //! trees that keeps the indexes in step with the records and bumps the
@@ -14,7 +17,7 @@
 
 mod record;
 
-pub use record::{DeviceKind, DeviceRecord, DeviceState, PoolRecord, SCHEMA_VERSION};
+pub use record::{DeviceKind, DeviceRecord, DeviceState, Identity, PoolRecord, SCHEMA_VERSION};
 
 use crate::error::{Error, Result};
 use crate::types::{DeviceId, Name};
@@ -36,6 +39,7 @@ pub struct Meta {
     children: sled::Tree,
     gc: sled::Tree,
     pool: sled::Tree,
+    receiving: sled::Tree,
 }
 
 const POOL_KEY: &[u8] = b"pool";
@@ -81,6 +85,7 @@ pub struct Txn<'a> {
     children: &'a TransactionalTree,
     gc: &'a TransactionalTree,
     pool: &'a TransactionalTree,
+    receiving: &'a TransactionalTree,
 }
 
 type TxResult<T> = std::result::Result<T, ConflictableTransactionError<Error>>;
@@ -151,6 +156,12 @@ impl Txn<'_> {
         Ok(())
     }
 
+    /// Forget a hidden device of a receive (it was published or deleted).
+    pub fn receiving_done(&self, dev: DeviceId) -> TxResult<()> {
+        self.receiving.remove(&dev.key())?;
+        Ok(())
+    }
+
     /// Bump the pool transaction id.
     pub fn bump(&self) -> TxResult<u64> {
         let mut p: PoolRecord = match self.pool.get(POOL_KEY)? {
@@ -173,15 +184,67 @@ impl Meta {
             .path(dir)
             .mode(sled::Mode::HighThroughput)
             .open()?;
-        Ok(Meta {
+        let m = Meta {
             hook: Default::default(),
             devices: db.open_tree("devices")?,
             names: db.open_tree("names")?,
             children: db.open_tree("children")?,
             gc: db.open_tree("gc")?,
             pool: db.open_tree("pool")?,
+            receiving: db.open_tree("receiving")?,
             db,
-        })
+        };
+        m.upgrade()?;
+        m.drop_receiving()?;
+        Ok(m)
+    }
+
+    /// Schema 1 -> 2: every snapshot gets an identity.
+    fn upgrade(&self) -> Result<()> {
+        for mut r in self.list()? {
+            if r.kind == DeviceKind::Snapshot && r.identity.is_none() {
+                r.identity =
+                    Some(Identity::random().map_err(|e| Error::io("read /dev/urandom", e))?);
+                self.devices.insert(r.id.key(), encode(&r)?)?;
+                log::info!(
+                    "upgrade: snapshot id {} has identity {:?}",
+                    r.id,
+                    r.identity
+                );
+            }
+        }
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Hidden devices of receives that a crash interrupted go to `gc`.
+    fn drop_receiving(&self) -> Result<()> {
+        for kv in self.receiving.iter() {
+            let (k, _) = kv?;
+            log::warn!(
+                "recovery: a receive into backend device {} was interrupted; deleting it",
+                DeviceId::from_key(&k)?
+            );
+            self.gc.insert(&k, &[])?;
+            self.receiving.remove(&k)?;
+        }
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Record a hidden device of a receive, before the backend makes it.
+    pub fn receiving_add(&self, dev: DeviceId) -> Result<()> {
+        self.receiving.insert(dev.key(), &[])?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Hidden devices of receives in progress.
+    pub fn receiving_list(&self) -> Result<Vec<DeviceId>> {
+        self.receiving
+            .iter()
+            .map(|kv| DeviceId::from_key(&kv?.0))
+            .collect()
     }
 
     /// Run `f` as one transaction over all trees, bump the transaction id,
@@ -193,14 +256,16 @@ impl Meta {
             &self.children,
             &self.gc,
             &self.pool,
+            &self.receiving,
         )
-            .transaction(|(devices, names, children, gc, pool)| {
+            .transaction(|(devices, names, children, gc, pool, receiving)| {
                 let t = Txn {
                     devices,
                     names,
                     children,
                     gc,
                     pool,
+                    receiving,
                 };
                 let v = f(&t)?;
                 t.bump()?;
@@ -307,6 +372,9 @@ impl Meta {
             }
         }
         for g in self.gc_list()? {
+            s.insert(g.get());
+        }
+        for g in self.receiving_list()? {
             s.insert(g.get());
         }
         Ok(s)

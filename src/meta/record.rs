@@ -5,7 +5,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Version of the on-disk schema.
-pub const SCHEMA_VERSION: u32 = 1;
+/// 2: snapshots carry an [`Identity`] (older snapshots get one at open).
+pub const SCHEMA_VERSION: u32 = 2;
 
 pub use crate::types::{DeviceKind, DeviceState};
 
@@ -42,6 +43,59 @@ pub struct DeviceRecord {
     /// User labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Snapshot: its stable 128-bit identity, given when it is made and
+    /// kept by `receive` (the same identity means the same bytes). Images
+    /// have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<Identity>,
+}
+
+/// A snapshot's stable 128-bit identity, shown as 32 hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Identity(pub [u8; 16]);
+
+impl Identity {
+    /// A new random identity (from the kernel's random pool).
+    pub fn random() -> Result<Identity, std::io::Error> {
+        use std::io::Read;
+        let mut b = [0u8; 16];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+        Ok(Identity(b))
+    }
+
+    /// Parse 32 hex digits.
+    pub fn parse(s: &str) -> Option<Identity> {
+        if s.len() != 32 || !s.is_ascii() {
+            return None;
+        }
+        let mut b = [0u8; 16];
+        for (i, out) in b.iter_mut().enumerate() {
+            *out = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(Identity(b))
+    }
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for Identity {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Identity {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Identity, D::Error> {
+        let s = String::deserialize(d)?;
+        Identity::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("bad identity {s:?}")))
+    }
 }
 
 impl DeviceRecord {

@@ -11,12 +11,14 @@
 mod caller;
 mod export;
 mod job;
+mod stream;
 mod tarwalk;
 mod usage;
 
 pub use caller::Caller;
 pub use export::{ExportRequest, ExportSummary};
 pub use job::Job;
+pub use stream::{HaveSnapshot, Haves, ReceiveRequest, ReceiveSummary, SendRequest, SendSummary};
 
 use crate::engine::{DeviceInfo, Engine, Target};
 use crate::error::{Error, Result};

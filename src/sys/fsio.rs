@@ -13,6 +13,8 @@ const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
 const FIEMAP_FLAG_SYNC: u32 = 1;
 const FIEMAP_EXTENT_LAST: u32 = 0x1;
 const FIEMAP_EXTENT_SHARED: u32 = 0x2000;
+/// FIEMAP flag: allocated but reads as zeros.
+pub const FIEMAP_EXTENT_UNWRITTEN: u32 = 0x800;
 
 /// Make `dst` share all of `src`'s blocks (reflink).
 pub fn ficlone(dst: impl AsFd, src: impl AsFd) -> io::Result<()> {
@@ -159,6 +161,77 @@ pub fn fiemap_usage(fd: impl AsFd) -> io::Result<(u64, u64, u64)> {
         }
     }
     Ok((total, exclusive, count))
+}
+
+/// One extent of a file, as FIEMAP reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Offset in the file.
+    pub logical: u64,
+    /// Offset on the device below.
+    pub physical: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// `FIEMAP_EXTENT_*` flags.
+    pub flags: u32,
+}
+
+/// Every extent of a file, in file order (data flushed first).
+pub fn fiemap_extents(fd: impl AsFd) -> io::Result<Vec<Extent>> {
+    let raw = fd.as_fd().as_raw_fd();
+    let zero = FiemapExtent {
+        fe_logical: 0,
+        fe_physical: 0,
+        fe_length: 0,
+        fe_reserved64: [0; 2],
+        fe_flags: 0,
+        fe_reserved: [0; 3],
+    };
+    let mut buf = Box::new(FiemapBuf {
+        head: FiemapHead {
+            fm_start: 0,
+            fm_length: 0,
+            fm_flags: 0,
+            fm_mapped_extents: 0,
+            fm_extent_count: 0,
+            fm_reserved: 0,
+        },
+        ext: [zero; BATCH],
+    });
+    let mut out = Vec::new();
+    let mut start = 0u64;
+    loop {
+        buf.head = FiemapHead {
+            fm_start: start,
+            fm_length: u64::MAX - start,
+            fm_flags: FIEMAP_FLAG_SYNC,
+            fm_mapped_extents: 0,
+            fm_extent_count: BATCH as u32,
+            fm_reserved: 0,
+        };
+        // SAFETY: buf is a fiemap header followed by BATCH extents, as
+        // fm_extent_count tells the kernel; it lives across the call.
+        cvt(unsafe { libc::ioctl(raw, FS_IOC_FIEMAP, &mut *buf as *mut FiemapBuf) })?;
+        let n = buf.head.fm_mapped_extents as usize;
+        if n == 0 {
+            break;
+        }
+        let mut last = false;
+        for e in &buf.ext[..n.min(BATCH)] {
+            out.push(Extent {
+                logical: e.fe_logical,
+                physical: e.fe_physical,
+                length: e.fe_length,
+                flags: e.fe_flags,
+            });
+            start = e.fe_logical + e.fe_length;
+            last |= e.fe_flags & FIEMAP_EXTENT_LAST != 0;
+        }
+        if last {
+            break;
+        }
+    }
+    Ok(out)
 }
 
 /// statvfs of the filesystem `fd` is on: (block size, blocks, free, avail, files, ffree).

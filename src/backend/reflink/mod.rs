@@ -16,5 +16,6 @@
 //! 1 MiB hint turned 79 MiB of random 4 KiB writes into 1.1 GiB used.
 
 mod pool;
+mod ranges;
 
 pub use pool::ReflinkPool;

@@ -179,7 +179,7 @@ impl ReflinkPool {
         })
     }
 
-    fn open_dev(&self, dev: DeviceId, flags: i32, mode: u32) -> std::io::Result<File> {
+    pub(super) fn open_dev(&self, dev: DeviceId, flags: i32, mode: u32) -> std::io::Result<File> {
         file::openat(
             self.devices.as_fd(),
             OsStr::new(&dev_name(dev)),
@@ -377,6 +377,15 @@ impl Backend for ReflinkPool {
             meta_used: None,
             meta_total: None,
         })
+    }
+
+    fn changed_ranges(
+        &self,
+        base: Option<DeviceId>,
+        snap: DeviceId,
+        size: Bytes,
+    ) -> Result<Vec<crate::backend::ChangedRange>> {
+        super::ranges::changed(self, base, snap, size)
     }
 
     fn trim(&self) -> Result<()> {

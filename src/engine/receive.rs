@@ -1,0 +1,368 @@
+//! Receive: a stream becomes a new snapshot (and for a full stream, a new
+//! image), or nothing at all.
+//!
+//! Order (what a crash at each step leaves):
+//! 1. every refusal that needs no data is decided from the stream header:
+//!    nothing is made;
+//! 2. a hidden device (noted in the meta `receiving` tree, shown nowhere):
+//!    empty for a full stream, a clone of the base for an incremental one;
+//!    -> crash: the next open moves it to `gc` and deletes it;
+//! 3. the ranges are written to its block device and synced; the end
+//!    record's digest is checked; any error deletes the hidden devices;
+//! 4. a second hidden device, a clone of the received snapshot: the new
+//!    head of the image;
+//! 5. ONE transaction publishes: the snapshot record (name and identity
+//!    from the stream), the new image (full) or the image's head swapped
+//!    to the new clone with the old head queued in `gc` (incremental).
+//!
+//! "Unchanged since its newest snapshot" is decided on the blocks,
+//! ignoring what a mount alone writes (see `unchanged.rs`). `-F` does not
+//! roll back first: the publish replaces the head anyway, which is exactly
+//! a rollback to the base followed by the receive, and a refused or failed
+//! receive then leaves the head as it was. It never destroys a snapshot:
+//! the base must be the image's newest snapshot.
+
+use super::send::{Hidden, Progress};
+use super::{Engine, failpoint, now_secs};
+use crate::error::{Error, IoContext, Result};
+use crate::meta::{DeviceKind, DeviceRecord, DeviceState, Identity};
+use crate::stream::{Decoder, Record, StreamHeader};
+use crate::types::{Bytes, Name};
+use crossbeam_channel::bounded;
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+
+/// What a receive made.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Received {
+    /// The image (new for a full stream).
+    pub image: DeviceRecord,
+    /// The new snapshot.
+    pub snapshot: DeviceRecord,
+    /// Whether the image was created.
+    pub created_image: bool,
+    /// Whether changes in the image's head since its newest snapshot were
+    /// discarded (`-F`).
+    pub rolled_back: bool,
+    /// Stream bytes read.
+    pub bytes: u64,
+    /// Ranges written.
+    pub ranges: u64,
+}
+
+/// The checked plan of a receive.
+struct Plan {
+    image: Option<DeviceRecord>,
+    base: Option<DeviceRecord>,
+    snap_name: Name,
+    rolled_back: bool,
+}
+
+impl Engine {
+    fn plan_receive(&self, name: &Name, h: &StreamHeader, force: bool) -> Result<Plan> {
+        let snap_name = Name::new(&h.snap_name)
+            .map_err(|e| Error::BadStream(format!("snapshot name in the header: {e}")))?;
+        let Some(img_id) = self.image_id(name)? else {
+            if let Some(b) = h.base_id {
+                return Err(Error::NotFound(format!(
+                    "no image {name} to receive an incremental stream (base {b}) into"
+                )));
+            }
+            return Ok(Plan {
+                image: None,
+                base: None,
+                snap_name,
+                rolled_back: false,
+            });
+        };
+        let Some(base_id) = h.base_id else {
+            return Err(Error::AlreadyExists(format!(
+                "image {name} exists; a full stream creates a new image (receive it under another name, or send incrementally)"
+            )));
+        };
+        let img = self.ready(img_id)?;
+        let snaps = self.snapshots_of(img_id)?;
+        if let Some(s) = snaps.iter().find(|s| s.identity == Some(h.snap_id)) {
+            return Err(Error::AlreadyExists(format!(
+                "{name}@{} already has this snapshot (identity {}): up to date",
+                s.name, h.snap_id
+            )));
+        }
+        if let Some(s) = snaps.iter().find(|s| s.name == snap_name) {
+            return Err(Error::AlreadyExists(format!(
+                "{name}@{} exists with another identity ({}, the stream's is {})",
+                s.name,
+                s.identity.map(|i| i.to_string()).unwrap_or_default(),
+                h.snap_id
+            )));
+        }
+        let Some(base) = snaps.iter().find(|s| s.identity == Some(base_id)).cloned() else {
+            return Err(Error::NotFound(format!(
+                "{name} has no snapshot with identity {base_id}, the stream's base (matched by identity, not by name)"
+            )));
+        };
+        let newer: Vec<String> = snaps
+            .iter()
+            .filter(|s| s.seq > base.seq)
+            .map(|s| s.name.to_string())
+            .collect();
+        if !newer.is_empty() {
+            return Err(Error::Busy(format!(
+                "the stream's base {name}@{} is not the newest snapshot of {name} (newer: {}); nothing is destroyed to make room",
+                base.name,
+                newer.join(", ")
+            )));
+        }
+        let rolled_back = self.check_unchanged(&img, &base, force)?;
+        Ok(Plan {
+            image: Some(img),
+            base: Some(base),
+            snap_name,
+            rolled_back,
+        })
+    }
+
+    /// Refuse if `img` changed since `base` (unless `force`); with the
+    /// image offline. Returns whether changes will be discarded.
+    fn check_unchanged(
+        &self,
+        img: &DeviceRecord,
+        base: &DeviceRecord,
+        force: bool,
+    ) -> Result<bool> {
+        let what = format!("receive into {}", img.name);
+        self.with_offline(std::slice::from_ref(img), &what, |_| {
+            let img = self.ready(img.id)?;
+            match self.changed_since(&img, base)? {
+                None => Ok(false),
+                Some(_) if force => Ok(true),
+                Some(at) => Err(Error::Busy(format!(
+                    "{} was changed since its newest snapshot {} (first difference at byte {at}); use -F to discard the changes",
+                    img.name, base.name
+                ))),
+            }
+        })
+    }
+
+    /// Receive a stream from `input` as image `name`.
+    pub fn receive_stream(
+        &self,
+        name: &Name,
+        force: bool,
+        input: &mut (dyn Read + Send),
+        progress: &dyn Progress,
+    ) -> Result<Received> {
+        let mut dec = Decoder::new(input)?;
+        let h = dec.header().clone();
+        let plan = self.plan_receive(name, &h, force)?;
+        let size = Bytes(h.size);
+        if let Some(img) = &plan.image
+            && size.0 < img.size.0
+        {
+            return Err(Error::Invalid(format!(
+                "the stream's device ({size}) is smaller than image {name} ({})",
+                img.size
+            )));
+        }
+        self.check_reserve(&format!("receive {name}@{}", plan.snap_name))?;
+        progress.total(h.size);
+        let mut hidden = Hidden::new(self);
+        let snap_dev = hidden.make(plan.base.as_ref().map(|b| b.dev), size)?;
+        failpoint("receive.hidden");
+        let (bytes, ranges) = self.write_ranges(snap_dev, size, &mut dec, progress)?;
+        failpoint("receive.written");
+        let head_dev = hidden.make(Some(snap_dev), size)?;
+        let mut snap = DeviceRecord {
+            id: snap_dev,
+            dev: snap_dev,
+            name: plan.snap_name.clone(),
+            kind: DeviceKind::Snapshot,
+            parent: None,
+            size,
+            fs: super::create::DEFAULT_FS.into(),
+            state: DeviceState::Ready,
+            pending_dev: None,
+            error: None,
+            created: now_secs(),
+            seq: 0,
+            labels: BTreeMap::new(),
+            identity: Some(h.snap_id),
+        };
+        let image = match &plan.image {
+            None => {
+                snap.seq = self.meta.pool()?.map(|p| p.transaction_id + 1).unwrap_or(0);
+                let img = DeviceRecord {
+                    id: head_dev,
+                    dev: head_dev,
+                    name: name.clone(),
+                    kind: DeviceKind::Image,
+                    identity: None,
+                    ..snap.clone()
+                };
+                snap.parent = Some(img.id);
+                self.meta.txn(|t| {
+                    t.receiving_done(snap_dev)?;
+                    t.receiving_done(head_dev)?;
+                    t.put(&img)?;
+                    t.put(&snap)
+                })?;
+                img
+            }
+            Some(img) => {
+                self.publish_incremental(img, plan.base.as_ref(), &mut snap, head_dev, force)?
+            }
+        };
+        hidden.published();
+        failpoint("receive.done");
+        self.collect_garbage()?;
+        log::info!(
+            "received {}@{} (identity {}, {} ranges, {bytes} stream bytes)",
+            image.name,
+            snap.name,
+            h.snap_id,
+            ranges
+        );
+        Ok(Received {
+            image,
+            snapshot: snap,
+            created_image: plan.image.is_none(),
+            rolled_back: plan.rolled_back,
+            bytes,
+            ranges,
+        })
+    }
+
+    fn publish_incremental(
+        &self,
+        img: &DeviceRecord,
+        base: Option<&DeviceRecord>,
+        snap: &mut DeviceRecord,
+        head_dev: crate::types::DeviceId,
+        force: bool,
+    ) -> Result<DeviceRecord> {
+        let base =
+            base.ok_or_else(|| Error::Invalid("incremental receive without a base".into()))?;
+        let what = format!("receive into {}", img.name);
+        self.with_offline(std::slice::from_ref(img), &what, |_| {
+            let mut img = self.ready(img.id)?;
+            let still: Vec<Identity> = self
+                .snapshots_of(img.id)?
+                .iter()
+                .filter(|s| s.seq > base.seq)
+                .filter_map(|s| s.identity)
+                .collect();
+            if !still.is_empty() || self.meta.get(base.id)?.is_none() {
+                return Err(Error::Busy(format!(
+                    "snapshots of {} changed during the receive; nothing was received",
+                    img.name
+                )));
+            }
+            if !force && let Some(at) = self.changed_since(&img, base)? {
+                return Err(Error::Busy(format!(
+                    "{} was changed during the receive (first difference at byte {at}); nothing was received, use -F to discard the changes",
+                    img.name
+                )));
+            }
+            let old = img.dev;
+            img.dev = head_dev;
+            img.size = snap.size;
+            snap.parent = Some(img.id);
+            snap.seq = self.meta.pool()?.map(|p| p.transaction_id + 1).unwrap_or(0);
+            let dev_snap = snap.dev;
+            let s = snap.clone();
+            self.meta.txn(|t| {
+                t.receiving_done(dev_snap)?;
+                t.receiving_done(head_dev)?;
+                t.put(&s)?;
+                t.put(&img)?;
+                t.gc_add(old)
+            })?;
+            Ok(img)
+        })
+    }
+
+    /// Decode (in a thread) and write every range to `dev`; sync. Returns
+    /// (stream bytes, ranges) once the end record checked out.
+    fn write_ranges(
+        &self,
+        dev: crate::types::DeviceId,
+        size: Bytes,
+        dec: &mut Decoder<&mut (dyn Read + Send)>,
+        progress: &dyn Progress,
+    ) -> Result<(u64, u64)> {
+        let active = self.backend.activate(dev, size, false)?;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(active.path())
+            .ctx(|| format!("open {}", active.path().display()))?;
+        let (tx, rx) = bounded::<Result<Record>>(4);
+        let mut ranges = 0u64;
+        let d = &mut *dec;
+        let res: Result<()> = std::thread::scope(|s| {
+            let reader = s.spawn(move || {
+                loop {
+                    match d.next() {
+                        Ok(Some(r)) => {
+                            if tx.send(Ok(r)).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => return,
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                    }
+                }
+            });
+            let mut r = Ok(());
+            for rec in rx.iter() {
+                let step = rec.and_then(|rec| {
+                    ranges += 1;
+                    match rec {
+                        Record::Data { offset, data } => {
+                            f.write_all_at(&data, offset)
+                                .ctx(|| format!("write the received device at {offset}"))?;
+                            progress.advance(data.len() as u64)
+                        }
+                        Record::Zero { offset, len } => {
+                            zero_range(&f, offset, len)?;
+                            progress.advance(len)
+                        }
+                    }
+                });
+                if let Err(e) = step {
+                    r = Err(e);
+                    break;
+                }
+            }
+            drop(rx);
+            let _ = reader.join();
+            r
+        });
+        res?;
+        f.sync_all().ctx(|| "sync the received device".into())?;
+        Ok((dec.position(), ranges))
+    }
+}
+
+/// Zero a range of a block device: discard it (punch a hole) where the
+/// device can, else write zeros.
+fn zero_range(f: &std::fs::File, offset: u64, len: u64) -> Result<()> {
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    if crate::sys::file::fallocate(f.as_fd(), mode, offset, len).is_ok() {
+        return Ok(());
+    }
+    let z = vec![0u8; (len as usize).min(1 << 20)];
+    let mut off = offset;
+    while off < offset + len {
+        let n = ((offset + len - off) as usize).min(z.len());
+        f.write_all_at(&z[..n], off)
+            .ctx(|| format!("zero the received device at {off}"))?;
+        off += n as u64;
+    }
+    Ok(())
+}

@@ -1,0 +1,96 @@
+//! Writing a stream: preamble, header, ranges, end with the digest.
+
+use super::format::{self, RecHeader, StreamHeader, T_BEGIN, T_DATA, T_END, T_ZERO};
+use crate::error::{Error, IoContext, Result};
+use std::io::Write;
+
+/// Writes one stream to `W`, checking the order of ranges as it goes.
+pub struct Encoder<W: Write> {
+    out: W,
+    digest: blake3::Hasher,
+    header: StreamHeader,
+    /// End of the last range written.
+    next: u64,
+    bytes: u64,
+    records: u64,
+}
+
+impl<W: Write> Encoder<W> {
+    /// Start a stream: writes the preamble and the header record.
+    pub fn new(out: W, header: StreamHeader) -> Result<Encoder<W>> {
+        let mut e = Encoder {
+            out,
+            digest: blake3::Hasher::new(),
+            header,
+            next: 0,
+            bytes: 0,
+            records: 0,
+        };
+        e.put(&format::preamble())?;
+        let p = e.header.encode();
+        e.record(T_BEGIN, 0, 0, &p)?;
+        Ok(e)
+    }
+
+    fn put(&mut self, b: &[u8]) -> Result<()> {
+        self.digest.update(b);
+        self.bytes += b.len() as u64;
+        self.out.write_all(b).ctx(|| "write the stream".into())
+    }
+
+    fn record(&mut self, kind: u8, offset: u64, len: u64, payload: &[u8]) -> Result<()> {
+        let h = RecHeader {
+            kind,
+            payload_len: payload.len() as u32,
+            offset,
+            len,
+            payload_crc: crc32c::crc32c(payload),
+        };
+        self.put(&h.encode())?;
+        self.put(payload)?;
+        self.records += 1;
+        Ok(())
+    }
+
+    fn check_range(&mut self, offset: u64, len: u64) -> Result<()> {
+        let bs = self.header.block_size as u64;
+        let end = offset.checked_add(len);
+        if len == 0
+            || offset < self.next
+            || !offset.is_multiple_of(bs)
+            || !len.is_multiple_of(bs)
+            || end.is_none_or(|e| e > self.header.size)
+        {
+            return Err(Error::Invalid(format!(
+                "stream encoder: range {offset}+{len} is out of order, unaligned or beyond the device"
+            )));
+        }
+        self.next = offset + len;
+        Ok(())
+    }
+
+    /// Bytes at `offset` (split into records of at most [`format::MAX_DATA`]).
+    pub fn data(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_range(offset, data.len() as u64)?;
+        for (i, chunk) in data.chunks(format::MAX_DATA).enumerate() {
+            let o = offset + (i * format::MAX_DATA) as u64;
+            self.record(T_DATA, o, chunk.len() as u64, chunk)?;
+        }
+        Ok(())
+    }
+
+    /// Zeros over `offset..offset+len`.
+    pub fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        self.record(T_ZERO, offset, len, &[])
+    }
+
+    /// Write the end record; returns the writer, the stream's length and
+    /// its number of records.
+    pub fn finish(mut self) -> Result<(W, u64, u64)> {
+        let d = *self.digest.finalize().as_bytes();
+        self.record(T_END, 0, 0, &d)?;
+        self.out.flush().ctx(|| "flush the stream".into())?;
+        Ok((self.out, self.bytes, self.records))
+    }
+}
