@@ -192,6 +192,12 @@ impl Engine {
         self.meta.list()
     }
 
+    /// Hidden devices of receives under way (a crash leaves them here; the
+    /// next open moves them to the devices to free).
+    pub fn receiving_pending(&self) -> Result<Vec<crate::types::DeviceId>> {
+        self.meta.receiving_list()
+    }
+
     /// Backend devices whose records are gone and whose blocks are still
     /// to be freed (finished at the next open).
     pub fn gc_pending(&self) -> Result<Vec<crate::types::DeviceId>> {
