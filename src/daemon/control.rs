@@ -256,6 +256,7 @@ fn handle(core: &Core, who: &Caller, op: &Op) -> Result<serde_json::Value> {
                 "all" => None,
                 "image" => Some(crate::types::DeviceKind::Image),
                 "snapshot" => Some(crate::types::DeviceKind::Snapshot),
+                "containerd" => Some(crate::types::DeviceKind::Containerd),
                 k => {
                     return Err(Error::Invalid(format!(
                         "unknown type {k:?} (image, snapshot, all)"

@@ -43,6 +43,7 @@ impl Engine {
             created: now_secs(),
             seq,
             labels: BTreeMap::new(),
+            containerd: None,
         };
         self.meta.txn(|t| t.put(&rec))?;
         Ok(rec)
@@ -119,7 +120,7 @@ impl Engine {
         Ok(rec)
     }
 
-    fn mkfs(&self, rec: &DeviceRecord) -> Result<()> {
+    pub(super) fn mkfs(&self, rec: &DeviceRecord) -> Result<()> {
         let active = self.backend.activate(rec.dev, rec.size, false)?;
         let label: String = rec.name.as_str().chars().take(16).collect();
         let args: [&std::ffi::OsStr; 9] = [

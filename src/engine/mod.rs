@@ -6,6 +6,7 @@
 //! entry), then does the backend work, then records the result; [`recover`]
 //! finishes or undoes whatever a crash interrupted. It never speaks FUSE.
 
+pub mod containerd;
 mod create;
 mod inspect;
 mod modify;

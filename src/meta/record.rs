@@ -42,6 +42,9 @@ pub struct DeviceRecord {
     /// User labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// containerd's key and kind, for a [`DeviceKind::Containerd`] device.
+    #[serde(default)]
+    pub containerd: Option<crate::types::ContainerdInfo>,
 }
 
 impl DeviceRecord {
@@ -62,7 +65,7 @@ impl DeviceRecord {
     pub fn image_of(&self) -> Option<DeviceId> {
         match self.kind {
             DeviceKind::Snapshot => self.parent,
-            DeviceKind::Image => None,
+            DeviceKind::Image | DeviceKind::Containerd => None,
         }
     }
 }

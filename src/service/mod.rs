@@ -9,6 +9,7 @@
 //! transport and call these functions; none of them decides rights itself.
 
 mod caller;
+pub mod containerd;
 mod job;
 
 pub use caller::Caller;
