@@ -129,14 +129,23 @@ fn status(e: Error) -> Status {
     }
 }
 
-/// Run a blocking service call off the async workers.
+/// Run a blocking service call off the async workers; log what it was,
+/// how long it took and how it ended.
 async fn blocking<T: Send + 'static>(
+    what: String,
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> std::result::Result<T, Status> {
-    match tokio::task::spawn_blocking(f).await {
+    let t = std::time::Instant::now();
+    let r = match tokio::task::spawn_blocking(f).await {
         Ok(r) => r.map_err(status),
         Err(e) => Err(Status::internal(format!("snapshotter task failed: {e}"))),
+    };
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    match &r {
+        Ok(_) => log::info!("containerd: {what} in {ms:.1} ms"),
+        Err(e) => log::info!("containerd: {what} failed in {ms:.1} ms: {}", e.message()),
     }
+    r
 }
 
 fn mounts(m: LayerMount) -> Vec<Mount> {
@@ -181,7 +190,7 @@ impl Snapshotter for Front {
 
     async fn stat(&self, key: String) -> std::result::Result<Info, Status> {
         let s = self.service.clone();
-        blocking(move || to_info(&s, &s.stat(&key)?)).await
+        blocking(format!("stat {key}"), move || to_info(&s, &s.stat(&key)?)).await
     }
 
     async fn update(
@@ -190,7 +199,7 @@ impl Snapshotter for Front {
         fieldpaths: Option<Vec<String>>,
     ) -> std::result::Result<Info, Status> {
         let s = self.service.clone();
-        blocking(move || {
+        blocking(format!("update {}", info.name), move || {
             let r = s.update(&info.name, labels(info.labels), fieldpaths.as_deref())?;
             to_info(&s, &r)
         })
@@ -199,7 +208,7 @@ impl Snapshotter for Front {
 
     async fn usage(&self, key: String) -> std::result::Result<Usage, Status> {
         let s = self.service.clone();
-        let size = blocking(move || s.usage(&key)).await?;
+        let size = blocking(format!("usage {key}"), move || s.usage(&key)).await?;
         Ok(Usage {
             inodes: 0,
             size: i64::try_from(size).unwrap_or(i64::MAX),
@@ -208,7 +217,7 @@ impl Snapshotter for Front {
 
     async fn mounts(&self, key: String) -> std::result::Result<Vec<Mount>, Status> {
         let s = self.service.clone();
-        blocking(move || s.mounts(&key)).await.map(mounts)
+        blocking(format!("mounts {key}"), move || s.mounts(&key)).await.map(mounts)
     }
 
     async fn prepare(
@@ -218,7 +227,9 @@ impl Snapshotter for Front {
         l: HashMap<String, String>,
     ) -> std::result::Result<Vec<Mount>, Status> {
         let s = self.service.clone();
-        blocking(move || s.prepare(&key, &parent, labels(l)))
+        blocking(format!("prepare {key} (parent {parent:?})"), move || {
+            s.prepare(&key, &parent, labels(l))
+        })
             .await
             .map(mounts)
     }
@@ -230,7 +241,9 @@ impl Snapshotter for Front {
         l: HashMap<String, String>,
     ) -> std::result::Result<Vec<Mount>, Status> {
         let s = self.service.clone();
-        blocking(move || s.view(&key, &parent, labels(l)))
+        blocking(format!("view {key} (parent {parent:?})"), move || {
+            s.view(&key, &parent, labels(l))
+        })
             .await
             .map(mounts)
     }
@@ -242,17 +255,19 @@ impl Snapshotter for Front {
         l: HashMap<String, String>,
     ) -> std::result::Result<(), Status> {
         let s = self.service.clone();
-        blocking(move || s.commit(&name, &key, labels(l))).await
+        blocking(format!("commit {key} as {name}"), move || {
+            s.commit(&name, &key, labels(l))
+        }).await
     }
 
     async fn remove(&self, key: String) -> std::result::Result<(), Status> {
         let s = self.service.clone();
-        blocking(move || s.remove(&key)).await
+        blocking(format!("remove {key}"), move || s.remove(&key)).await
     }
 
     async fn clear(&self) -> std::result::Result<(), Status> {
         let s = self.service.clone();
-        blocking(move || s.cleanup()).await
+        blocking("cleanup".into(), move || s.cleanup()).await
     }
 
     type InfoStream = InfoStream;
@@ -263,7 +278,7 @@ impl Snapshotter for Front {
         filters: Vec<String>,
     ) -> std::result::Result<InfoStream, Status> {
         let s = self.service.clone();
-        let infos = blocking(move || {
+        let infos = blocking(format!("list {filters:?}"), move || {
             let f = filter::Filters::parse(&filters)?;
             let mut v = Vec::new();
             for r in s.list()? {
