@@ -347,9 +347,51 @@ fn root_containerd_import_run_remove_and_kill9() {
         layer_count(&m) == 2
     });
 
-    // Removing the image lets containerd's GC remove the layers: the pool
-    // gives the space back and no device is left.
+    // Users see containerd's layers in `list -t all` as their own type; they
+    // may snapshot a committed one and clone that snapshot, never change a
+    // layer itself.
+    let human = m.cli(&["list", "-t", "all"]);
+    assert!(String::from_utf8_lossy(&human.stdout).contains("containerd"));
+    let top = containerd_rows(&m)
+        .into_iter()
+        .find(|r| !r["parent"].is_null())
+        .and_then(|r| r["name"].as_str().map(str::to_string))
+        .expect("the second layer");
+    let cli_ok = |args: &[&str]| {
+        let o = m.cli(args);
+        assert!(o.status.success(), "thinfs {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    let base = format!("{top}@base");
+    cli_ok(&["snapshot", &base]);
+    cli_ok(&["clone", &base, "mine"]);
+    let added = std::fs::read_to_string(m.path("mine/etc/added")).expect("layer file in the clone");
+    assert_eq!(added, "from layer two\n");
+    assert!(!m.path("mine/etc/gone").exists(), "the whiteout holds in the clone");
+    std::fs::write(m.path("mine/etc/mine"), "user data").expect("write in the clone");
+    for refused in [
+        vec!["destroy", top.as_str()],
+        vec!["destroy", "-r", top.as_str()],
+        vec!["rename", top.as_str(), "x"],
+        vec!["rollback", base.as_str()],
+        vec!["resize", top.as_str(), "2G"],
+    ] {
+        let o = m.cli(&refused);
+        assert!(!o.status.success(), "thinfs {refused:?} must be refused");
+    }
+    assert_eq!(layer_count(&m), 2);
+
+    // Removing the image: containerd's GC may not remove a layer a user
+    // snapshotted (it has a child); once the user's snapshot and clone are
+    // gone, it removes them all, the pool gives the space back and no
+    // device is left.
     ctd.ok(&["images", "rm", "--sync", IMAGE]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(layer_count(&m), 2, "layers under a user's snapshot stay");
+    cli_ok(&["destroy", "mine"]);
+    cli_ok(&["destroy", &base]);
+    // containerd's GC runs after a removal of its own.
+    ctd.ok(&["snapshots", "--snapshotter", "thinfs", "prepare", "gc-kick"]);
+    ctd.ok(&["snapshots", "--snapshotter", "thinfs", "rm", "gc-kick"]);
     wait_until("containerd removed the layers", || layer_count(&m) == 0);
     assert_eq!(pool_loops(&m), 0);
     let used_after = pool_used(&m);

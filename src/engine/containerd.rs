@@ -352,3 +352,44 @@ impl Engine {
         e
     }
 }
+
+impl Engine {
+    /// The id of containerd's committed layer named `name` (`ctd-N`, as
+    /// `thinfs list -t all` shows it): users may snapshot it, nothing more.
+    pub(super) fn layer_id(&self, name: &Name) -> Result<DeviceId> {
+        let nf = || Error::NotFound(format!("no image named {name}"));
+        let n: u32 = name
+            .as_str()
+            .strip_prefix("ctd-")
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(nf)?;
+        let r = self.meta.get(DeviceId::new(n)?)?.ok_or_else(nf)?;
+        if r.kind != DeviceKind::Containerd || r.name != *name {
+            return Err(nf());
+        }
+        Ok(r.id)
+    }
+
+    /// What `thinfs snapshot NAME@SNAP` snapshots: image `name`, or
+    /// containerd's committed layer `name`.
+    pub fn snapshot_origin(&self, name: &Name) -> Result<DeviceRecord> {
+        match self.meta.image_id(name)? {
+            Some(id) => self.record(id),
+            None => self.record(self.layer_id(name)?),
+        }
+    }
+
+    /// A user may snapshot a containerd layer only once it is committed
+    /// (read-only for good); active and view snapshots are containerd's
+    /// alone (it has them mounted).
+    pub(super) fn check_layer_snapshot(&self, r: &DeviceRecord) -> Result<()> {
+        let c = info(r)?;
+        if c.kind != ContainerdKind::Committed {
+            return Err(Error::PermissionDenied(format!(
+                "{} is containerd's {:?} snapshot; only committed layers can be snapshotted",
+                r.name, c.kind
+            )));
+        }
+        Ok(())
+    }
+}

@@ -144,7 +144,9 @@ impl Engine {
         let lock = self.lock_of(image);
         let _g = lock.lock();
         let img = self.ready(image)?;
-        if img.kind != DeviceKind::Image {
+        if img.kind == DeviceKind::Containerd {
+            self.check_layer_snapshot(&img)?;
+        } else if img.kind != DeviceKind::Image {
             return Err(Error::Invalid(format!(
                 "{} is a snapshot; snapshots are taken of images",
                 img.name

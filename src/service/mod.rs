@@ -86,10 +86,7 @@ impl Service {
             .as_ref()
             .ok_or_else(|| Error::Invalid(format!("snapshot needs NAME@SNAP, got {t}")))?;
         self.require_admin(c, &format!("snapshot {t}"))?;
-        let img = self.engine.resolve(&Target {
-            image: t.image.clone(),
-            snap: None,
-        })?;
+        let img = self.engine.snapshot_origin(&t.image)?;
         let r = self.engine.snapshot(img.id, snap)?;
         self.engine.info(&r, false)
     }
