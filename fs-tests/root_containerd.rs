@@ -163,7 +163,9 @@ impl Drop for Containerd {
                 let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
                 let cmd = String::from_utf8_lossy(&cmd);
                 if cmd.contains("containerd-shim") && cmd.contains(&addr) {
-                    let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+                    let _ = Command::new("kill")
+                        .args(["-KILL", &pid.to_string()])
+                        .status();
                 }
             }
         }
@@ -219,7 +221,9 @@ fn pool_used(m: &TestMount) -> u64 {
     let o = m.cli(&["pool", "--json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("pool json");
-    v["used"].as_u64().unwrap_or_else(|| panic!("no used in {v}"))
+    v["used"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no used in {v}"))
 }
 
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
@@ -261,14 +265,22 @@ fn root_containerd_import_run_remove_and_kill9() {
     let ctd = Containerd::start(&dir.path().join("containerd"), &snap_sock);
     let plugins = ctd.ok(&["plugins", "ls"]);
     assert!(
-        plugins.lines().any(|l| l.contains("snapshotter") && l.contains("thinfs") && l.contains("ok")),
+        plugins
+            .lines()
+            .any(|l| l.contains("snapshotter") && l.contains("thinfs") && l.contains("ok")),
         "{plugins}"
     );
     let used_before = pool_used(&m);
 
     // Import: two layers, each Prepare + apply + Commit, into thinfs.
     let t = Instant::now();
-    ctd.ok(&["images", "import", "--snapshotter", "thinfs", &tar.to_string_lossy()]);
+    ctd.ok(&[
+        "images",
+        "import",
+        "--snapshotter",
+        "thinfs",
+        &tar.to_string_lossy(),
+    ]);
     let import_ms = t.elapsed().as_secs_f64() * 1e3;
     eprintln!("import of 2 layers: {import_ms:.0} ms");
     let layers = containerd_rows(&m);
@@ -313,7 +325,9 @@ fn root_containerd_import_run_remove_and_kill9() {
         "{out}"
     );
     // The container's snapshot went with it (--rm): its device is freed.
-    wait_until("the container's snapshot is removed", || layer_count(&m) == 2);
+    wait_until("the container's snapshot is removed", || {
+        layer_count(&m) == 2
+    });
     assert_eq!(pool_loops(&m), 0, "the container's device is detached");
 
     // kill -9 of thinfs while containerd runs; restart; run again.
@@ -327,7 +341,10 @@ fn root_containerd_import_run_remove_and_kill9() {
         n += 1;
         let o = ctd.run(&format!("c2-{n}"), "cat /etc/added");
         let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        if o.status.success() || !err.contains("unavailable") || t.elapsed() > Duration::from_secs(20) {
+        if o.status.success()
+            || !err.contains("unavailable")
+            || t.elapsed() > Duration::from_secs(20)
+        {
             break o;
         }
         std::thread::sleep(Duration::from_millis(250));
@@ -359,14 +376,21 @@ fn root_containerd_import_run_remove_and_kill9() {
         .expect("the second layer");
     let cli_ok = |args: &[&str]| {
         let o = m.cli(args);
-        assert!(o.status.success(), "thinfs {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "thinfs {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     };
     let base = format!("{top}@base");
     cli_ok(&["snapshot", &base]);
     cli_ok(&["clone", &base, "mine"]);
     let added = std::fs::read_to_string(m.path("mine/etc/added")).expect("layer file in the clone");
     assert_eq!(added, "from layer two\n");
-    assert!(!m.path("mine/etc/gone").exists(), "the whiteout holds in the clone");
+    assert!(
+        !m.path("mine/etc/gone").exists(),
+        "the whiteout holds in the clone"
+    );
     std::fs::write(m.path("mine/etc/mine"), "user data").expect("write in the clone");
     for refused in [
         vec!["destroy", top.as_str()],
@@ -399,10 +423,15 @@ fn root_containerd_import_run_remove_and_kill9() {
         used_after <= used_before + (1 << 20),
         "pool used {used_before} before, {used_after} after"
     );
+    let t = Instant::now();
     drop(ctd);
+    eprintln!("containerd stopped in {:.1} s", t.elapsed().as_secs_f64());
     let log = m.log();
     let timings: Vec<&str> = log.lines().filter(|l| l.contains("containerd: ")).collect();
     eprintln!("{}", timings.join("\n"));
+    let t = Instant::now();
+    m.stop();
+    eprintln!("thinfs stopped in {:.1} s", t.elapsed().as_secs_f64());
 }
 
 /// `ctr snapshots --snapshotter thinfs ARGS`.
@@ -491,7 +520,11 @@ fn root_containerd_crash_at_every_step() {
     let collect = |m: &TestMount, what: &str| {
         for (k, _) in snap_keys(&ctd).into_iter().filter(|(k, _)| k != "probe") {
             let o = snap(&ctd, &["rm", &k]);
-            assert!(o.status.success(), "{what}: rm {k}: {}", String::from_utf8_lossy(&o.stderr));
+            assert!(
+                o.status.success(),
+                "{what}: rm {k}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
         }
         let o = snap(&ctd, &["prepare", "gc-kick"]);
         assert!(
@@ -523,7 +556,11 @@ fn root_containerd_crash_at_every_step() {
         assert!(!o.status.success(), "{fp}: the daemon died in Prepare");
         restart(&mut m);
         assert_eq!(layer_count(&m), left + 1, "{fp}");
-        assert_eq!(pool_loops(&m), 0, "{fp}: nothing is attached after a restart");
+        assert_eq!(
+            pool_loops(&m),
+            0,
+            "{fp}: nothing is attached after a restart"
+        );
         collect(&m, fp);
     }
 
@@ -534,13 +571,23 @@ fn root_containerd_crash_at_every_step() {
     restart(&mut m);
     let o = snap(&ctd, &["mounts", "/x", "k3"]);
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(o.status.success() && out.contains("-t ext4 /dev/loop"), "{out}");
+    assert!(
+        o.status.success() && out.contains("-t ext4 /dev/loop"),
+        "{out}"
+    );
     let dev = out
         .split_whitespace()
         .find(|w| w.starts_with("/dev/loop"))
         .expect("device in the mount command");
-    let fsck = Command::new("fsck.ext4").args(["-n", dev]).output().expect("fsck");
-    assert!(fsck.status.success(), "{}", String::from_utf8_lossy(&fsck.stdout));
+    let fsck = Command::new("fsck.ext4")
+        .args(["-n", dev])
+        .output()
+        .expect("fsck");
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
     assert_eq!(pool_loops(&m), 1, "k3 only");
     collect(&m, "re-attach");
 

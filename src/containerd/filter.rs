@@ -68,7 +68,9 @@ fn value_of(i: &Info, field: &[String]) -> Option<String> {
         [f] if f == "name" => Some(i.name.clone()),
         [f] if f == "parent" => Some(i.parent.clone()).filter(|p| !p.is_empty()),
         [f] if f == "kind" => Some(format!("{:?}", i.kind).to_lowercase()),
-        [f, rest @ ..] if f == "labels" && !rest.is_empty() => i.labels.get(&rest.join(".")).cloned(),
+        [f, rest @ ..] if f == "labels" && !rest.is_empty() => {
+            i.labels.get(&rest.join(".")).cloned()
+        }
         _ => None,
     }
 }

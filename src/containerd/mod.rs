@@ -217,7 +217,9 @@ impl Snapshotter for Front {
 
     async fn mounts(&self, key: String) -> std::result::Result<Vec<Mount>, Status> {
         let s = self.service.clone();
-        blocking(format!("mounts {key}"), move || s.mounts(&key)).await.map(mounts)
+        blocking(format!("mounts {key}"), move || s.mounts(&key))
+            .await
+            .map(mounts)
     }
 
     async fn prepare(
@@ -230,8 +232,8 @@ impl Snapshotter for Front {
         blocking(format!("prepare {key} (parent {parent:?})"), move || {
             s.prepare(&key, &parent, labels(l))
         })
-            .await
-            .map(mounts)
+        .await
+        .map(mounts)
     }
 
     async fn view(
@@ -244,8 +246,8 @@ impl Snapshotter for Front {
         blocking(format!("view {key} (parent {parent:?})"), move || {
             s.view(&key, &parent, labels(l))
         })
-            .await
-            .map(mounts)
+        .await
+        .map(mounts)
     }
 
     async fn commit(
@@ -257,7 +259,8 @@ impl Snapshotter for Front {
         let s = self.service.clone();
         blocking(format!("commit {key} as {name}"), move || {
             s.commit(&name, &key, labels(l))
-        }).await
+        })
+        .await
     }
 
     async fn remove(&self, key: String) -> std::result::Result<(), Status> {

@@ -117,9 +117,7 @@ impl Layers {
         } else {
             let p = self.get(parent)?;
             if info(&p)?.kind != ContainerdKind::Committed {
-                return Err(Error::Invalid(format!(
-                    "parent {parent} is not committed"
-                )));
+                return Err(Error::Invalid(format!("parent {parent} is not committed")));
             }
             Some(e.ready(p.id)?)
         };
@@ -284,8 +282,7 @@ impl Layers {
         let _g = self.ops.lock();
         let mut rec = self.get(key)?;
         match fields {
-            None => rec.labels = labels,
-            Some(f) if f.is_empty() => rec.labels = labels,
+            None | Some([]) => rec.labels = labels,
             Some(f) => {
                 for p in f {
                     if p == "labels" {
@@ -347,7 +344,10 @@ impl Engine {
             t.gc_add(rec.dev)
         });
         if let Err(c) = cleaned.and_then(|_| self.collect_garbage()) {
-            log::error!("rollback of {} incomplete ({c}); the next open finishes it", rec.name);
+            log::error!(
+                "rollback of {} incomplete ({c}); the next open finishes it",
+                rec.name
+            );
         }
         e
     }
