@@ -152,8 +152,15 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
 impl Drop for Containerd {
     fn drop(&mut self) {
-        // The shims this containerd started name its address in their
-        // command line: end those (by pid) and containerd itself.
+        // Its tasks' processes (by pid, as `ctr tasks ls` shows them), then
+        // the shims it started, which name its address in their command
+        // line, then containerd itself.
+        let tasks = self.ctr(&["tasks", "ls"]);
+        for l in String::from_utf8_lossy(&tasks.stdout).lines().skip(1) {
+            if let Some(pid) = l.split_whitespace().nth(1).filter(|p| *p != "0") {
+                let _ = Command::new("kill").args(["-KILL", pid]).status();
+            }
+        }
         let addr = self.dir.join("ctd.sock").display().to_string();
         if let Ok(rd) = std::fs::read_dir("/proc") {
             for e in rd.flatten() {
@@ -611,5 +618,140 @@ fn root_containerd_crash_at_every_step() {
     restart(&mut m);
     assert_eq!(layer_count(&m), 1, "only the probe");
     collect(&m, "remove");
+    drop(ctd);
+}
+
+/// kill -9 of thinfs while a container runs on one of its devices: the
+/// daemon comes back (the container's mount still holds the old pool),
+/// the container keeps working, new containers start, and once the
+/// container is gone nothing is left attached.
+#[test]
+fn root_containerd_kill9_while_a_container_runs() {
+    let dir = Scratch::new("ctdrun");
+    let snap_sock = dir.path().join("snap.sock");
+    let sock = snap_sock.to_string_lossy().into_owned();
+    let mut m = TestMount::start_with("ctdrunfs", &["--containerd-socket", &sock]);
+    let tar = build_image(dir.path());
+    let ctd = Containerd::start(&dir.path().join("containerd"), &snap_sock);
+    ctd.ok(&[
+        "images",
+        "import",
+        "--snapshotter",
+        "thinfs",
+        &tar.to_string_lossy(),
+    ]);
+    let fifo = ctd.dir.join("fifo").to_string_lossy().into_owned();
+    let runc = ctd.dir.join("runc").to_string_lossy().into_owned();
+    ctd.ok(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        "thinfs",
+        "--fifo-dir",
+        &fifo,
+        "--runc-root",
+        &runc,
+        IMAGE,
+        "long",
+        "/bin/sh",
+        "-c",
+        "echo before > /tmp/f; exec sleep 300",
+    ]);
+    let mut last = String::new();
+    let mut n = 0;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(20) {
+        n += 1;
+        let o = ctd.ctr(&[
+            "tasks",
+            "exec",
+            "--fifo-dir",
+            &fifo,
+            "--exec-id",
+            &format!("probe{n}"),
+            "long",
+            "/bin/sh",
+            "-c",
+            "cat /tmp/f",
+        ]);
+        last = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        if o.status.success() && last.trim() == "before" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(last.trim(), "before", "the container wrote its file");
+    assert_eq!(pool_loops(&m), 1, "the container's device");
+
+    let rootfs_dev = || {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").expect("mounts");
+        mounts
+            .lines()
+            .find(|l| l.contains(&format!("{}/", ctd.dir.display())) && l.contains("/long/rootfs"))
+            .and_then(|l| l.split_whitespace().next().map(str::to_string))
+            .expect("the container's rootfs mount")
+    };
+    let before = rootfs_dev();
+
+    m.kill9();
+    m.spawn();
+    assert!(
+        m.log().contains("using it again"),
+        "the restarted daemon reuses the pool the container holds"
+    );
+    // containerd asking for the mounts again gets the same device, not a
+    // second one on the same file (one superblock per device).
+    let o = snap(&ctd, &["mounts", "/x", "long"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        out.contains(&format!(" {before} ")),
+        "{out} (rootfs on {before})"
+    );
+    assert_eq!(pool_loops(&m), 1, "still the one device");
+
+    // The running container still reads and writes its rootfs.
+    let o = ctd.ctr(&[
+        "tasks",
+        "exec",
+        "--fifo-dir",
+        &fifo,
+        "--exec-id",
+        "e1",
+        "long",
+        "/bin/sh",
+        "-c",
+        "echo after >> /tmp/f && cat /tmp/f",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "before\nafter");
+    // A new container starts.
+    let t = Instant::now();
+    let o = loop {
+        let o = ctd.run("short", "cat /etc/added");
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        if o.status.success()
+            || !err.contains("unavailable")
+            || t.elapsed() > Duration::from_secs(20)
+        {
+            break o;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The first container ends; its snapshot goes, nothing stays attached.
+    let _ = ctd.ctr(&["tasks", "kill", "-s", "KILL", "long"]);
+    wait_until("the task stopped", || {
+        ctd.ctr(&["tasks", "rm", "long"]).status.success()
+    });
+    ctd.ok(&["containers", "rm", "long"]);
+    wait_until("the container's snapshot is removed", || {
+        layer_count(&m) == 2
+    });
+    wait_until("no device is attached", || pool_loops(&m) == 0);
     drop(ctd);
 }

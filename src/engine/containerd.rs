@@ -202,6 +202,10 @@ impl Layers {
         let mut map = self.attached.lock();
         let source = match map.get(&rec.id) {
             Some(a) => a.path().to_path_buf(),
+            // Attached before a crash of the daemon and still mounted by
+            // containerd: the same device again, never a second one (one
+            // superblock per device). It lives as long as that mount.
+            None if let Some(p) = self.engine.backend.live_attachment(rec.dev) => p,
             None => {
                 let a = self.engine.backend.activate(rec.dev, rec.size, ro)?;
                 let p = a.path().to_path_buf();
