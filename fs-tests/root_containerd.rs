@@ -337,6 +337,57 @@ fn root_containerd_import_run_remove_and_kill9() {
     });
     assert_eq!(pool_loops(&m), 0, "the container's device is detached");
 
+    // Latency of a container's snapshot: Prepare (a clone of the top
+    // layer) + Mounts + Remove, as the daemon times them.
+    let top_key = snap_keys(&ctd)
+        .into_iter()
+        .map(|(k, _)| k)
+        .find(|k| {
+            let o = snap(&ctd, &["info", k]);
+            String::from_utf8_lossy(&o.stdout).contains("\"Parent\"")
+        })
+        .expect("the top layer's key");
+    for i in 0..10 {
+        let k = format!("lat-{i}");
+        assert!(snap(&ctd, &["prepare", &k, &top_key]).status.success());
+        assert!(snap(&ctd, &["mounts", "/x", &k]).status.success());
+        assert!(snap(&ctd, &["rm", &k]).status.success());
+    }
+    let log = m.log();
+    let ms = |op: &str| -> Vec<f64> {
+        log.lines()
+            .filter(|l| l.contains(&format!("containerd: {op} ")) && l.contains("/lat-"))
+            .filter_map(|l| l.rsplit(" in ").next()?.strip_suffix(" ms")?.parse().ok())
+            .collect()
+    };
+    let (p, mo) = (ms("prepare"), ms("mounts"));
+    // Remove of lat-N is called by containerd's GC.
+    wait_until("containerd's GC removed the latency snapshots", || {
+        ms_count(&m.log(), "remove", "/lat-") == 10
+    });
+    let r = {
+        let log = m.log();
+        log.lines()
+            .filter(|l| l.contains("containerd: remove ") && l.contains("/lat-"))
+            .filter_map(|l| l.rsplit(" in ").next()?.strip_suffix(" ms")?.parse().ok())
+            .collect::<Vec<f64>>()
+    };
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let max = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
+    eprintln!(
+        "latency (ms, mean/max of {}): prepare {:.1}/{:.1}, mounts {:.1}/{:.1}, remove {:.1}/{:.1}; sum of means {:.1}",
+        p.len(),
+        mean(&p),
+        max(&p),
+        mean(&mo),
+        max(&mo),
+        mean(&r),
+        max(&r),
+        mean(&p) + mean(&mo) + mean(&r)
+    );
+    assert_eq!(layer_count(&m), 2);
+    assert_eq!(pool_loops(&m), 0);
+
     // kill -9 of thinfs while containerd runs; restart; run again.
     m.kill9();
     m.spawn();
@@ -376,6 +427,9 @@ fn root_containerd_import_run_remove_and_kill9() {
     // layer itself.
     let human = m.cli(&["list", "-t", "all"]);
     assert!(String::from_utf8_lossy(&human.stdout).contains("containerd"));
+    let only = m.cli(&["list", "-t", "containerd", "--json"]);
+    let only: Vec<serde_json::Value> = serde_json::from_slice(&only.stdout).expect("json");
+    assert_eq!(only.len(), 2, "list -t containerd");
     let top = containerd_rows(&m)
         .into_iter()
         .find(|r| !r["parent"].is_null())
@@ -465,6 +519,15 @@ fn restart(m: &mut TestMount) {
     m.kill9();
     m.wrapper.clear();
     m.spawn();
+}
+
+/// How many `op` calls on keys containing `key` the daemon logged as done.
+fn ms_count(log: &str, op: &str, key: &str) -> usize {
+    log.lines()
+        .filter(|l| {
+            l.contains(&format!("containerd: {op} ")) && l.contains(key) && !l.contains(" failed ")
+        })
+        .count()
 }
 
 /// Has process `pid` (our child, not reaped yet) ended?

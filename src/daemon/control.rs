@@ -259,7 +259,7 @@ fn handle(core: &Core, who: &Caller, op: &Op) -> Result<serde_json::Value> {
                 "containerd" => Some(crate::types::DeviceKind::Containerd),
                 k => {
                     return Err(Error::Invalid(format!(
-                        "unknown type {k:?} (image, snapshot, all)"
+                        "unknown type {k:?} (image, snapshot, containerd, all)"
                     )));
                 }
             };
