@@ -362,9 +362,18 @@ fn root_containerd_import_run_remove_and_kill9() {
     };
     let (p, mo) = (ms("prepare"), ms("mounts"));
     // Remove of lat-N is called by containerd's GC.
-    wait_until("containerd's GC removed the latency snapshots", || {
-        ms_count(&m.log(), "remove", "/lat-") == 10
-    });
+    let t = Instant::now();
+    while ms_count(&m.log(), "remove", "/lat-") < 10 && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = m.log();
+    let lat: Vec<&str> = log.lines().filter(|l| l.contains("/lat-")).collect();
+    assert_eq!(
+        ms_count(&log, "remove", "/lat-"),
+        10,
+        "containerd's GC removed the latency snapshots:\n{}",
+        lat.join("\n")
+    );
     let r = {
         let log = m.log();
         log.lines()
@@ -387,6 +396,47 @@ fn root_containerd_import_run_remove_and_kill9() {
     );
     assert_eq!(layer_count(&m), 2);
     assert_eq!(pool_loops(&m), 0);
+
+    // View: a read-only device with the layer's files, mounted `ro`.
+    assert!(snap(&ctd, &["view", "v1", &top_key]).status.success());
+    let o = snap(&ctd, &["mounts", "/x", "v1"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        out.contains("-t ext4 /dev/loop") && out.trim_end().ends_with("-o ro"),
+        "{out}"
+    );
+    let dev = out.split_whitespace().nth(3).expect("device").to_string();
+    let mnt = dir.path().join("view");
+    std::fs::create_dir_all(&mnt).expect("mkdir");
+    sh(&format!(
+        "mount -t ext4 -o ro {dev} {m} && cat {m}/etc/added > {d}/view.out; umount {m}",
+        m = mnt.display(),
+        d = dir.path().display()
+    ));
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("view.out")).expect("view read"),
+        "from layer two\n"
+    );
+    let loop_name = dev.trim_start_matches("/dev/");
+    assert_eq!(
+        std::fs::read_to_string(format!("/sys/block/{loop_name}/ro"))
+            .expect("ro flag")
+            .trim(),
+        "1",
+        "a view's block device is read-only"
+    );
+    // Update (labels) and Usage reach thinfs.
+    assert!(
+        snap(&ctd, &["label", "v1", "thinfs.test/k=v"])
+            .status
+            .success()
+    );
+    let info = snap(&ctd, &["info", "v1"]);
+    assert!(String::from_utf8_lossy(&info.stdout).contains("\"thinfs.test/k\": \"v\""));
+    let o = snap(&ctd, &["usage", "v1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(snap(&ctd, &["rm", "v1"]).status.success());
+    wait_until("the view is removed", || layer_count(&m) == 2);
 
     // kill -9 of thinfs while containerd runs; restart; run again.
     m.kill9();
