@@ -11,9 +11,8 @@
 
 mod filter;
 
-use crate::engine::containerd::LayerMount;
+use crate::engine::containerd::{LayerInfo, LayerMount};
 use crate::error::{Error, IoContext, Result};
-use crate::meta::DeviceRecord;
 use crate::service::containerd::Snapshotter as Service;
 use crate::types::ContainerdKind;
 use containerd_snapshots::api::types::Mount;
@@ -161,25 +160,20 @@ fn labels(l: HashMap<String, String>) -> BTreeMap<String, String> {
     l.into_iter().collect()
 }
 
-fn to_info(s: &Service, r: &DeviceRecord) -> Result<Info> {
-    let c = crate::engine::containerd::info(r)?;
-    let parent = match r.parent {
-        Some(p) => s.key_of(p)?.unwrap_or_default(),
-        None => String::new(),
-    };
+fn to_info(l: LayerInfo) -> Info {
     let at = |secs: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
-    Ok(Info {
-        kind: match c.kind {
+    Info {
+        kind: match l.kind {
             ContainerdKind::Active => Kind::Active,
             ContainerdKind::View => Kind::View,
             ContainerdKind::Committed => Kind::Committed,
         },
-        name: c.key.clone(),
-        parent,
-        labels: r.labels.clone().into_iter().collect(),
-        created_at: at(r.created),
-        updated_at: at(c.updated.max(r.created)),
-    })
+        name: l.key,
+        parent: l.parent,
+        labels: l.labels.into_iter().collect(),
+        created_at: at(l.created),
+        updated_at: at(l.updated),
+    }
 }
 
 type InfoStream = tokio_stream::Iter<std::vec::IntoIter<std::result::Result<Info, Status>>>;
@@ -190,7 +184,9 @@ impl Snapshotter for Front {
 
     async fn stat(&self, key: String) -> std::result::Result<Info, Status> {
         let s = self.service.clone();
-        blocking(format!("stat {key}"), move || to_info(&s, &s.stat(&key)?)).await
+        blocking(format!("stat {key}"), move || s.stat(&key))
+            .await
+            .map(to_info)
     }
 
     async fn update(
@@ -200,10 +196,10 @@ impl Snapshotter for Front {
     ) -> std::result::Result<Info, Status> {
         let s = self.service.clone();
         blocking(format!("update {}", info.name), move || {
-            let r = s.update(&info.name, labels(info.labels), fieldpaths.as_deref())?;
-            to_info(&s, &r)
+            s.update(&info.name, labels(info.labels), fieldpaths.as_deref())
         })
         .await
+        .map(to_info)
     }
 
     async fn usage(&self, key: String) -> std::result::Result<Usage, Status> {
@@ -284,8 +280,8 @@ impl Snapshotter for Front {
         let infos = blocking(format!("list {filters:?}"), move || {
             let f = filter::Filters::parse(&filters)?;
             let mut v = Vec::new();
-            for r in s.list()? {
-                let i = to_info(&s, &r)?;
+            for l in s.list()? {
+                let i = to_info(l);
                 if f.matches(&i) {
                     v.push(Ok(i));
                 }

@@ -40,6 +40,23 @@ pub struct LayerMount {
     pub options: Vec<String>,
 }
 
+/// One containerd snapshot as its front end shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerInfo {
+    /// containerd's key (active, view) or name (committed).
+    pub key: String,
+    /// Active, view or committed.
+    pub kind: ContainerdKind,
+    /// The committed parent's key; empty for none.
+    pub parent: String,
+    /// containerd's labels.
+    pub labels: BTreeMap<String, String>,
+    /// Creation time, seconds since the epoch.
+    pub created: u64,
+    /// Last change, seconds since the epoch.
+    pub updated: u64,
+}
+
 /// containerd's snapshots over one engine, and the devices kept attached
 /// for them.
 pub struct Layers {
@@ -87,12 +104,29 @@ impl Layers {
     }
 
     /// containerd's key of the record `id` (a parent), if it is one of its.
-    pub fn key_of(&self, id: DeviceId) -> Result<Option<String>> {
+    fn key_of(&self, id: DeviceId) -> Result<Option<String>> {
         Ok(self
             .engine
             .meta
             .get(id)?
             .and_then(|r| r.containerd.map(|c| c.key)))
+    }
+
+    /// The record as containerd sees it.
+    pub fn describe(&self, r: &DeviceRecord) -> Result<LayerInfo> {
+        let c = info(r)?;
+        let parent = match r.parent {
+            Some(p) => self.key_of(p)?.unwrap_or_default(),
+            None => String::new(),
+        };
+        Ok(LayerInfo {
+            key: c.key.clone(),
+            kind: c.kind,
+            parent,
+            labels: r.labels.clone(),
+            created: r.created,
+            updated: c.updated.max(r.created),
+        })
     }
 
     /// Prepare (`view` false) or View (`view` true) snapshot `key` on top

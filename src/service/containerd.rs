@@ -8,9 +8,8 @@
 //! rollback, label, ...) never resolve to them.
 
 use crate::engine::Engine;
-use crate::engine::containerd::{LayerMount, Layers};
+use crate::engine::containerd::{LayerInfo, LayerMount, Layers};
 use crate::error::Result;
-use crate::meta::DeviceRecord;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -62,9 +61,9 @@ impl Snapshotter {
         self.layers.remove(key)
     }
 
-    /// The record of `key`.
-    pub fn stat(&self, key: &str) -> Result<DeviceRecord> {
-        self.layers.get(key)
+    /// Snapshot `key`.
+    pub fn stat(&self, key: &str) -> Result<LayerInfo> {
+        self.layers.describe(&self.layers.get(key)?)
     }
 
     /// Change the labels of `key`.
@@ -73,8 +72,9 @@ impl Snapshotter {
         key: &str,
         labels: BTreeMap<String, String>,
         fields: Option<&[String]>,
-    ) -> Result<DeviceRecord> {
-        self.layers.update(key, labels, fields)
+    ) -> Result<LayerInfo> {
+        self.layers
+            .describe(&self.layers.update(key, labels, fields)?)
     }
 
     /// Exclusive bytes of `key`.
@@ -83,13 +83,12 @@ impl Snapshotter {
     }
 
     /// Every containerd snapshot (never users' images).
-    pub fn list(&self) -> Result<Vec<DeviceRecord>> {
-        self.layers.all()
-    }
-
-    /// containerd's key of the parent record `id`.
-    pub fn key_of(&self, id: crate::types::DeviceId) -> Result<Option<String>> {
-        self.layers.key_of(id)
+    pub fn list(&self) -> Result<Vec<LayerInfo>> {
+        self.layers
+            .all()?
+            .iter()
+            .map(|r| self.layers.describe(r))
+            .collect()
     }
 
     /// Cleanup: detach what is gone, finish deletions.
