@@ -742,8 +742,15 @@ fn root_containerd_crash_at_every_step() {
 fn root_containerd_kill9_while_a_container_runs() {
     let dir = Scratch::new("ctdrun");
     let snap_sock = dir.path().join("snap.sock");
-    let sock = snap_sock.to_string_lossy().into_owned();
-    let mut m = TestMount::start_with("ctdrunfs", &["--containerd-socket", &sock]);
+    // This one takes the socket from the config file (`containerd_socket`).
+    let cfg = dir.path().join("thinfs.toml");
+    std::fs::write(
+        &cfg,
+        format!("containerd_socket = \"{}\"\n", snap_sock.display()),
+    )
+    .expect("config");
+    let cfg = cfg.to_string_lossy().into_owned();
+    let mut m = TestMount::start_with("ctdrunfs", &["--config", &cfg]);
     let tar = build_image(dir.path());
     let ctd = Containerd::start(&dir.path().join("containerd"), &snap_sock);
     ctd.ok(&[
