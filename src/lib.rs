@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod cli;
+pub mod containerd;
 pub mod daemon;
 pub mod engine;
 pub mod error;

@@ -369,6 +369,36 @@ pub enum DeviceKind {
     Image,
     /// Read-only child of an image.
     Snapshot,
+    /// A snapshot of containerd's (front end `containerd/`): kept apart
+    /// from users' images, never in the mount's root, changed only through
+    /// the snapshotter socket. Its record carries a [`ContainerdInfo`].
+    Containerd,
+}
+
+/// What containerd calls a snapshot's kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContainerdKind {
+    /// Writable (Prepare), attached until Commit or Remove.
+    Active,
+    /// Read-only (View), attached until Remove.
+    View,
+    /// Read-only parent of other snapshots; never attached.
+    Committed,
+}
+
+/// containerd's view of one of its snapshots, kept in the device record
+/// (its keys are long and hold `/` and `:`, so they are not thinfs names).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerdInfo {
+    /// containerd's key (active, view) or name (committed), with its
+    /// namespace prefix (`default/3/extract-...`).
+    pub key: String,
+    /// Active, view or committed.
+    pub kind: ContainerdKind,
+    /// Last change (Commit, Update), seconds since the epoch.
+    #[serde(default)]
+    pub updated: u64,
 }
 
 /// Persistent state of a device (containerd devmapper style). Runtime

@@ -105,6 +105,13 @@ pub trait Backend: Send + Sync {
     ) -> Result<Vec<ChangedRange>> {
         compare_by_reading(self, base, snap, size)
     }
+
+    /// A block device of `dev` attached before this process started and
+    /// still alive (a mount made outside thinfs holds it after a crash of
+    /// the daemon), to be used again instead of attaching a second one.
+    fn live_attachment(&self, _dev: DeviceId) -> Option<std::path::PathBuf> {
+        None
+    }
     /// Return freed space to the layer below (best effort).
     fn trim(&self) -> Result<()>;
     /// The backend's own transaction id, if it keeps one (dm-thin).

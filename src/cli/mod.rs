@@ -109,7 +109,7 @@ enum Cmd {
     /// List images and snapshots (any user)
     List {
         /// Which devices
-        #[arg(short = 't', long = "type", default_value = "all", value_parser = ["image", "snapshot", "all"])]
+        #[arg(short = 't', long = "type", default_value = "all", value_parser = ["image", "snapshot", "containerd", "all"])]
         kind: String,
         /// Columns, comma-separated (name,type,state,size,used,exclusive,parent,id,created,mounted,labels,error)
         #[arg(short = 'o', default_value = "name,type,state,size,used,parent")]

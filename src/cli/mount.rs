@@ -52,6 +52,9 @@ pub struct MountArgs {
     /// FUSE worker threads [default: 4]
     #[arg(long)]
     threads: Option<usize>,
+    /// Also serve containerd's Snapshotter API on this unix socket
+    #[arg(long)]
+    containerd_socket: Option<PathBuf>,
     /// Detach once the mount is ready (log goes to STATE/thinfs.log)
     #[arg(long)]
     daemon: bool,
@@ -73,6 +76,7 @@ struct FileConfig {
     admin_group: Option<String>,
     socket: Option<PathBuf>,
     threads: Option<usize>,
+    containerd_socket: Option<PathBuf>,
 }
 
 fn load_config(path: Option<&Path>) -> Result<FileConfig> {
@@ -163,6 +167,7 @@ fn config(a: &MountArgs) -> Result<MountConfig> {
             .clone()
             .or(f.socket)
             .unwrap_or_else(|| PathBuf::from(proto::DEFAULT_SOCKET)),
+        containerd_socket: a.containerd_socket.clone().or(f.containerd_socket),
     })
 }
 

@@ -44,6 +44,7 @@ fn raw_field(d: &DeviceInfo, f: &str) -> String {
         "name" => d.full_name.clone(),
         "type" => match (r.kind, r.parent) {
             (crate::types::DeviceKind::Snapshot, _) => "snapshot".into(),
+            (crate::types::DeviceKind::Containerd, _) => "containerd".into(),
             (_, Some(_)) => "clone".into(),
             _ => "image".into(),
         },

@@ -308,9 +308,10 @@ fn handle(service: &Service, who: &Caller, op: &Op) -> Result<serde_json::Value>
                 "all" => None,
                 "image" => Some(crate::types::DeviceKind::Image),
                 "snapshot" => Some(crate::types::DeviceKind::Snapshot),
+                "containerd" => Some(crate::types::DeviceKind::Containerd),
                 k => {
                     return Err(Error::Invalid(format!(
-                        "unknown type {k:?} (image, snapshot, all)"
+                        "unknown type {k:?} (image, snapshot, containerd, all)"
                     )));
                 }
             };

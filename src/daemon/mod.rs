@@ -32,6 +32,8 @@ pub struct MountConfig {
     pub threads: usize,
     /// Control socket path.
     pub socket: PathBuf,
+    /// Serve containerd's Snapshotter API on this socket.
+    pub containerd_socket: Option<PathBuf>,
 }
 
 /// Is `p` a FUSE mount whose daemon is gone ("Transport endpoint is not
@@ -78,6 +80,13 @@ pub fn run(cfg: &MountConfig, ready: impl FnOnce()) -> Result<()> {
     let engine = Arc::new(Engine::open_pool(&cfg.pool)?);
     let mut space = crate::engine::space::SpaceGuard::start(engine.clone())?;
     let listener = control::bind(&cfg.socket)?;
+    let mut containerd = match &cfg.containerd_socket {
+        Some(p) => Some(crate::containerd::Server::start(
+            p,
+            Arc::new(crate::service::containerd::Snapshotter::new(engine.clone())),
+        )?),
+        None => None,
+    };
     let fs = ThinFs::new(engine.clone(), cfg.fuse.clone());
     let core = fs.core();
     let expirer = core.clone();
@@ -133,6 +142,10 @@ pub fn run(cfg: &MountConfig, ready: impl FnOnce()) -> Result<()> {
     ready();
     let r = session.run();
     let _ = std::fs::remove_file(&cfg.socket);
+    // The gRPC server holds the engine too: stop and drop it first.
+    if let Some(mut c) = containerd.take() {
+        c.stop();
+    }
     // Every thread that holds the engine stops here, so that it is dropped
     // (and a dm pool torn down) before the process exits.
     control.stop();

@@ -48,8 +48,9 @@ impl Engine {
                     crate::meta::Identity::random()
                         .map_err(|e| Error::io("read /dev/urandom", e))?,
                 ),
-                DeviceKind::Image => None,
+                DeviceKind::Image | DeviceKind::Containerd => None,
             },
+            containerd: None,
         };
         self.meta.txn(|t| t.put(&rec))?;
         Ok(rec)
@@ -126,7 +127,7 @@ impl Engine {
         Ok(rec)
     }
 
-    fn mkfs(&self, rec: &DeviceRecord) -> Result<()> {
+    pub(super) fn mkfs(&self, rec: &DeviceRecord) -> Result<()> {
         let active = self.backend.activate(rec.dev, rec.size, false)?;
         let label: String = rec.name.as_str().chars().take(16).collect();
         let args: [&std::ffi::OsStr; 9] = [
@@ -150,7 +151,9 @@ impl Engine {
         let lock = self.lock_of(image);
         let _g = lock.lock();
         let img = self.ready(image)?;
-        if img.kind != DeviceKind::Image {
+        if img.kind == DeviceKind::Containerd {
+            self.check_layer_snapshot(&img)?;
+        } else if img.kind != DeviceKind::Image {
             return Err(Error::Invalid(format!(
                 "{} is a snapshot; snapshots are taken of images",
                 img.name

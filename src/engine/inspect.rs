@@ -135,6 +135,7 @@ impl Engine {
                 DeviceKind::Image if r.parent.is_some() => "clone",
                 DeviceKind::Image => "image",
                 DeviceKind::Snapshot => "snapshot",
+                DeviceKind::Containerd => "containerd",
             };
             let tag = format!("{tag}, id {}, {:?}", r.id, r.state);
             out.push_str(&DeviceInfo::tree_line(

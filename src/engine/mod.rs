@@ -6,6 +6,7 @@
 //! entry), then does the backend work, then records the result; [`recover`]
 //! finishes or undoes whatever a crash interrupted. It never speaks FUSE.
 
+pub mod containerd;
 mod create;
 mod inspect;
 mod modify;
@@ -220,10 +221,12 @@ impl Engine {
 
     /// Resolve a target to its record.
     pub fn resolve(&self, t: &Target) -> Result<DeviceRecord> {
-        let img = self
-            .meta
-            .image_id(&t.image)?
-            .ok_or_else(|| Error::NotFound(format!("no image named {}", t.image)))?;
+        let img = match self.meta.image_id(&t.image)? {
+            Some(i) => i,
+            // Users' snapshots of containerd's committed layers (`ctd-N@SNAP`).
+            None if t.snap.is_some() => self.layer_id(&t.image)?,
+            None => return Err(Error::NotFound(format!("no image named {}", t.image))),
+        };
         let id = match &t.snap {
             None => img,
             Some(s) => self

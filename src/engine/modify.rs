@@ -68,6 +68,12 @@ impl Engine {
             )));
         }
         let img = self.record(image)?;
+        if img.kind == DeviceKind::Containerd {
+            return Err(Error::PermissionDenied(format!(
+                "{} is containerd's layer: it cannot be rolled back",
+                img.name
+            )));
+        }
         let mut offline = newer.clone();
         offline.push(img);
         let what = format!("roll back {}", target.image);

@@ -189,6 +189,7 @@ impl Engine {
             seq: 0,
             labels: BTreeMap::new(),
             identity: Some(h.snap_id),
+            containerd: None,
         };
         let image = match &plan.image {
             None => {

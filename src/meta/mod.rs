@@ -51,6 +51,8 @@ fn name_key(kind: DeviceKind, image: Option<DeviceId>, name: &str) -> Vec<u8> {
             k.push(b's');
             k.extend_from_slice(&img.key());
         }
+        // containerd's devices: a namespace of their own, out of users' reach.
+        (DeviceKind::Containerd, _) => k.push(b'c'),
         _ => k.push(b'i'),
     }
     k.extend_from_slice(name.as_bytes());

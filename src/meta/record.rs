@@ -43,6 +43,9 @@ pub struct DeviceRecord {
     /// User labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// containerd's key and kind, for a [`DeviceKind::Containerd`] device.
+    #[serde(default)]
+    pub containerd: Option<crate::types::ContainerdInfo>,
     /// Snapshot: its stable 128-bit identity, given when it is made and
     /// kept by `receive` (the same identity means the same bytes). Images
     /// have none.
@@ -116,7 +119,7 @@ impl DeviceRecord {
     pub fn image_of(&self) -> Option<DeviceId> {
         match self.kind {
             DeviceKind::Snapshot => self.parent,
-            DeviceKind::Image => None,
+            DeviceKind::Image | DeviceKind::Containerd => None,
         }
     }
 }

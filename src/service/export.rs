@@ -109,6 +109,11 @@ impl Service {
         let _temp;
         let id = match rec.kind {
             DeviceKind::Snapshot => rec.id,
+            DeviceKind::Containerd => {
+                return Err(Error::Invalid(format!(
+                    "{t} is a containerd layer: snapshot it (thinfs snapshot {t}@NAME) and export the snapshot"
+                )));
+            }
             DeviceKind::Image => {
                 let n = TEMP_SERIAL.fetch_add(1, Ordering::Relaxed);
                 let name = Name::new(&format!("{TEMP_PREFIX}{}-{n}", std::process::id()))?;

@@ -9,6 +9,7 @@
 //! transport and call these functions; none of them decides rights itself.
 
 mod caller;
+pub mod containerd;
 mod export;
 mod job;
 mod stream;
@@ -94,10 +95,7 @@ impl Service {
             .as_ref()
             .ok_or_else(|| Error::Invalid(format!("snapshot needs NAME@SNAP, got {t}")))?;
         self.require_admin(c, &format!("snapshot {t}"))?;
-        let img = self.engine.resolve(&Target {
-            image: t.image.clone(),
-            snap: None,
-        })?;
+        let img = self.engine.snapshot_origin(&t.image)?;
         let r = self.engine.snapshot(img.id, snap)?;
         self.engine.info(&r, false)
     }

@@ -9,7 +9,7 @@ use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// The pool file's name in the state directory.
@@ -53,22 +53,44 @@ fn supports_reflink(dir: &Path) -> bool {
 }
 
 /// Wait until no loop device is backed by `file` any more (a killed daemon's
-/// autoclear loop devices go away asynchronously).
-fn wait_loops_gone(file: &Path) -> Result<()> {
+/// autoclear loop devices go away asynchronously), or until the only
+/// devices left on it are mounted in the mount table: those are held by
+/// someone else (containerd mounts its snapshots' block devices itself),
+/// and keep the old pool filesystem alive. Its loop device is returned
+/// then, to be mounted again: mounting the same block device reaches the
+/// same live superblock, so the pool never has two.
+fn wait_loops_gone(file: &Path) -> Result<Option<PathBuf>> {
     let want = file.to_string_lossy().into_owned();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let busy: Vec<_> = sys::loopdev::backing_files()
-            .into_iter()
-            .filter(|(_, b)| *b == want)
-            .collect();
-        if busy.is_empty() {
-            return Ok(());
+        let all = sys::loopdev::attached();
+        let pools: Vec<_> = all.iter().filter(|l| l.backing_file == want).collect();
+        let Some(pool) = pools.first() else {
+            return Ok(None);
+        };
+        if pools.len() == 1 {
+            let inner: Vec<_> = all
+                .iter()
+                .filter(|l| l.backing_dev == pool.own_dev)
+                .collect();
+            let table = mount::mount_table().unwrap_or_default();
+            let outside = |l: &&sys::loopdev::LoopStatus| {
+                let src = l.path.to_string_lossy();
+                table.iter().any(|m| m.source == src)
+            };
+            if !inner.is_empty() && inner.iter().all(outside) {
+                log::warn!(
+                    "the pool on {} is still held by {} device(s) mounted outside thinfs (containerd's); using it again",
+                    pool.path.display(),
+                    inner.len()
+                );
+                return Ok(Some(pool.path.clone()));
+            }
         }
         if Instant::now() > deadline {
             return Err(Error::Busy(format!(
                 "pool file {want} is still attached to {:?}: is another thinfs running on this state directory?",
-                busy.iter().map(|(d, _)| d).collect::<Vec<_>>()
+                pools.iter().map(|l| &l.path).collect::<Vec<_>>()
             )));
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -140,18 +162,27 @@ impl ReflinkPool {
                 ] as [&OsStr; 9],
             )?;
             std::fs::rename(&tmp, &pool_file).ctx(|| format!("rename {}", tmp.display()))?;
+        }
+        let live = if fresh {
+            None
         } else {
             thaw_leftovers(&pool_file);
-            wait_loops_gone(&pool_file)?;
-        }
-        let backing = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&pool_file)
-            .ctx(|| format!("open {}", pool_file.display()))?;
-        let lo = LoopDevice::attach(&backing, false, "thinfs-pool")
-            .ctx(|| format!("attach {} to a loop device", pool_file.display()))?;
+            wait_loops_gone(&pool_file)?
+        };
+        let lo = match live {
+            Some(path) => LoopDevice::open_existing(&path)
+                .ctx(|| format!("open the pool's loop device {}", path.display()))?,
+            None => {
+                let backing = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .custom_flags(libc::O_CLOEXEC)
+                    .open(&pool_file)
+                    .ctx(|| format!("open {}", pool_file.display()))?;
+                LoopDevice::attach(&backing, false, "thinfs-pool")
+                    .ctx(|| format!("attach {} to a loop device", pool_file.display()))?
+            }
+        };
         let mnt = mount::fsmount_detached("xfs", lo.path(), false, &["nouuid"], &[])
             .ctx(|| format!("mount the pool filesystem on {}", lo.path().display()))?;
         if fresh {
@@ -343,6 +374,16 @@ impl Backend for ReflinkPool {
         }
         f.set_len(size.0).ctx(|| format!("resize device {dev}"))?;
         f.sync_all().ctx(|| format!("sync device {dev}"))
+    }
+
+    fn live_attachment(&self, dev: DeviceId) -> Option<PathBuf> {
+        let pool = self._pool_loop.as_ref()?;
+        let all = sys::loopdev::attached();
+        let own = all.iter().find(|l| l.path == pool.path())?.own_dev;
+        let name = format!("/{}", dev_name(dev));
+        all.iter()
+            .find(|l| l.backing_dev == own && l.backing_file.ends_with(&name))
+            .map(|l| l.path.clone())
     }
 
     fn usage(&self, dev: DeviceId) -> Result<Usage> {
