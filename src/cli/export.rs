@@ -5,12 +5,12 @@
 //! which closes the connection: the daemon cancels and undoes.
 
 use super::client;
+use super::progress::bar;
 use crate::daemon::proto::{Op, Progress};
 use crate::error::{Error, Result};
 use crate::service::ExportRequest;
 use crate::sys::scm;
 use crate::types::Bytes;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -35,21 +35,6 @@ fn check_output(out: Option<&Path>, stdout_is_tty: bool) -> Result<()> {
         }
         _ => Ok(()),
     }
-}
-
-/// A progress bar on stderr, if stderr is a terminal and not `quiet`.
-fn bar(quiet: bool) -> Option<ProgressBar> {
-    if quiet || !scm::is_tty(std::io::stderr()) {
-        return None;
-    }
-    let b = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-    let style = ProgressStyle::with_template(
-        "{spinner} [{elapsed_precise}] [{wide_bar}] {binary_bytes}/{binary_total_bytes} \
-         {binary_bytes_per_sec} ETA {eta}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar());
-    b.set_style(style);
-    Some(b)
 }
 
 /// Run `thinfs export`.

@@ -6,6 +6,8 @@
 mod client;
 mod export;
 mod mount;
+mod progress;
+mod send;
 mod show;
 
 use crate::daemon::proto::{DEFAULT_SOCKET, Op};
@@ -105,6 +107,46 @@ enum Cmd {
         /// No progress bar and no summary
         #[arg(short = 'q', long)]
         quiet: bool,
+    },
+    /// Write a snapshot stream to stdout (root or admin group; never to a terminal)
+    Send {
+        /// NAME@SNAP to send
+        target: String,
+        /// Send only the difference from this older snapshot of the image
+        #[arg(short = 'i', value_name = "SNAP")]
+        incremental: Option<String>,
+        /// The receiver's `thinfs haves NAME --json` output (`-` for stdin):
+        /// the newest snapshot it has becomes the base
+        #[arg(long, value_name = "FILE")]
+        haves: Option<PathBuf>,
+        /// Compress the stream
+        #[arg(long)]
+        compress: bool,
+        /// No progress bar and no summary
+        #[arg(short = 'q', long)]
+        quiet: bool,
+    },
+    /// Read a snapshot stream from stdin into image NAME (root only)
+    Receive {
+        /// The image to create (full stream) or to add the snapshot to
+        name: String,
+        /// Discard changes made to NAME since its newest snapshot first (never destroys a snapshot)
+        #[arg(short = 'F')]
+        force: bool,
+        /// Keep the partial state of an interrupted receive, to resume it
+        #[arg(short = 's')]
+        keep_partial: bool,
+        /// No progress bar and no summary
+        #[arg(short = 'q', long)]
+        quiet: bool,
+    },
+    /// An image's snapshots with their identities, for `send --haves` (any user)
+    Haves {
+        /// Image name
+        name: String,
+        /// JSON output (the input of `send --haves FILE`)
+        #[arg(long)]
+        json: bool,
     },
     /// List images and snapshots (any user)
     List {
@@ -260,6 +302,39 @@ fn run(cli: Cli) -> Result<()> {
             output,
             quiet,
         } => export::export(sock, target, output, quiet),
+        Cmd::Send {
+            target,
+            incremental,
+            haves,
+            compress,
+            quiet,
+        } => send::send(
+            sock,
+            send::SendArgs {
+                target,
+                incremental,
+                haves,
+                compress,
+                quiet,
+            },
+        ),
+        Cmd::Receive {
+            name,
+            force,
+            keep_partial,
+            quiet,
+        } => send::receive(
+            sock,
+            crate::service::ReceiveRequest {
+                name,
+                force_rollback: force,
+                keep_partial,
+            },
+            quiet,
+        ),
+        Cmd::Haves { name, json } => {
+            print(call(Op::Haves { image: name })?, json, send::haves_text)
+        }
         Cmd::List {
             kind,
             fields,

@@ -374,7 +374,8 @@ fn handle(service: &Service, who: &Caller, op: &Op) -> Result<serde_json::Value>
             service.label(who, &Target::parse(target)?, key, value.as_deref())?;
             Ok(serde_json::Value::Null)
         }
-        Op::Export(_) => Err(Error::Invalid(format!(
+        Op::Haves { image } => to_json(service.haves(who, &Name::new(image)?)?),
+        Op::Export(_) | Op::Send(_) | Op::Receive(_) => Err(Error::Invalid(format!(
             "{} is a streaming request",
             op.summary()
         ))),

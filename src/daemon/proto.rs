@@ -134,6 +134,15 @@ pub enum Op {
     /// Streaming, one descriptor (the output): a tarball of an image or
     /// snapshot.
     Export(crate::service::ExportRequest),
+    /// Streaming, one descriptor (the output): a snapshot stream.
+    Send(crate::service::SendRequest),
+    /// Streaming, one descriptor (the input): receive a snapshot stream.
+    Receive(crate::service::ReceiveRequest),
+    /// An image's snapshots with their identities (`send --haves`).
+    Haves {
+        /// Image name.
+        image: String,
+    },
 }
 
 impl Op {
@@ -160,7 +169,14 @@ impl Op {
     pub fn is_change(&self) -> bool {
         !matches!(
             self,
-            Op::List { .. } | Op::Tree | Op::Info { .. } | Op::Usage | Op::Pool | Op::Export(_)
+            Op::List { .. }
+                | Op::Tree
+                | Op::Info { .. }
+                | Op::Usage
+                | Op::Pool
+                | Op::Export(_)
+                | Op::Send(_)
+                | Op::Haves { .. }
         )
     }
 
@@ -168,7 +184,7 @@ impl Op {
     /// streaming request (progress lines, cancelled when the client goes).
     pub fn fds(&self) -> usize {
         match self {
-            Op::Export(_) => 1,
+            Op::Export(_) | Op::Send(_) | Op::Receive(_) => 1,
             _ => 0,
         }
     }

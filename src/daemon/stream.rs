@@ -213,6 +213,8 @@ fn call(
     };
     match op {
         Op::Export(req) => control::to_json(service.export(&c.who, req, next()?, job)?),
+        Op::Send(req) => control::to_json(service.send(&c.who, req, next()?, job)?),
+        Op::Receive(req) => control::to_json(service.receive(&c.who, req, next()?, job)?),
         _ => Err(Error::Invalid(format!(
             "{} is not a streaming request",
             op.summary()

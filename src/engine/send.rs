@@ -40,7 +40,7 @@ pub struct SendStats {
     /// Bytes of zero ranges.
     pub zero_bytes: u64,
     /// Identity of the base snapshot, if incremental.
-    pub base: Option<String>,
+    pub base_id: Option<String>,
 }
 
 /// Block size of every stream this engine writes.
@@ -195,7 +195,7 @@ impl Engine {
             block_size: STREAM_BLOCK,
         };
         let mut stats = SendStats {
-            base: base.and_then(|b| b.identity).map(|i| i.to_string()),
+            base_id: base.and_then(|b| b.identity).map(|i| i.to_string()),
             ..SendStats::default()
         };
         for r in &ranges {

@@ -76,6 +76,20 @@ impl Service {
         )))
     }
 
+    /// Only root may write raw content into the pool (receive, restore,
+    /// import): such content may hold setuid-root programs and device
+    /// nodes, which the mount would let anyone use, so the admin group's
+    /// delegation stops here.
+    pub fn require_root(&self, c: &Caller, what: &str) -> Result<()> {
+        if c.uid == 0 {
+            return Ok(());
+        }
+        Err(Error::PermissionDenied(format!(
+            "{what} needs root (uid {} asked): a stream or archive may hold setuid-root programs and device nodes, which the mount would expose to every user",
+            c.uid
+        )))
+    }
+
     /// Create image `name` (`thinfs create`, `mkdir MOUNT/NAME`).
     pub fn create(&self, c: &Caller, name: &Name, size: Option<Bytes>) -> Result<DeviceId> {
         self.require_admin(c, &format!("create image {name}"))?;

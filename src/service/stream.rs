@@ -232,8 +232,8 @@ impl Service {
         Ok(cands.pop())
     }
 
-    /// `thinfs receive`: read a stream from `input`. Creating images needs
-    /// root or the admin group.
+    /// `thinfs receive`: read a stream from `input`. Needs root (see
+    /// [`Service::require_root`]).
     pub fn receive(
         &self,
         c: &Caller,
@@ -241,7 +241,7 @@ impl Service {
         mut input: std::fs::File,
         job: &Job,
     ) -> Result<ReceiveSummary> {
-        self.require_admin(c, &format!("receive {}", req.name))?;
+        self.require_root(c, &format!("receive {}", req.name))?;
         if req.keep_partial {
             return Err(Error::Invalid(
                 "receive -s (keep a partial receive to resume it) is not implemented yet; a failed receive leaves nothing behind"
