@@ -284,6 +284,14 @@ pub struct DeviceView {
     pub usage: Option<UsageView>,
     /// Mounted underneath right now.
     pub mounted: bool,
+    /// A snapshot's identity (32 hex digits): the same identity means the
+    /// same bytes, on any pool (`send`/`receive` keep it). Null for an
+    /// image.
+    #[serde(default)]
+    pub identity: Option<String>,
+    /// containerd's key and kind, for a containerd layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub containerd: Option<crate::types::ContainerdInfo>,
 }
 
 impl From<&DeviceInfo> for DeviceView {
@@ -312,6 +320,8 @@ impl From<&DeviceInfo> for DeviceView {
                 extents: u.extents,
             }),
             mounted: d.mounted,
+            identity: r.identity.map(|i| i.to_string()),
+            containerd: r.containerd.clone(),
         }
     }
 }
