@@ -2,6 +2,8 @@
 //! a pool opened on it, and cleanup that runs even when the test panics.
 #![allow(dead_code)]
 
+pub mod stream;
+
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::BorrowedFd;
