@@ -100,18 +100,10 @@ pub fn compare_by_reading<B: Backend + ?Sized>(
     snap: DeviceId,
     size: Bytes,
 ) -> Result<Vec<ChangedRange>> {
-    let s_act = b.activate(snap, size, true)?;
-    let s = std::fs::File::open(s_act.path()).ctx(|| format!("open {}", s_act.path().display()))?;
-    let b_act = match base {
-        Some(d) => Some(b.activate(d, size, true)?),
-        None => None,
-    };
-    let bf = match &b_act {
-        Some(a) => {
-            Some(std::fs::File::open(a.path()).ctx(|| format!("open {}", a.path().display()))?)
-        }
-        None => None,
-    };
+    let s_dev = b.open_read(snap, size)?;
+    let s = &s_dev.file;
+    let b_dev = base.map(|d| b.open_read(d, size)).transpose()?;
+    let bf = b_dev.as_ref().map(|r| &r.file);
     let base_len = match &bf {
         Some(f) => f.metadata().map(|m| m.len()).unwrap_or(0),
         None => 0,

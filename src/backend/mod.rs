@@ -27,6 +27,27 @@ pub trait ActiveDevice: Send + Sync + std::fmt::Debug {
     fn mounted(&self) {}
 }
 
+/// A device opened for reading by [`Backend::open_read`]. The file is
+/// closed before the activation it may hold is let go (fields drop in
+/// order): a block device still open cannot be removed.
+#[derive(Debug)]
+pub struct DeviceReader {
+    /// The block device, read-only.
+    pub file: std::fs::File,
+    _active: Option<Box<dyn ActiveDevice>>,
+}
+
+impl DeviceReader {
+    /// `file`, kept readable by `active` (None: a live device of someone
+    /// else's).
+    pub fn new(file: std::fs::File, active: Option<Box<dyn ActiveDevice>>) -> DeviceReader {
+        DeviceReader {
+            file,
+            _active: active,
+        }
+    }
+}
+
 /// Space used by one device.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct Usage {
@@ -104,6 +125,17 @@ pub trait Backend: Send + Sync {
         size: Bytes,
     ) -> Result<Vec<ChangedRange>> {
         compare_by_reading(self, base, snap, size)
+    }
+
+    /// Open `dev`'s bytes for reading: a new read-only activation, kept
+    /// alive by the returned guard. A backend that allows one activation
+    /// per device (dm-thin) reads an active device (a mounted snapshot)
+    /// through its live block device instead.
+    fn open_read(&self, dev: DeviceId, size: Bytes) -> Result<DeviceReader> {
+        use crate::error::IoContext;
+        let a = self.activate(dev, size, true)?;
+        let f = std::fs::File::open(a.path()).ctx(|| format!("open {}", a.path().display()))?;
+        Ok(DeviceReader::new(f, Some(a)))
     }
 
     /// A block device of `dev` attached before this process started and

@@ -128,11 +128,12 @@ impl Engine {
         if ranges.is_empty() {
             return Ok(None);
         }
-        let ia = self.backend.activate(img.dev, img.size, true)?;
-        let sa = self.backend.activate(snap.dev, snap.size, true)?;
-        let fi = std::fs::File::open(ia.path()).ctx(|| format!("open {}", ia.path().display()))?;
-        let fs = std::fs::File::open(sa.path()).ctx(|| format!("open {}", sa.path().display()))?;
-        let noise = mount_noise(&fi);
+        // The snapshot may be mounted (a user browsing it): read it through
+        // its live device where the backend allows one activation only.
+        let ir = self.backend.open_read(img.dev, img.size)?;
+        let sr = self.backend.open_read(snap.dev, snap.size)?;
+        let (fi, fs) = (&ir.file, &sr.file);
+        let noise = mount_noise(fi);
         let (mut a, mut b) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
         for r in ranges {
             let mut off = r.offset;

@@ -479,6 +479,43 @@ impl Backend for DmPool {
         }))
     }
 
+    fn open_read(&self, dev: DeviceId, size: Bytes) -> Result<crate::backend::DeviceReader> {
+        use crate::backend::DeviceReader;
+        let s = &self.0;
+        let name = s.thin_name(dev)?;
+        // One activation per thin device: an active one (a mounted
+        // snapshot; its bytes do not change under a read-only mount) is
+        // read through its live node. A device being removed by another
+        // thread (an unmount) may vanish between the two steps: try again.
+        let mut last = None;
+        for _ in 0..50 {
+            if !s.is_active(dev)? {
+                match self.activate(dev, size, true) {
+                    Ok(a) => {
+                        let f = std::fs::File::open(a.path())
+                            .ctx(|| format!("open {}", a.path().display()))?;
+                        return Ok(DeviceReader::new(f, Some(a)));
+                    }
+                    Err(e) if e.errno() == libc::EBUSY => last = Some(e),
+                    Err(e) => return Err(e),
+                }
+            } else {
+                match s.dm.device_info(&DevId::Name(&name)) {
+                    Ok(info) => {
+                        let path = PathBuf::from(format!("/dev/dm-{}", info.device().minor));
+                        match std::fs::File::open(&path) {
+                            Ok(f) => return Ok(DeviceReader::new(f, None)),
+                            Err(e) => last = Some(Error::io(format!("open {}", path.display()), e)),
+                        }
+                    }
+                    Err(e) => last = Some(dmerr(format!("look up active thin device {dev}"), e)),
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(last.unwrap_or_else(|| Error::Busy(format!("thin device {dev} cannot be read"))))
+    }
+
     fn resize(&self, _dev: DeviceId, _size: Bytes) -> Result<()> {
         // Thin devices have no size of their own: the table length is set
         // at activation (and refreshed on a live device).
