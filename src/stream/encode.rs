@@ -1,6 +1,8 @@
 //! Writing a stream: preamble, header, ranges, end with the digest.
 
-use super::format::{self, FLAG_LZ4, RecHeader, StreamHeader, T_BEGIN, T_DATA, T_END, T_LZ4, T_ZERO};
+use super::format::{
+    self, FLAG_LZ4, RecHeader, StreamHeader, T_BEGIN, T_DATA, T_END, T_LZ4, T_ZERO,
+};
 use crate::error::{Error, IoContext, Result};
 use std::io::Write;
 

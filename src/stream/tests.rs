@@ -281,11 +281,7 @@ fn bad_compressed_payloads_are_refused_with_a_clear_message() {
     let lz = |o: u64, l: u64, p: Vec<u8>| (format::T_LZ4, o, l, p);
     assert!(decode_all(&framed_as(lz4_header(), &[lz(0, 8192, good.clone())], 1)).is_ok());
     // Garbage that is not an LZ4 block (checksums right: only LZ4 can tell).
-    let m = refused(&framed_as(
-        lz4_header(),
-        &[lz(0, 8192, vec![0xff; 64])],
-        1,
-    ));
+    let m = refused(&framed_as(lz4_header(), &[lz(0, 8192, vec![0xff; 64])], 1));
     assert!(m.contains("compressed data is damaged"), "{m}");
     // A block that decompresses to fewer bytes than the record says.
     let m = refused(&framed_as(lz4_header(), &[lz(0, 12288, good.clone())], 1));
