@@ -534,7 +534,7 @@ fn root_stream_identity_upgrade() {
     drop(e);
     {
         // The store is the engine's own: change it with the engine closed.
-        let m = thinfs::meta::Meta::open(&s.path().join("meta")).unwrap();
+        let m = thinfs::meta::Meta::open(&s.path().join("state").join("meta")).unwrap();
         m.txn(|t| t.put(&r)).unwrap();
     }
     let e = open(s.path());
@@ -547,7 +547,7 @@ fn root_stream_identity_upgrade() {
     let e = open(s.path());
     assert_eq!(e.record(sn.id).unwrap().identity, id, "and keeps it");
     drop(e);
-    let m = thinfs::meta::Meta::open(&s.path().join("meta")).unwrap();
+    let m = thinfs::meta::Meta::open(&s.path().join("state").join("meta")).unwrap();
     assert_eq!(m.pool().unwrap().unwrap().schema, 2);
 }
 
