@@ -29,10 +29,12 @@
 mod decode;
 mod encode;
 mod format;
+mod token;
 
 pub use decode::Decoder;
 pub use encode::Encoder;
 pub use format::{FLAG_LZ4, MAX_DATA, MAX_PAYLOAD, Record, StreamHeader, VERSION};
+pub use token::ResumeToken;
 
 #[cfg(test)]
 mod tests;
