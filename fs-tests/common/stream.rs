@@ -35,7 +35,8 @@ pub fn send(e: &Engine, t: &str, base: Option<&str>) -> Vec<u8> {
     let s = snap(e, t);
     let b = base.map(|b| snap(e, b));
     let mut out = Vec::new();
-    e.send_stream(&s, b.as_ref(), &mut out, &Quiet).unwrap();
+    e.send_stream(&s, b.as_ref(), false, &mut out, &Quiet)
+        .unwrap();
     out
 }
 

@@ -13,7 +13,7 @@ use super::Engine;
 use crate::backend::{ChangedRange, RangeKind};
 use crate::error::{Error, IoContext, Result};
 use crate::meta::{DeviceKind, DeviceRecord};
-use crate::stream::{Encoder, MAX_DATA, StreamHeader};
+use crate::stream::{Encoder, FLAG_LZ4, MAX_DATA, StreamHeader};
 use crate::types::{Bytes, DeviceId};
 use crossbeam_channel::{Receiver, Sender, bounded};
 use std::io::Write;
@@ -157,11 +157,13 @@ impl Engine {
         Ok(())
     }
 
-    /// Write `snap` as a stream to `out`: full, or incremental from `base`.
+    /// Write `snap` as a stream to `out`: full, or incremental from `base`;
+    /// with `compress`, data records that shrink go LZ4-compressed.
     pub fn send_stream(
         &self,
         snap: &DeviceRecord,
         base: Option<&DeviceRecord>,
+        compress: bool,
         out: &mut (dyn Write + Send),
         progress: &dyn Progress,
     ) -> Result<SendStats> {
@@ -185,7 +187,7 @@ impl Engine {
         };
         let ranges = self.backend.changed_ranges(b_dev, s_dev, snap.size)?;
         let header = StreamHeader {
-            flags: 0,
+            flags: if compress { FLAG_LZ4 } else { 0 },
             snap_name: snap.name.to_string(),
             snap_id: snap
                 .identity

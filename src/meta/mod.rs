@@ -241,6 +241,37 @@ impl Meta {
         Ok(())
     }
 
+    /// The pool's secret key for resume tokens (32 random bytes, made on
+    /// first use and kept in the `pool` tree): a token this pool handed
+    /// out carries a keyed blake3 MAC under it, so a changed token is
+    /// refused when it comes back.
+    pub fn resume_key(&self) -> Result<[u8; 32]> {
+        const KEY: &[u8] = b"resume-key";
+        if let Some(v) = self.pool.get(KEY)?
+            && let Ok(k) = <[u8; 32]>::try_from(&v[..])
+        {
+            return Ok(k);
+        }
+        let mut k = [0u8; 32];
+        std::io::Read::read_exact(
+            &mut std::fs::File::open("/dev/urandom")
+                .map_err(|e| Error::io("open /dev/urandom", e))?,
+            &mut k,
+        )
+        .map_err(|e| Error::io("read /dev/urandom", e))?;
+        // Two callers racing: the first key written wins, both return it.
+        let _ = self
+            .pool
+            .compare_and_swap(KEY, None as Option<&[u8]>, Some(&k[..]))?;
+        self.db.flush()?;
+        let v = self
+            .pool
+            .get(KEY)?
+            .ok_or_else(|| Error::Corrupt("resume key missing after it was written".into()))?;
+        <[u8; 32]>::try_from(&v[..])
+            .map_err(|_| Error::Corrupt("resume key is not 32 bytes".into()))
+    }
+
     /// Hidden devices of receives in progress.
     pub fn receiving_list(&self) -> Result<Vec<DeviceId>> {
         self.receiving

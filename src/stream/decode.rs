@@ -1,8 +1,8 @@
 //! Reading a stream: every check, with a message that says which failed.
 
 use super::format::{
-    self, MAX_PAYLOAD, PREAMBLE, REC_HEADER, RecHeader, Record, StreamHeader, T_BEGIN, T_DATA,
-    T_END, T_ZERO,
+    self, FLAG_LZ4, MAX_PAYLOAD, PREAMBLE, REC_HEADER, RecHeader, Record, StreamHeader, T_BEGIN,
+    T_DATA, T_END, T_LZ4, T_ZERO,
 };
 use crate::error::{Error, Result};
 use std::io::Read;
@@ -110,7 +110,7 @@ impl<R: Read> Decoder<R> {
         let mut hb = [0u8; REC_HEADER];
         read_full(&mut self.input, &mut hb, &what)?;
         let h = RecHeader::decode(&hb, &what)?;
-        if !matches!(h.kind, T_BEGIN | T_DATA | T_ZERO | T_END) {
+        if !matches!(h.kind, T_BEGIN | T_DATA | T_ZERO | T_END | T_LZ4) {
             return Err(Error::BadStream(format!(
                 "{what}: unknown record type {}",
                 h.kind
@@ -185,6 +185,39 @@ impl<R: Read> Decoder<R> {
                 Ok(Some(Record::Data {
                     offset: h.offset,
                     data: payload,
+                }))
+            }
+            T_LZ4 => {
+                if self.header.flags & FLAG_LZ4 == 0 {
+                    return Err(Error::BadStream(format!(
+                        "{what}: compressed data in a stream whose header does not say compressed"
+                    )));
+                }
+                if h.len > MAX_PAYLOAD as u64 {
+                    return Err(Error::BadStream(format!(
+                        "{what}: compressed data claims {} bytes, over the limit of {MAX_PAYLOAD}",
+                        h.len
+                    )));
+                }
+                self.check_range(&h, &what)?;
+                let mut data = vec![0u8; h.len as usize];
+                match lz4_flex::block::decompress_into(&payload, &mut data) {
+                    Ok(n) if n == data.len() => {}
+                    Ok(n) => {
+                        return Err(Error::BadStream(format!(
+                            "{what}: compressed data decompresses to {n} bytes, the record says {}",
+                            h.len
+                        )));
+                    }
+                    Err(e) => {
+                        return Err(Error::BadStream(format!(
+                            "{what}: compressed data is damaged (LZ4: {e})"
+                        )));
+                    }
+                }
+                Ok(Some(Record::Data {
+                    offset: h.offset,
+                    data,
                 }))
             }
             T_ZERO => {

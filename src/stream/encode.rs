@@ -1,6 +1,8 @@
 //! Writing a stream: preamble, header, ranges, end with the digest.
 
-use super::format::{self, RecHeader, StreamHeader, T_BEGIN, T_DATA, T_END, T_ZERO};
+use super::format::{
+    self, FLAG_LZ4, RecHeader, StreamHeader, T_BEGIN, T_DATA, T_END, T_LZ4, T_ZERO,
+};
 use crate::error::{Error, IoContext, Result};
 use std::io::Write;
 
@@ -13,6 +15,8 @@ pub struct Encoder<W: Write> {
     next: u64,
     bytes: u64,
     records: u64,
+    /// Compression buffer (with [`FLAG_LZ4`]).
+    packed: Option<Vec<u8>>,
 }
 
 impl<W: Write> Encoder<W> {
@@ -25,7 +29,12 @@ impl<W: Write> Encoder<W> {
             next: 0,
             bytes: 0,
             records: 0,
+            packed: None,
         };
+        if e.header.flags & FLAG_LZ4 != 0 {
+            let n = lz4_flex::block::get_maximum_output_size(format::MAX_DATA);
+            e.packed = Some(vec![0u8; n]);
+        }
         e.put(&format::preamble())?;
         let p = e.header.encode();
         e.record(T_BEGIN, 0, 0, &p)?;
@@ -74,7 +83,19 @@ impl<W: Write> Encoder<W> {
         self.check_range(offset, data.len() as u64)?;
         for (i, chunk) in data.chunks(format::MAX_DATA).enumerate() {
             let o = offset + (i * format::MAX_DATA) as u64;
-            self.record(T_DATA, o, chunk.len() as u64, chunk)?;
+            let n = chunk.len() as u64;
+            match self.packed.take() {
+                Some(mut buf) => {
+                    // A chunk that does not shrink goes as it is.
+                    let r = match lz4_flex::block::compress_into(chunk, &mut buf) {
+                        Ok(c) if c < chunk.len() => self.record(T_LZ4, o, n, &buf[..c]),
+                        _ => self.record(T_DATA, o, n, chunk),
+                    };
+                    self.packed = Some(buf);
+                    r?;
+                }
+                None => self.record(T_DATA, o, n, chunk)?,
+            }
         }
         Ok(())
     }

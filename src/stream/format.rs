@@ -20,11 +20,19 @@ pub(super) const T_BEGIN: u8 = 1;
 pub(super) const T_DATA: u8 = 2;
 pub(super) const T_ZERO: u8 = 3;
 pub(super) const T_END: u8 = 4;
+pub(super) const T_LZ4: u8 = 5;
+
+/// Header flag: DATA records may be LZ4-compressed (type 5, `len` = the
+/// bytes once decompressed, payload = an LZ4 block). Records that would
+/// not shrink stay plain DATA.
+pub const FLAG_LZ4: u32 = 1;
+/// Every flag this code knows.
+pub const KNOWN_FLAGS: u32 = FLAG_LZ4;
 
 /// What a stream is: the snapshot it carries and the base it needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamHeader {
-    /// Flags (none defined yet; must be 0).
+    /// Flags: [`FLAG_LZ4`] or 0; the decoder refuses any other bit.
     pub flags: u32,
     /// Snapshot name at the source.
     pub snap_name: String,
@@ -91,7 +99,7 @@ impl StreamHeader {
             },
             snap_name: name,
         };
-        if h.flags != 0 {
+        if h.flags & !KNOWN_FLAGS != 0 {
             return Err(bad(&format!("unknown flags {:#x}", h.flags)));
         }
         if !h.block_size.is_power_of_two() || !(512..=1 << 20).contains(&h.block_size) {

@@ -17,14 +17,24 @@
 //!   increasing, non-overlapping, block-aligned order within the device,
 //!   then END whose payload is the blake3 digest of every byte before the
 //!   END record. Nothing may follow END.
+//! - `--compress` sets [`FLAG_LZ4`] in the header; DATA records may then
+//!   be LZ4 records (type 5): `len` is the decompressed length, the
+//!   payload an LZ4 block. The payload checksum and the END digest cover
+//!   the bytes ON THE WIRE (compressed): a stream is checked without
+//!   decompressing it, and the decompressed length must equal `len`
+//!   exactly or the record is refused. LZ4 (the pure-Rust `lz4_flex`)
+//!   rather than zstd: no C build, and it compresses faster than a
+//!   device reads here, so it never slows a send.
 
 mod decode;
 mod encode;
 mod format;
+mod token;
 
 pub use decode::Decoder;
 pub use encode::Encoder;
-pub use format::{MAX_DATA, MAX_PAYLOAD, Record, StreamHeader, VERSION};
+pub use format::{FLAG_LZ4, MAX_DATA, MAX_PAYLOAD, Record, StreamHeader, VERSION};
+pub use token::ResumeToken;
 
 #[cfg(test)]
 mod tests;

@@ -108,13 +108,17 @@ fn trailing_bytes_are_refused() {
 /// Records re-framed by hand with valid checksums: only the semantic check
 /// can refuse them.
 fn framed(recs: &[(u8, u64, u64, Vec<u8>)], version: u32) -> Vec<u8> {
+    framed_as(header(None), recs, version)
+}
+
+fn framed_as(hdr: StreamHeader, recs: &[(u8, u64, u64, Vec<u8>)], version: u32) -> Vec<u8> {
     let mut out = format::preamble().to_vec();
     out[8..12].copy_from_slice(&version.to_le_bytes());
     let c = crc32c::crc32c(&out[..12]);
     out[12..16].copy_from_slice(&c.to_le_bytes());
     let mut d = blake3::Hasher::new();
     d.update(&out);
-    let mut all = vec![(format::T_BEGIN, 0, 0, header(None).encode())];
+    let mut all = vec![(format::T_BEGIN, 0, 0, hdr.encode())];
     all.extend_from_slice(recs);
     for (k, o, l, p) in all {
         let h = format::RecHeader {
@@ -173,4 +177,139 @@ fn semantic_refusals_say_which() {
     // a second header
     let hdr = (format::T_BEGIN, 0, 0, header(None).encode());
     assert!(refused(&framed(&[hdr], 1)).contains("second header"));
+}
+
+fn lz4_header() -> StreamHeader {
+    StreamHeader {
+        flags: FLAG_LZ4,
+        size: 8 << 20,
+        ..header(None)
+    }
+}
+
+/// Half text-like (compresses), half pseudo-random (does not).
+fn mixed() -> Vec<u8> {
+    let mut v: Vec<u8> = b"thinfs compresses what repeats. "
+        .iter()
+        .cycle()
+        .take(2 << 20)
+        .copied()
+        .collect();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..(2 << 20) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.push(x as u8);
+    }
+    v
+}
+
+#[test]
+fn compressed_round_trip_gives_the_same_records() {
+    let data = mixed();
+    let stream = |flags| {
+        let mut e = Encoder::new(
+            Vec::new(),
+            StreamHeader {
+                flags,
+                ..lz4_header()
+            },
+        )
+        .unwrap();
+        e.data(0, &data).unwrap();
+        e.zero(4 << 20, 4096).unwrap();
+        e.finish().unwrap().0
+    };
+    let plain = stream(0);
+    let packed = stream(FLAG_LZ4);
+    let (hp, vp) = decode_all(&plain).unwrap();
+    let (hc, vc) = decode_all(&packed).unwrap();
+    assert_eq!(hp.flags, 0);
+    assert_eq!(hc.flags, FLAG_LZ4);
+    assert_eq!(vp, vc, "a compressed stream decodes to the same records");
+    // The repeating half shrinks to almost nothing; the random half goes
+    // as plain DATA (no bigger than uncompressed).
+    assert!(
+        packed.len() < plain.len() / 2 + (64 << 10),
+        "compressed {} vs plain {}",
+        packed.len(),
+        plain.len()
+    );
+    assert!(packed.len() > (2 << 20), "random data cannot shrink");
+    // Every kind of record is there: count LZ4 and plain DATA headers.
+    let kinds = record_kinds(&packed);
+    assert_eq!(kinds.iter().filter(|&&k| k == format::T_LZ4).count(), 2);
+    assert_eq!(kinds.iter().filter(|&&k| k == format::T_DATA).count(), 2);
+}
+
+fn record_kinds(s: &[u8]) -> Vec<u8> {
+    let mut at = format::PREAMBLE;
+    let mut v = Vec::new();
+    while at < s.len() {
+        let mut h = [0u8; format::REC_HEADER];
+        h.copy_from_slice(&s[at..at + format::REC_HEADER]);
+        let h = format::RecHeader::decode(&h, "test").unwrap();
+        v.push(h.kind);
+        at += format::REC_HEADER + h.payload_len as usize;
+    }
+    v
+}
+
+#[test]
+fn every_bit_flip_of_a_compressed_stream_is_refused() {
+    let mut e = Encoder::new(Vec::new(), lz4_header()).unwrap();
+    e.data(0, &[b'a'; 16384]).unwrap();
+    let s = e.finish().unwrap().0;
+    assert!(record_kinds(&s).contains(&format::T_LZ4));
+    for byte in 0..s.len() {
+        for bit in 0..8 {
+            let mut b = s.clone();
+            b[byte] ^= 1 << bit;
+            let m = refused(&b);
+            assert!(
+                m.contains("checksum") || m.contains("magic") || m.contains("digest"),
+                "flip at {byte}.{bit}: {m}"
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_compressed_payloads_are_refused_with_a_clear_message() {
+    let good = lz4_flex::block::compress(&[7u8; 8192]);
+    let lz = |o: u64, l: u64, p: Vec<u8>| (format::T_LZ4, o, l, p);
+    assert!(decode_all(&framed_as(lz4_header(), &[lz(0, 8192, good.clone())], 1)).is_ok());
+    // Garbage that is not an LZ4 block (checksums right: only LZ4 can tell).
+    let m = refused(&framed_as(lz4_header(), &[lz(0, 8192, vec![0xff; 64])], 1));
+    assert!(m.contains("compressed data is damaged"), "{m}");
+    // A block that decompresses to fewer bytes than the record says.
+    let m = refused(&framed_as(lz4_header(), &[lz(0, 12288, good.clone())], 1));
+    assert!(m.contains("decompresses to 8192 bytes"), "{m}");
+    // ... or more.
+    let m = refused(&framed_as(lz4_header(), &[lz(0, 4096, good.clone())], 1));
+    assert!(m.contains("compressed data is damaged"), "{m}");
+    // Compressed records in a stream whose header says uncompressed.
+    let m = refused(&framed(&[lz(0, 8192, good.clone())], 1));
+    assert!(m.contains("does not say compressed"), "{m}");
+    // A decompressed length over the cap is refused before allocating.
+    let m = refused(&framed_as(
+        StreamHeader {
+            size: 1 << 40,
+            ..lz4_header()
+        },
+        &[lz(0, 1 << 30, good)],
+        1,
+    ));
+    assert!(m.contains("over the limit"), "{m}");
+    // Unknown header flags.
+    let m = refused(&framed_as(
+        StreamHeader {
+            flags: 2,
+            ..lz4_header()
+        },
+        &[],
+        1,
+    ));
+    assert!(m.contains("unknown flags 0x2"), "{m}");
 }
