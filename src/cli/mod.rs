@@ -5,6 +5,7 @@
 
 mod client;
 mod export;
+mod import;
 mod mount;
 mod show;
 
@@ -157,6 +158,19 @@ enum Cmd {
     },
     /// Print the man page (roff)
     Man,
+    /// New image from a directory or a tarball (.tar, .tar.gz; `-`: stdin), ending with snapshot NAME@import (root)
+    Import {
+        /// New image name
+        name: String,
+        /// Directory (walked with your read rights), tarball, or `-` for stdin
+        source: PathBuf,
+        /// Image size (10G); default: sized to fit the content
+        #[arg(short = 's', long)]
+        size: Option<String>,
+        /// No progress bar and no summary
+        #[arg(short = 'q', long)]
+        quiet: bool,
+    },
 }
 
 fn print(
@@ -282,6 +296,12 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Man => clap_mangen::Man::new(Cli::command())
             .render(&mut std::io::stdout())
             .map_err(|e| crate::error::Error::io("write man page", e)),
+        Cmd::Import {
+            name,
+            source,
+            size,
+            quiet,
+        } => import::import(sock, name, source, size, quiet),
     }
 }
 

@@ -134,6 +134,9 @@ pub enum Op {
     /// Streaming, one descriptor (the output): a tarball of an image or
     /// snapshot.
     Export(crate::service::ExportRequest),
+    /// Streaming, one descriptor (the input): a new image from a tar
+    /// stream, ending with its snapshot `NAME@import` (root only).
+    Import(crate::service::ImportRequest),
 }
 
 impl Op {
@@ -169,6 +172,7 @@ impl Op {
     pub fn fds(&self) -> usize {
         match self {
             Op::Export(_) => 1,
+            Op::Import(_) => 1,
             _ => 0,
         }
     }

@@ -213,6 +213,7 @@ fn call(
     };
     match op {
         Op::Export(req) => control::to_json(service.export(&c.who, req, next()?, job)?),
+        Op::Import(req) => control::to_json(service.import(&c.who, req, next()?, job)?),
         _ => Err(Error::Invalid(format!(
             "{} is not a streaming request",
             op.summary()

@@ -11,13 +11,16 @@
 mod caller;
 pub mod containerd;
 mod export;
+mod import;
 mod job;
 mod stream;
 mod tarwalk;
+mod untar;
 mod usage;
 
 pub use caller::Caller;
 pub use export::{ExportRequest, ExportSummary};
+pub use import::{IMPORT_SNAPSHOT, ImportRequest, ImportSummary, size_to_fit, tar_directory};
 pub use job::Job;
 pub use stream::{HaveSnapshot, Haves, ReceiveRequest, ReceiveSummary, SendRequest, SendSummary};
 
