@@ -137,7 +137,11 @@ impl Service {
 /// Write a tar stream of directory `dir` to `out` (the CLI does this as
 /// the user, into the pipe it hands to the daemon): the format of
 /// `thinfs export`, walked through directory descriptors.
-pub fn tar_directory(dir: &std::path::Path, out: File, job: &Job) -> Result<super::tarwalk::Counts> {
+pub fn tar_directory(
+    dir: &std::path::Path,
+    out: File,
+    job: &Job,
+) -> Result<super::tarwalk::Counts> {
     use std::os::fd::AsFd;
     use std::os::unix::fs::OpenOptionsExt;
     let d = std::fs::OpenOptions::new()

@@ -116,6 +116,75 @@ impl<R: Read> Read for EofSeen<R> {
     }
 }
 
+/// What the entries before a member said about it.
+#[derive(Default)]
+struct Pending {
+    pax: Vec<(Vec<u8>, Vec<u8>)>,
+    name: Option<Vec<u8>>,
+    link: Option<Vec<u8>>,
+}
+
+impl Pending {
+    fn pax_value(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.pax
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    }
+}
+
+/// PAX records (`LEN KEY=VALUE\n`, LEN counting the whole record); values
+/// may hold any byte, newlines included.
+fn parse_pax(data: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let bad = || Error::BadStream("malformed PAX record; nothing was imported".into());
+    let mut out = Vec::new();
+    let mut rest = data;
+    while !rest.is_empty() && rest[0] != 0 {
+        let sp = rest.iter().position(|b| *b == b' ').ok_or_else(bad)?;
+        let len: usize = std::str::from_utf8(&rest[..sp])
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(bad)?;
+        if len <= sp + 1 || len > rest.len() || rest[len - 1] != b'\n' {
+            return Err(bad());
+        }
+        let kv = &rest[sp + 1..len - 1];
+        let eq = kv.iter().position(|b| *b == b'=').ok_or_else(bad)?;
+        out.push((kv[..eq].to_vec(), kv[eq + 1..].to_vec()));
+        rest = &rest[len..];
+    }
+    Ok(out)
+}
+
+/// The content of a small metadata entry (PAX records, a long name).
+fn read_small<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Vec<u8>> {
+    let size = entry.header().size().unwrap_or(u64::MAX);
+    if size > 16 << 20 {
+        return Err(Error::BadStream(format!(
+            "a tar metadata entry of {size} bytes; refused, nothing was imported"
+        )));
+    }
+    let mut v = Vec::with_capacity(size as usize);
+    entry
+        .read_to_end(&mut v)
+        .map_err(|e| bad_tar("read a metadata entry", e))?;
+    if (v.len() as u64) < size {
+        return Err(bad_tar(
+            "read a metadata entry",
+            io::Error::from(io::ErrorKind::UnexpectedEof),
+        ));
+    }
+    Ok(v)
+}
+
+fn trim_nul(mut v: Vec<u8>) -> Vec<u8> {
+    while v.last() == Some(&0) {
+        v.pop();
+    }
+    v
+}
+
 /// Metadata of one entry, from its header and PAX records.
 struct Meta {
     mode: u32,
@@ -193,12 +262,30 @@ impl<'a> Unpacker<'a> {
             inner: input,
             eof: false,
         });
-        let entries = ar.entries().map_err(|e| bad_tar("read the archive", e))?;
+        // Raw: long names and PAX records come as entries of their own and
+        // are parsed here (the crate's PAX parser splits values at newlines,
+        // which binary xattr values such as ACLs contain).
+        let entries = ar
+            .entries()
+            .map_err(|e| bad_tar("read the archive", e))?
+            .raw(true);
+        let mut pending = Pending::default();
         for entry in entries {
             self.job.check("import")?;
             let mut entry = entry.map_err(|e| bad_tar("read the archive", e))?;
-            self.entry(&mut entry)?;
-            self.counts.entries += 1;
+            let t = entry.header().entry_type();
+            if t.is_pax_local_extensions() {
+                pending.pax = parse_pax(&read_small(&mut entry)?)?;
+            } else if t.is_pax_global_extensions() {
+                read_small(&mut entry)?;
+            } else if t.is_gnu_longname() {
+                pending.name = Some(trim_nul(read_small(&mut entry)?));
+            } else if t.is_gnu_longlink() {
+                pending.link = Some(trim_nul(read_small(&mut entry)?));
+            } else {
+                self.entry(&mut entry, std::mem::take(&mut pending))?;
+                self.counts.entries += 1;
+            }
         }
         // The tar crate takes an end of input between two entries for the
         // end of the archive: only the end marker (zero blocks) is.
@@ -215,7 +302,7 @@ impl<'a> Unpacker<'a> {
         Ok(self.counts)
     }
 
-    fn meta<R: Read>(&self, entry: &mut tar::Entry<'_, R>) -> Result<Meta> {
+    fn meta<R: Read>(&self, entry: &tar::Entry<'_, R>, p: &Pending) -> Result<Meta> {
         let h = entry.header();
         let num = |r: io::Result<u64>, what: &str| -> Result<u32> {
             r.ok()
@@ -232,37 +319,42 @@ impl<'a> Unpacker<'a> {
             },
             xattrs: Vec::new(),
         };
-        if let Some(exts) = entry
-            .pax_extensions()
-            .map_err(|e| bad_tar("read PAX records", e))?
-        {
-            for ext in exts {
-                let ext = ext.map_err(|e| bad_tar("read PAX records", e))?;
-                let key = ext.key_bytes();
-                if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
-                    m.xattrs
-                        .push((OsStr::from_bytes(name).to_owned(), ext.value_bytes().into()));
-                } else if key == b"mtime" {
-                    if let Some(t) = parse_time(ext.value_bytes()) {
-                        m.mtime = t;
-                    }
-                } else if key == b"uid" {
-                    m.uid = pax_num(ext.value_bytes(), "uid")?;
-                } else if key == b"gid" {
-                    m.gid = pax_num(ext.value_bytes(), "gid")?;
+        for (key, value) in &p.pax {
+            if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+                m.xattrs
+                    .push((OsStr::from_bytes(name).to_owned(), value.clone()));
+            } else if key == b"mtime" {
+                if let Some(t) = parse_time(value) {
+                    m.mtime = t;
                 }
+            } else if key == b"uid" {
+                m.uid = pax_num(value, "uid")?;
+            } else if key == b"gid" {
+                m.gid = pax_num(value, "gid")?;
+            } else if key == b"size"
+                && u64::from(pax_num(value, "size").unwrap_or(u32::MAX)) != h.size().unwrap_or(0)
+            {
+                return Err(Error::BadStream(
+                    "a file size in a PAX record (files of 4 GiB and more in PAX form) is not supported; nothing was imported"
+                        .into(),
+                ));
             }
         }
         Ok(m)
     }
 
-    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<()> {
-        let path = entry
-            .path()
-            .map_err(|e| bad_tar("read an entry's path", e))?
-            .into_owned();
+    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, p: Pending) -> Result<()> {
+        let raw_path = p
+            .pax_value(b"path")
+            .or(p.name.clone())
+            .unwrap_or_else(|| entry.path_bytes().into_owned());
+        let path = Path::new(OsStr::from_bytes(&raw_path)).to_path_buf();
         let comps = components(&path)?;
-        let meta = self.meta(entry)?;
+        let meta = self.meta(entry, &p)?;
+        let link = p
+            .pax_value(b"linkpath")
+            .or(p.link.clone())
+            .or_else(|| entry.link_name_bytes().map(|l| l.into_owned()));
         let kind = entry.header().entry_type();
         let Some((name, parent)) = comps.split_last() else {
             // The archive's root (`./`): its metadata goes to the image's root.
@@ -293,7 +385,13 @@ impl<'a> Unpacker<'a> {
                 self.dir_times.push((comps, meta.mtime));
                 return Ok(());
             }
-            T::Regular | T::Continuous | T::GNUSparse => {
+            T::GNUSparse => {
+                return Err(Error::BadStream(format!(
+                    "/{} is a GNU sparse entry, which this import does not read: make the tarball without --sparse; nothing was imported",
+                    path.display()
+                )));
+            }
+            T::Regular | T::Continuous => {
                 let mut f = self.make(d, name, &path, |d, n| {
                     file::openat(
                         d,
@@ -315,20 +413,18 @@ impl<'a> Unpacker<'a> {
                 self.counts.file_bytes += n;
             }
             T::Symlink => {
-                let target = entry
-                    .link_name_bytes()
-                    .ok_or_else(|| Error::BadStream(format!("symlink /{} has no target", path.display())))?
-                    .into_owned();
+                let target = link.ok_or_else(|| {
+                    Error::BadStream(format!("symlink /{} has no target", path.display()))
+                })?;
                 self.make(d, name, &path, |d, n| {
                     file::symlinkat(OsStr::from_bytes(&target), d, n)
                 })?;
             }
             T::Link => {
-                let target = entry
-                    .link_name()
-                    .map_err(|e| bad_tar("read a link name", e))?
-                    .ok_or_else(|| Error::BadStream(format!("hard link /{} has no target", path.display())))?
-                    .into_owned();
+                let target = link.ok_or_else(|| {
+                    Error::BadStream(format!("hard link /{} has no target", path.display()))
+                })?;
+                let target = Path::new(OsStr::from_bytes(&target)).to_path_buf();
                 let tc = components(&target)?;
                 let h = self.open_handle(&tc).map_err(|e| {
                     Error::Invalid(format!(
@@ -359,7 +455,9 @@ impl<'a> Unpacker<'a> {
                 let major = h.device_major().ok().flatten().unwrap_or(0);
                 let minor = h.device_minor().ok().flatten().unwrap_or(0);
                 let rdev = libc::makedev(major, minor);
-                self.make(d, name, &path, |d, n| file::mknodat(d, n, fmt | 0o600, rdev))?;
+                self.make(d, name, &path, |d, n| {
+                    file::mknodat(d, n, fmt | 0o600, rdev)
+                })?;
             }
             T::XGlobalHeader => return Ok(()),
             other => {
@@ -406,10 +504,32 @@ impl<'a> Unpacker<'a> {
             return file::utimens(h.as_fd(), &[m.mtime, m.mtime])
                 .map_err(|e| at(path, "set times of", e));
         }
+        // ACLs inherited from a default ACL of the directory are not the
+        // archive's: only the archive's stay.
+        for acl in ["system.posix_acl_access", "system.posix_acl_default"] {
+            if m.xattrs.iter().any(|(k, _)| k == acl) {
+                continue;
+            }
+            match file::removexattr(h.as_fd(), OsStr::new(acl)) {
+                Err(e)
+                    if !matches!(
+                        e.raw_os_error(),
+                        Some(libc::ENODATA) | Some(libc::EOPNOTSUPP) | Some(libc::EACCES)
+                    ) =>
+                {
+                    return Err(at(path, "remove an inherited ACL of", e));
+                }
+                _ => {}
+            }
+        }
         file::chmod(h.as_fd(), m.mode).map_err(|e| at(path, "chmod", e))?;
         for (k, v) in &m.xattrs {
             file::setxattr(h.as_fd(), k, v, 0).map_err(|e| {
-                at(path, &format!("set extended attribute {} of", k.to_string_lossy()), e)
+                at(
+                    path,
+                    &format!("set extended attribute {} of", k.to_string_lossy()),
+                    e,
+                )
             })?;
         }
         let st = file::fstat(h.as_fd()).map_err(|e| at(path, "stat", e))?;
@@ -424,11 +544,21 @@ impl<'a> Unpacker<'a> {
     /// symlink.
     fn open_handle(&self, comps: &[OsString]) -> Result<OwnedFd> {
         let Some((last, parent)) = comps.split_last() else {
-            return file::openat(self.root, OsStr::new("."), libc::O_PATH | libc::O_DIRECTORY, 0)
-                .map_err(|e| Error::io("open the image's root", e));
+            return file::openat(
+                self.root,
+                OsStr::new("."),
+                libc::O_PATH | libc::O_DIRECTORY,
+                0,
+            )
+            .map_err(|e| Error::io("open the image's root", e));
         };
-        let mut dir = file::openat(self.root, OsStr::new("."), libc::O_PATH | libc::O_DIRECTORY, 0)
-            .map_err(|e| Error::io("open the image's root", e))?;
+        let mut dir = file::openat(
+            self.root,
+            OsStr::new("."),
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        )
+        .map_err(|e| Error::io("open the image's root", e))?;
         for c in parent {
             dir = file::openat(
                 dir.as_fd(),
@@ -451,8 +581,13 @@ impl<'a> Unpacker<'a> {
                 .map_err(|e| Error::io("duplicate a descriptor", e));
         }
         let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW;
-        let mut dir = file::openat(self.root, OsStr::new("."), libc::O_PATH | libc::O_DIRECTORY, 0)
-            .map_err(|e| Error::io("open the image's root", e))?;
+        let mut dir = file::openat(
+            self.root,
+            OsStr::new("."),
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        )
+        .map_err(|e| Error::io("open the image's root", e))?;
         for c in parent {
             let next = match file::openat(dir.as_fd(), c, flags, 0) {
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
@@ -541,5 +676,9 @@ mod tests {
         assert_eq!((t.tv_sec, t.tv_nsec), (12, 500_000_000));
         let t = parse_time(b"7").unwrap();
         assert_eq!((t.tv_sec, t.tv_nsec), (7, 0));
+        let p = parse_pax(b"21 SCHILY.xattr.a=\n\n\n11 path=ab\n").unwrap();
+        assert_eq!(p[0], (b"SCHILY.xattr.a".to_vec(), b"\n\n".to_vec()));
+        assert_eq!(p[1], (b"path".to_vec(), b"ab".to_vec()));
+        assert!(parse_pax(b"99 path=x\n").is_err());
     }
 }
