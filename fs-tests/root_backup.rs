@@ -377,6 +377,15 @@ fn root_backup_import_truncated_or_cut_tarballs_leave_nothing() {
         );
         assert!(!names(&m).contains(tag), "{tag}: {}", names(&m));
     }
+    // Too much content for the size asked: the image is full, a clear
+    // error, nothing left.
+    let big = s.path().join("big.tar");
+    pytar(&big, "f('big', b'\\x01' * (40 << 20))");
+    let o = m.cli(&["import", "full", big.to_str().unwrap(), "--size", "24M"]);
+    assert!(!o.status.success(), "must not fit");
+    assert!(err(&o).contains("is full"), "{}", err(&o));
+    assert!(err(&o).contains("--size"), "{}", err(&o));
+    assert!(!names(&m).contains("full"), "{}", names(&m));
     // The whole one imports.
     ok(&m.cli(&["import", "whole", tar.to_str().unwrap(), "-q"]));
     assert_eq!(
@@ -458,4 +467,44 @@ fn root_backup_import_kill9_leaves_nothing() {
         assert_eq!(devs, back, "{fp}: hidden devices left");
         assert!(e.receiving_pending().unwrap().is_empty());
     }
+}
+
+#[test]
+fn root_backup_import_cancelled_when_the_cli_goes() {
+    let m = TestMount::start("imp-cancel");
+    let s = Scratch::new("imp-cancel");
+    let tar = s.path().join("t.tar");
+    pytar(&tar, "f('a', b'2' * (8 << 20)); f('b', b'3' * (8 << 20))");
+    let bytes = std::fs::read(&tar).unwrap();
+    let mut cli = Command::new(thinfs_bin())
+        .args(["import", "c", "-", "-q"])
+        .env("THINFS_SOCKET", m.socket())
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Half the tarball, then nothing: the pipe stays open (we hold it).
+    let mut input = cli.stdin.take().unwrap();
+    std::io::Write::write_all(&mut input, &bytes[..bytes.len() / 2]).unwrap();
+    let t0 = std::time::Instant::now();
+    while !m.log().contains("import") && t0.elapsed().as_secs() < 10 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    cli.kill().unwrap();
+    cli.wait().unwrap();
+    // The daemon notices, stops reading and undoes, although the input
+    // pipe is still open.
+    let t0 = std::time::Instant::now();
+    while !m.log().contains("undone") {
+        assert!(
+            t0.elapsed().as_secs() < 20,
+            "the import was not cancelled: {}",
+            m.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    drop(input);
+    assert!(!names(&m).contains('c'), "{}", names(&m));
+    ok(&m.cli(&["import", "c", tar.to_str().unwrap(), "-q"]));
+    assert_eq!(std::fs::read(m.path("c/b")).unwrap().len(), 8 << 20);
 }

@@ -83,7 +83,9 @@ impl Read for JobReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             if self.job.is_cancelled() {
-                return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"));
+                // Not ErrorKind::Interrupted: io::copy and read_exact retry
+                // those forever.
+                return Err(io::Error::other("the import was cancelled"));
             }
             match self.inp.read(buf) {
                 Ok(n) => {
@@ -257,7 +259,18 @@ impl<'a> Unpacker<'a> {
     }
 
     /// Unpack every entry of the tar stream `input`.
-    pub fn unpack(mut self, input: impl Read) -> Result<Unpacked> {
+    pub fn unpack(self, input: impl Read) -> Result<Unpacked> {
+        let job = self.job;
+        self.unpack_all(input).map_err(|e| {
+            if job.is_cancelled() {
+                Error::Cancelled("import".into())
+            } else {
+                e
+            }
+        })
+    }
+
+    fn unpack_all(mut self, input: impl Read) -> Result<Unpacked> {
         let mut ar = tar::Archive::new(EofSeen {
             inner: input,
             eof: false,
@@ -404,8 +417,6 @@ impl<'a> Unpacker<'a> {
                 let n = io::copy(entry, &mut f).map_err(|e| {
                     if e.raw_os_error() == Some(libc::ENOSPC) {
                         at(&path, "write", e)
-                    } else if e.kind() == io::ErrorKind::Interrupted && self.job.is_cancelled() {
-                        Error::Cancelled("import".into())
                     } else {
                         bad_tar(&format!("write /{}", path.display()), e)
                     }
@@ -624,9 +635,6 @@ fn through(path: &Path, c: &OsStr, e: io::Error) -> Error {
 
 /// A damaged or cut archive.
 fn bad_tar(what: &str, e: io::Error) -> Error {
-    if e.kind() == io::ErrorKind::Interrupted {
-        return Error::Cancelled("import".into());
-    }
     if e.kind() == io::ErrorKind::UnexpectedEof {
         return Error::BadStream(format!(
             "{what}: the archive ends too early (truncated); nothing was imported"
