@@ -137,6 +137,10 @@ pub enum Op {
     /// Streaming, one descriptor (the input): a new image from a tar
     /// stream, ending with its snapshot `NAME@import` (root only).
     Import(crate::service::ImportRequest),
+    /// Streaming, one descriptor (the output): a backup file of an image.
+    Backup(crate::service::BackupRequest),
+    /// Streaming, one descriptor (the backup file): restore (root only).
+    Restore(crate::service::RestoreRequest),
 }
 
 impl Op {
@@ -173,6 +177,7 @@ impl Op {
         match self {
             Op::Export(_) => 1,
             Op::Import(_) => 1,
+            Op::Backup(_) | Op::Restore(_) => 1,
             _ => 0,
         }
     }
