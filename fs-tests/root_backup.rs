@@ -508,3 +508,133 @@ fn root_backup_import_cancelled_when_the_cli_goes() {
     ok(&m.cli(&["import", "c", tar.to_str().unwrap(), "-q"]));
     assert_eq!(std::fs::read(m.path("c/b")).unwrap().len(), 8 << 20);
 }
+
+#[test]
+fn root_backup_with_snapshots_restores_on_another_pool() {
+    let a = TestMount::start("bk-a");
+    ok(&a.cli(&["create", "img"]));
+    make_source(&a.path("img"));
+    ok(&a.cli(&["snapshot", "img@s1"]));
+    sh(&format!(
+        "set -e; cd {}; echo two > dir/new; rm big; chmod 0600 a; ln dir/new dir/new2",
+        a.path("img").display()
+    ));
+    ok(&a.cli(&["snapshot", "img@s2"]));
+    ok(&a.cli(&["label", "img@s2", "k=v"]));
+    sh(&format!(
+        "set -e; cd {}; head -c 2000000 /dev/urandom > headonly; setfattr -n user.h -v 1 headonly",
+        a.path("img").display()
+    ));
+    let s = Scratch::new("bk-file");
+    let file = s.path().join("img.thinfs");
+    let f = file.to_str().unwrap();
+    let o = a.cli(&["backup", "img", "--snapshots", "-o", f]);
+    ok(&o);
+    assert!(err(&o).contains("backed up img"), "{}", err(&o));
+    // The temporary carrier of the head is gone.
+    assert!(!names(&a).contains("backup-head"), "{}", names(&a));
+    let v = ok(&a.cli(&["backup", "verify", f]));
+    assert!(v.contains(": ok"), "{v}");
+    assert!(
+        v.contains("s1") && v.contains("s2") && v.contains("(head)"),
+        "{v}"
+    );
+    // Another pool (another daemon, its own state).
+    let b = TestMount::start("bk-b");
+    ok(&b.cli(&["restore", f, "copy", "-q"]));
+    compare_trees(&a.path("img"), &b.path("copy"));
+    compare_trees(&a.path("img/.snapshots/s1"), &b.path("copy/.snapshots/s1"));
+    compare_trees(&a.path("img/.snapshots/s2"), &b.path("copy/.snapshots/s2"));
+    let n = names(&b);
+    assert!(!n.contains("backup-head"), "{n}");
+    assert!(!n.contains("restore"), "{n}");
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(&b.cli(&["info", "copy@s2", "--json"]))).unwrap();
+    assert_eq!(info["labels"]["k"], "v", "{info}");
+}
+
+#[test]
+fn root_backup_damage_is_found_by_verify_and_refused_by_restore() {
+    let a = TestMount::start("bk-dmg");
+    ok(&a.cli(&["create", "img"]));
+    sh(&format!(
+        "head -c 3000000 /dev/urandom > {}/f",
+        a.path("img").display()
+    ));
+    ok(&a.cli(&["snapshot", "img@s1"]));
+    let s = Scratch::new("bk-dmg-file");
+    let file = s.path().join("img.thinfs");
+    let f = file.to_str().unwrap();
+    ok(&a.cli(&["backup", "img", "--snapshots", "-o", f, "-q"]));
+    let good = std::fs::read(&file).unwrap();
+    // One flipped byte in the middle of the first section.
+    let at = 16 + 1_500_000usize;
+    let mut bad = good.clone();
+    bad[at] ^= 0x01;
+    std::fs::write(&file, &bad).unwrap();
+    let o = a.cli(&["backup", "verify", f]);
+    assert!(!o.status.success());
+    let e = err(&o);
+    assert!(e.contains("damage in section s1"), "{e}");
+    // The position: the damaged megabyte holds the flipped byte.
+    let range = e.split("at bytes ").nth(1).unwrap();
+    let (from, to) = range.split_once("..").unwrap();
+    let from: usize = from.trim().parse().unwrap();
+    let to: usize = to
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect::<String>()
+        .parse()
+        .unwrap();
+    assert!(from <= at && at < to, "{from}..{to} must hold {at}");
+    let o = a.cli(&["restore", f, "back"]);
+    assert!(!o.status.success());
+    assert!(err(&o).contains("damage"), "{}", err(&o));
+    assert!(!names(&a).contains("back"), "{}", names(&a));
+    // Cut short: refused too.
+    std::fs::write(&file, &good[..good.len() - 100]).unwrap();
+    let o = a.cli(&["restore", f, "back"]);
+    assert!(!o.status.success());
+    assert!(!names(&a).contains("back"), "{}", names(&a));
+    // The good file restores (same pool, another name).
+    std::fs::write(&file, &good).unwrap();
+    ok(&a.cli(&["restore", f, "back", "-q"]));
+    assert_eq!(
+        std::fs::read(a.path("back/f")).unwrap(),
+        std::fs::read(a.path("img/f")).unwrap()
+    );
+}
+
+#[test]
+fn root_backup_restore_kill9_leaves_nothing() {
+    let a = TestMount::start("bk-kill-a");
+    ok(&a.cli(&["create", "img"]));
+    sh(&format!("echo 1 > {}/f", a.path("img").display()));
+    ok(&a.cli(&["snapshot", "img@s1"]));
+    sh(&format!("echo 2 > {}/f", a.path("img").display()));
+    ok(&a.cli(&["snapshot", "img@s2"]));
+    let s = Scratch::new("bk-kill-file");
+    let file = s.path().join("img.thinfs");
+    let f = file.to_str().unwrap();
+    ok(&a.cli(&["backup", "img", "--snapshots", "-o", f, "-q"]));
+    drop(a);
+    // receive.done: the first section (s1) was published, the others not.
+    for fp in ["receive.hidden", "receive.done"] {
+        let mut b = TestMount::start_wrapped(
+            "bk-kill-b",
+            &["env", &format!("THINFS_FAILPOINT={fp}")],
+            &[],
+        );
+        let o = b.cli(&["restore", f, "r"]);
+        assert!(!o.status.success(), "{fp}: the daemon must die there");
+        b.kill9();
+        b.wrapper.clear();
+        b.spawn();
+        let n = names(&b);
+        assert!(n.trim().is_empty(), "{fp}: left: {n}");
+        assert!(b.log().contains("left by a restore") || fp == "receive.hidden");
+        ok(&b.cli(&["restore", f, "r", "-q"]));
+        assert_eq!(std::fs::read(b.path("r/f")).unwrap(), b"2\n");
+        assert_eq!(std::fs::read(b.path("r/.snapshots/s1/f")).unwrap(), b"1\n");
+    }
+}

@@ -92,8 +92,8 @@ pub fn backup(
 
 /// Run `thinfs backup verify FILE`.
 pub fn verify(file: PathBuf, quiet: bool) -> Result<()> {
-    let mut f = std::fs::File::open(&file)
-        .map_err(|e| Error::io(format!("open {}", file.display()), e))?;
+    let mut f =
+        std::fs::File::open(&file).map_err(|e| Error::io(format!("open {}", file.display()), e))?;
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let pb = bar(quiet);
     if let Some(b) = &pb {
@@ -133,8 +133,8 @@ pub fn verify(file: PathBuf, quiet: bool) -> Result<()> {
 /// Run `thinfs restore FILE [NAME]`.
 pub fn restore(socket: &Path, file: PathBuf, name: Option<String>, quiet: bool) -> Result<()> {
     let shown = name.clone();
-    let f = std::fs::File::open(&file)
-        .map_err(|e| Error::io(format!("open {}", file.display()), e))?;
+    let f =
+        std::fs::File::open(&file).map_err(|e| Error::io(format!("open {}", file.display()), e))?;
     let pb = bar(quiet);
     let r = client::stream(
         socket,

@@ -356,7 +356,8 @@ fn run(cli: Cli) -> Result<()> {
         } => match (name, output) {
             (Some(n), Some(o)) => backup::backup(sock, n, snapshots, o, quiet),
             _ => Err(crate::error::Error::Invalid(
-                "usage: thinfs backup NAME [--snapshots] -o FILE, or thinfs backup verify FILE".into(),
+                "usage: thinfs backup NAME [--snapshots] -o FILE, or thinfs backup verify FILE"
+                    .into(),
             )),
         },
         Cmd::Restore { file, name, quiet } => backup::restore(sock, file, name, quiet),

@@ -374,9 +374,8 @@ fn handle(service: &Service, who: &Caller, op: &Op) -> Result<serde_json::Value>
             service.label(who, &Target::parse(target)?, key, value.as_deref())?;
             Ok(serde_json::Value::Null)
         }
-        Op::Export(_) | Op::Import(_) | Op::Backup(_) | Op::Restore(_) => Err(Error::Invalid(format!(
-            "{} is a streaming request",
-            op.summary()
-        ))),
+        Op::Export(_) | Op::Import(_) | Op::Backup(_) | Op::Restore(_) => Err(Error::Invalid(
+            format!("{} is a streaming request", op.summary()),
+        )),
     }
 }

@@ -12,11 +12,12 @@
 //! the section and byte range of any damage.
 //!
 //! Restore checks the whole file first (nothing is made from a damaged
-//! file), then receives every section under NAME, which carries the label
-//! `thinfs.restore=incomplete` until the last one is in; any error
-//! destroys the image with its snapshots, and an image left so by a daemon
-//! that died is destroyed when the next one starts
-//! ([`Service::sweep_restore_leftovers`]). Restore needs root, like import.
+//! file), then receives every section into an image named
+//! `-thinfs-restore-PID-N` (a name no request can make), renamed to NAME in
+//! one transaction when the last one is in; any error destroys it with its
+//! snapshots, and one left by a daemon that died is destroyed when the next
+//! one starts ([`Service::sweep_restore_leftovers`]). Restore needs root,
+//! like import.
 
 use super::{Caller, Job, Service};
 use crate::engine::{Progress, Target};
@@ -36,9 +37,10 @@ pub const END: &[u8] = b"THINFS-BACKUP-END\n";
 pub const CHUNK: u64 = 1 << 20;
 /// Name prefix of the temporary snapshot that carries the image's head.
 const HEAD: &str = "backup-head";
-/// Label of an image being restored.
-const RESTORE_LABEL: &str = "thinfs.restore";
-const RESTORE_VALUE: &str = "incomplete";
+/// Name prefix of an image being restored (renamed to its name at the
+/// end); a leading `-` is refused in every name a request makes.
+const RESTORE_PREFIX: &str = "-thinfs-restore-";
+static RESTORE_SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// One section: a send stream.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -358,20 +360,24 @@ impl Service {
         }
         job.set_total(Some(st.len() * 2));
         let idx = verify_file(&mut input, |n| job.advance(n))?;
-        let name = Name::new(req.name.as_deref().unwrap_or(&idx.image))?;
+        let name = Name::fresh(req.name.as_deref().unwrap_or(&idx.image))?;
         if self.engine.image_id(&name)?.is_some() {
             return Err(Error::AlreadyExists(format!("image {name}")));
         }
-        let r = self.receive_sections(&name, &idx, &mut input, job);
+        let n = RESTORE_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = Name::new(&format!("{RESTORE_PREFIX}{}-{n}", std::process::id()))?;
+        let tmp_t = Target {
+            image: tmp.clone(),
+            snap: None,
+        };
+        let r = self
+            .receive_sections(&tmp, &idx, &mut input, job)
+            .and_then(|()| self.engine.rename(&tmp_t, &name));
         if let Err(err) = r {
-            if self.engine.image_id(&name)?.is_some() {
-                let t = Target {
-                    image: name.clone(),
-                    snap: None,
-                };
-                if let Err(d) = self.engine.destroy(&t, true) {
-                    log::error!("restore of {name} failed and its undo too: {d}");
-                }
+            if self.engine.image_id(&tmp)?.is_some()
+                && let Err(d) = self.engine.destroy(&tmp_t, true)
+            {
+                log::error!("restore of {name} failed and its undo too: {d}");
             }
             return Err(err);
         }
@@ -386,20 +392,17 @@ impl Service {
         job: &Job,
     ) -> Result<()> {
         let e = &self.engine;
-        let what = format!("restore of {name}");
+        let what = format!("restore of {}", idx.image);
         let img = |snap: Option<Name>| Target {
             image: name.clone(),
             snap,
         };
-        for (i, s) in idx.sections.iter().enumerate() {
+        for s in &idx.sections {
             input
                 .seek(SeekFrom::Start(s.offset))
                 .map_err(|e| Error::io("read the backup file", e))?;
             let mut part = (&mut *input).take(s.length);
             e.receive_stream(name, false, &mut part, &JobProgress(job, &what))?;
-            if i == 0 {
-                e.set_label(&img(None), RESTORE_LABEL, Some(RESTORE_VALUE))?;
-            }
             let snap = img(Some(Name::new(&s.name)?));
             if s.head {
                 // The head is the image now; its snapshot was only a carrier.
@@ -413,16 +416,16 @@ impl Service {
         for (k, v) in &idx.labels {
             e.set_label(&img(None), k, Some(v))?;
         }
-        e.set_label(&img(None), RESTORE_LABEL, None)?;
         Ok(())
     }
 
     /// Destroy images left half restored by a daemon that died (call
-    /// before serving). Returns how many.
+    /// before serving). Returns how many. Their names start with `-`, which
+    /// no request can give a new image ([`Name::fresh`]).
     pub fn sweep_restore_leftovers(&self) -> usize {
         let mut n = 0;
         for img in self.engine.images().unwrap_or_default() {
-            if img.labels.get(RESTORE_LABEL).map(String::as_str) != Some(RESTORE_VALUE) {
+            if !img.name.as_str().starts_with(RESTORE_PREFIX) {
                 continue;
             }
             let t = Target {
@@ -431,7 +434,10 @@ impl Service {
             };
             match self.engine.destroy(&t, true) {
                 Ok(()) => {
-                    log::warn!("destroyed {}, left by a restore that did not finish", img.name);
+                    log::warn!(
+                        "destroyed {}, left by a restore that did not finish",
+                        img.name
+                    );
                     n += 1;
                 }
                 Err(e) => log::error!("cannot destroy {}, left by a restore: {e}", img.name),

@@ -99,7 +99,7 @@ impl Service {
         input: File,
         job: &Job,
     ) -> Result<ImportSummary> {
-        let name = Name::new(&req.name)?;
+        let name = Name::fresh(&req.name)?;
         if c.uid != 0 {
             return Err(Error::PermissionDenied(format!(
                 "import of {name} needs root (uid {} asked): it writes any owner, setuid files and device nodes into an image mounted with suid and dev, so the admin group is not enough",
