@@ -416,7 +416,7 @@ fn root_backup_import_needs_root() {
     let tar = s.path().join("t.tar");
     pytar(&tar, "f('a')");
     sh(&format!(
-        "chmod 0755 {} && chmod 0644 {}",
+        "chmod 1777 {} && chmod 0644 {}",
         s.path().display(),
         tar.display()
     ));
@@ -430,6 +430,25 @@ fn root_backup_import_needs_root() {
     assert!(!good, "{out}");
     assert!(out.contains("needs root"), "{out}");
     assert!(out.contains("setuid"), "{out}");
+    assert!(!names(&m).contains("mine"));
+    // Restore too; backup (reads only) is allowed to the admin group.
+    ok(&m.cli(&["create", "img"]));
+    let file = s.path().join("img.thinfs");
+    let (good, out) = as_user(
+        4242,
+        0,
+        &[0],
+        &m.cli_sh(&format!("backup img -q -o {}", file.display())),
+    );
+    assert!(good, "{out}");
+    let (good, out) = as_user(
+        4242,
+        0,
+        &[0],
+        &m.cli_sh(&format!("restore {} mine", file.display())),
+    );
+    assert!(!good, "{out}");
+    assert!(out.contains("needs root"), "{out}");
     assert!(!names(&m).contains("mine"));
 }
 
