@@ -10,7 +10,7 @@ use common::*;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -655,5 +655,90 @@ fn root_backup_restore_kill9_leaves_nothing() {
         ok(&b.cli(&["restore", f, "r", "-q"]));
         assert_eq!(std::fs::read(b.path("r/f")).unwrap(), b"2\n");
         assert_eq!(std::fs::read(b.path("r/.snapshots/s1/f")).unwrap(), b"1\n");
+    }
+}
+
+#[test]
+fn root_backup_kill9_during_backup_leaves_no_temporary_snapshot() {
+    let mut m = TestMount::start("bk-kill-backup");
+    ok(&m.cli(&["create", "img"]));
+    sh(&format!(
+        "head -c 4000000 /dev/urandom > {}/f",
+        m.path("img").display()
+    ));
+    ok(&m.cli(&["snapshot", "img@mine"]));
+    let s = Scratch::new("bk-kill-backup");
+    let fifo = s.path().join("fifo");
+    sh(&format!("mkfifo {}", fifo.display()));
+    // A reader that never reads: the backup stalls with its temporary
+    // snapshot taken.
+    let _reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    let mut cli = Command::new(thinfs_bin())
+        .args(["backup", "img", "-q", "-o", fifo.to_str().unwrap()])
+        .env("THINFS_SOCKET", m.socket())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    // Ready (a snapshot still being created is recovery's, not the sweep's).
+    let ready = |m: &TestMount| {
+        ok(&m.cli(&["list", "-t", "all", "-H", "-o", "name,state"]))
+            .lines()
+            .any(|l| l.contains("backup-head") && l.contains("ready"))
+    };
+    while !ready(&m) {
+        assert!(t0.elapsed().as_secs() < 20, "no temporary snapshot");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    m.kill9();
+    let _ = cli.kill();
+    let _ = cli.wait();
+    m.spawn();
+    let n = names(&m);
+    assert!(!n.contains("backup-head"), "{n}");
+    assert!(n.contains("img@mine"), "{n}");
+    assert!(m.log().contains("left by a backup"), "{}", m.log());
+}
+
+#[test]
+fn root_backup_cancelled_when_the_cli_goes_leaves_no_temporary_snapshot() {
+    let m = TestMount::start("bk-cancel");
+    ok(&m.cli(&["create", "img"]));
+    sh(&format!(
+        "head -c 4000000 /dev/urandom > {}/f",
+        m.path("img").display()
+    ));
+    let s = Scratch::new("bk-cancel");
+    let fifo = s.path().join("fifo");
+    sh(&format!("mkfifo {}", fifo.display()));
+    let _reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    let mut cli = Command::new(thinfs_bin())
+        .args(["backup", "img", "-q", "-o", fifo.to_str().unwrap()])
+        .env("THINFS_SOCKET", m.socket())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !names(&m).contains("backup-head") {
+        assert!(t0.elapsed().as_secs() < 20, "no temporary snapshot");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    cli.kill().unwrap();
+    cli.wait().unwrap();
+    // The daemon stops writing to the stalled pipe and destroys the carrier.
+    let t0 = std::time::Instant::now();
+    while names(&m).contains("backup-head") {
+        assert!(
+            t0.elapsed().as_secs() < 20,
+            "the backup was not cancelled: {}",
+            names(&m)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }

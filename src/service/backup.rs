@@ -35,8 +35,10 @@ pub const MAGIC: &[u8] = b"THINFS-BACKUP-1\n";
 pub const END: &[u8] = b"THINFS-BACKUP-END\n";
 /// Bytes covered by one hash of a section.
 pub const CHUNK: u64 = 1 << 20;
-/// Name prefix of the temporary snapshot that carries the image's head.
-const HEAD: &str = "backup-head";
+/// Name prefix of the temporary snapshot that carries the image's head (a
+/// leading `-`: no request can make such a name, so the sweep at start
+/// never takes a user's snapshot).
+const HEAD: &str = "-thinfs-backup-head";
 /// Name prefix of an image being restored (renamed to its name at the
 /// end); a leading `-` is refused in every name a request makes.
 const RESTORE_PREFIX: &str = "-thinfs-restore-";
@@ -45,7 +47,7 @@ static RESTORE_SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU
 /// One section: a send stream.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Section {
-    /// Snapshot name (`backup-head-PID` for the head's carrier).
+    /// Snapshot name (`-thinfs-backup-head-PID` for the head's carrier).
     pub name: String,
     /// The head of the image (restored as the image, not a snapshot).
     pub head: bool,
@@ -110,7 +112,7 @@ impl Progress for JobProgress<'_> {
 
 /// A writer that counts and hashes what goes through, per [`CHUNK`].
 struct Hashing<'a> {
-    out: &'a mut File,
+    out: &'a mut (dyn Write + Send),
     pos: u64,
     hashes: Vec<String>,
     cur: blake3::Hasher,
@@ -118,7 +120,7 @@ struct Hashing<'a> {
 }
 
 impl<'a> Hashing<'a> {
-    fn new(out: &'a mut File, pos: u64) -> Hashing<'a> {
+    fn new(out: &'a mut (dyn Write + Send), pos: u64) -> Hashing<'a> {
         Hashing {
             out,
             pos,
@@ -266,7 +268,7 @@ impl Service {
         &self,
         c: &Caller,
         req: &BackupRequest,
-        mut out: File,
+        out: File,
         job: &Job,
     ) -> Result<BackupIndex> {
         let name = Name::new(&req.name)?;
@@ -287,6 +289,12 @@ impl Service {
         let _temp = Temp(e, head.id);
         let total: u64 = snaps.iter().map(|s| s.size.0).sum::<u64>() + head.size.0;
         job.set_total(Some(total));
+        // Checks the job between writes and never blocks for good on a
+        // pipe nobody reads: a cancel is seen.
+        let file = out
+            .try_clone()
+            .map_err(|e| Error::io("duplicate the output", e))?;
+        let mut out = super::tarwalk::JobWriter::new(out, job)?;
         out.write_all(MAGIC)
             .map_err(|e| Error::io("write the backup", e))?;
         let mut pos = MAGIC.len() as u64;
@@ -330,7 +338,12 @@ impl Service {
         tail.extend_from_slice(blake3::hash(&json).as_bytes());
         tail.extend_from_slice(END);
         out.write_all(&tail)
-            .and_then(|_| out.sync_all())
+            .and_then(|_| out.flush())
+            .and_then(|_| match file.sync_all() {
+                // A pipe cannot be synced.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+                r => r,
+            })
             .map_err(|e| Error::io("write the backup", e))?;
         Ok(idx)
     }
@@ -419,12 +432,32 @@ impl Service {
         Ok(())
     }
 
-    /// Destroy images left half restored by a daemon that died (call
-    /// before serving). Returns how many. Their names start with `-`, which
+    /// Destroy images left half restored, and head carriers left by a
+    /// backup, by a daemon that died (call before serving). Returns how
+    /// many. Their names start with `-`, which
     /// no request can give a new image ([`Name::fresh`]).
     pub fn sweep_restore_leftovers(&self) -> usize {
         let mut n = 0;
         for img in self.engine.images().unwrap_or_default() {
+            for s in self.engine.snapshots_of(img.id).unwrap_or_default() {
+                if s.name.as_str().starts_with(HEAD) {
+                    match self.engine.destroy_id(s.id) {
+                        Ok(()) => {
+                            log::warn!(
+                                "destroyed {}@{}, left by a backup that did not finish",
+                                img.name,
+                                s.name
+                            );
+                            n += 1;
+                        }
+                        Err(e) => log::error!(
+                            "cannot destroy {}@{}, left by a backup: {e}",
+                            img.name,
+                            s.name
+                        ),
+                    }
+                }
+            }
             if !img.name.as_str().starts_with(RESTORE_PREFIX) {
                 continue;
             }
