@@ -3,8 +3,10 @@
 //! in this process; the other verbs talk to a running daemon over its
 //! control socket.
 
+mod backup;
 mod client;
 mod export;
+mod import;
 mod mount;
 mod progress;
 mod send;
@@ -199,6 +201,59 @@ enum Cmd {
     },
     /// Print the man page (roff)
     Man,
+    /// New image from a directory or a tarball (.tar, .tar.gz; `-`: stdin), ending with snapshot NAME@import (root)
+    Import {
+        /// New image name
+        name: String,
+        /// Directory (walked with your read rights), tarball, or `-` for stdin
+        source: PathBuf,
+        /// Image size (10G); default: sized to fit the content
+        #[arg(short = 's', long)]
+        size: Option<String>,
+        /// No progress bar and no summary
+        #[arg(short = 'q', long)]
+        quiet: bool,
+    },
+    /// Write a backup file of an image (root or admin group); `backup verify FILE` checks one without a pool
+    #[command(args_conflicts_with_subcommands = true)]
+    Backup {
+        #[command(subcommand)]
+        action: Option<BackupAction>,
+        /// Image name
+        name: Option<String>,
+        /// Every snapshot too (oldest full, the others incremental), not only the head
+        #[arg(long)]
+        snapshots: bool,
+        /// Output file, created as the calling user
+        #[arg(short = 'o', long = "output")]
+        output: Option<PathBuf>,
+        /// No progress bar and no summary
+        #[arg(short = 'q', long)]
+        quiet: bool,
+    },
+    /// Restore a backup file as a new image, all or nothing (root)
+    Restore {
+        /// The backup file
+        file: PathBuf,
+        /// Image name (default: the name in the backup)
+        name: Option<String>,
+        /// No progress bar and no summary
+        #[arg(short = 'q', long)]
+        quiet: bool,
+    },
+}
+
+/// `thinfs backup verify`.
+#[derive(clap::Subcommand, Debug)]
+pub enum BackupAction {
+    /// Check every checksum of a backup file (no daemon, no pool); says where damage is
+    Verify {
+        /// The backup file
+        file: PathBuf,
+        /// No progress bar
+        #[arg(short = 'q', long)]
+        quiet: bool,
+    },
 }
 
 fn print(
@@ -357,6 +412,30 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Man => clap_mangen::Man::new(Cli::command())
             .render(&mut std::io::stdout())
             .map_err(|e| crate::error::Error::io("write man page", e)),
+        Cmd::Import {
+            name,
+            source,
+            size,
+            quiet,
+        } => import::import(sock, name, source, size, quiet),
+        Cmd::Backup {
+            action: Some(BackupAction::Verify { file, quiet }),
+            ..
+        } => backup::verify(file, quiet),
+        Cmd::Backup {
+            action: None,
+            name,
+            snapshots,
+            output,
+            quiet,
+        } => match (name, output) {
+            (Some(n), Some(o)) => backup::backup(sock, n, snapshots, o, quiet),
+            _ => Err(crate::error::Error::Invalid(
+                "usage: thinfs backup NAME [--snapshots] -o FILE, or thinfs backup verify FILE"
+                    .into(),
+            )),
+        },
+        Cmd::Restore { file, name, quiet } => backup::restore(sock, file, name, quiet),
     }
 }
 

@@ -375,7 +375,12 @@ fn handle(service: &Service, who: &Caller, op: &Op) -> Result<serde_json::Value>
             Ok(serde_json::Value::Null)
         }
         Op::Haves { image } => to_json(service.haves(who, &Name::new(image)?)?),
-        Op::Export(_) | Op::Send(_) | Op::Receive(_) => Err(Error::Invalid(format!(
+        Op::Export(_)
+        | Op::Send(_)
+        | Op::Receive(_)
+        | Op::Import(_)
+        | Op::Backup(_)
+        | Op::Restore(_) => Err(Error::Invalid(format!(
             "{} is a streaming request",
             op.summary()
         ))),

@@ -104,6 +104,7 @@ pub fn run(cfg: &MountConfig, ready: impl FnOnce()) -> Result<()> {
     core.set_notifier(session.notifier());
     let mut unmounter = session.unmount_callable();
     core.service().sweep_export_leftovers();
+    core.service().sweep_restore_leftovers();
     let mut control =
         server::Server::start(listener, core.service().clone(), server::Limits::default())?;
     let mp = cfg.mountpoint.clone();

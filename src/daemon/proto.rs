@@ -143,6 +143,13 @@ pub enum Op {
         /// Image name.
         image: String,
     },
+    /// Streaming, one descriptor (the input): a new image from a tar
+    /// stream, ending with its snapshot `NAME@import` (root only).
+    Import(crate::service::ImportRequest),
+    /// Streaming, one descriptor (the output): a backup file of an image.
+    Backup(crate::service::BackupRequest),
+    /// Streaming, one descriptor (the backup file): restore (root only).
+    Restore(crate::service::RestoreRequest),
 }
 
 impl Op {
@@ -185,6 +192,9 @@ impl Op {
     pub fn fds(&self) -> usize {
         match self {
             Op::Export(_) | Op::Send(_) | Op::Receive(_) => 1,
+            Op::Export(_) => 1,
+            Op::Import(_) => 1,
+            Op::Backup(_) | Op::Restore(_) => 1,
             _ => 0,
         }
     }

@@ -215,6 +215,9 @@ fn call(
         Op::Export(req) => control::to_json(service.export(&c.who, req, next()?, job)?),
         Op::Send(req) => control::to_json(service.send(&c.who, req, next()?, job)?),
         Op::Receive(req) => control::to_json(service.receive(&c.who, req, next()?, job)?),
+        Op::Import(req) => control::to_json(service.import(&c.who, req, next()?, job)?),
+        Op::Backup(req) => control::to_json(service.backup(&c.who, req, next()?, job)?),
+        Op::Restore(req) => control::to_json(service.restore(&c.who, req, next()?, job)?),
         _ => Err(Error::Invalid(format!(
             "{} is not a streaming request",
             op.summary()

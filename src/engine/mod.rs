@@ -8,6 +8,7 @@
 
 pub mod containerd;
 mod create;
+mod import;
 mod inspect;
 mod modify;
 mod mounts;
@@ -20,6 +21,7 @@ mod send;
 pub mod space;
 mod unchanged;
 
+pub use import::Imported;
 pub use inspect::{DeviceInfo, PoolInfo};
 pub use mounts::{Mounted, OFFLINE_WAIT, OpenToken};
 pub use offline::{DeviceEntry, Holders, Offline};

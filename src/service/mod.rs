@@ -8,16 +8,21 @@
 //! snapshots, the control socket, later gRPC and streams) only decode their
 //! transport and call these functions; none of them decides rights itself.
 
+mod backup;
 mod caller;
 pub mod containerd;
 mod export;
+mod import;
 mod job;
 mod stream;
 mod tarwalk;
+mod untar;
 mod usage;
 
+pub use backup::{BackupIndex, BackupRequest, RestoreRequest, Section, read_index, verify_file};
 pub use caller::Caller;
 pub use export::{ExportRequest, ExportSummary};
+pub use import::{IMPORT_SNAPSHOT, ImportRequest, ImportSummary, size_to_fit, tar_directory};
 pub use job::Job;
 pub use stream::{HaveSnapshot, Haves, ReceiveRequest, ReceiveSummary, SendRequest, SendSummary};
 

@@ -1,0 +1,744 @@
+//! Root tests of `thinfs import` against a real daemon: a directory with
+//! every file type and tarballs of it (plain, gzip) compared entry by entry
+//! with the source, export then import, hostile tarballs that try to write
+//! outside the image, truncated tarballs, rights, and kill -9 during an
+//! import: nothing is ever left behind.
+
+mod common;
+
+use common::*;
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn ok(o: &std::process::Output) -> String {
+    assert!(
+        o.status.success(),
+        "exit {:?}: {}{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn sh(cmd: &str) {
+    let o = Command::new("sh").args(["-c", cmd]).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{cmd}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Every extended attribute of `p` (not following a symlink).
+fn xattrs(p: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    if std::fs::symlink_metadata(p)
+        .unwrap()
+        .file_type()
+        .is_symlink()
+    {
+        return out;
+    }
+    let fd = thinfs::sys::file::open_path(
+        std::fs::File::open(p.parent().unwrap()).unwrap().as_fd(),
+        p.file_name().unwrap(),
+    )
+    .unwrap();
+    let len = thinfs::sys::file::listxattr(fd.as_fd(), 0).unwrap().len();
+    if len == 0 {
+        return out;
+    }
+    let list = thinfs::sys::file::listxattr(fd.as_fd(), len).unwrap();
+    for n in list.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let name = OsStr::new(std::str::from_utf8(n).unwrap());
+        let l = thinfs::sys::file::getxattr(fd.as_fd(), name, 0)
+            .unwrap()
+            .len();
+        let v = thinfs::sys::file::getxattr(fd.as_fd(), name, l.max(1)).unwrap();
+        out.insert(name.to_string_lossy().into_owned(), v);
+    }
+    out
+}
+
+/// Relative paths of every entry under `root` (not following symlinks),
+/// `lost+found` at the top left out.
+fn walk(root: &Path) -> Vec<PathBuf> {
+    fn go(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) {
+        let mut names: Vec<_> = std::fs::read_dir(root.join(rel))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        for n in names {
+            if rel.as_os_str().is_empty() && n == "lost+found" {
+                continue;
+            }
+            let r = rel.join(&n);
+            out.push(r.clone());
+            if std::fs::symlink_metadata(root.join(&r)).unwrap().is_dir() {
+                go(root, &r, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    go(root, Path::new(""), &mut out);
+    out
+}
+
+/// Compare two trees entry by entry: type, owner, mode, mtime, content,
+/// link targets, device numbers, hard link identity, xattrs.
+fn compare_trees(want: &Path, got: &Path) {
+    let w = walk(want);
+    let g = walk(got);
+    assert_eq!(w, g, "entries differ");
+    let mut links_w: HashMap<u64, PathBuf> = HashMap::new();
+    let mut links_g: HashMap<u64, PathBuf> = HashMap::new();
+    for rel in &w {
+        let (a, b) = (want.join(rel), got.join(rel));
+        let (ma, mb) = (
+            std::fs::symlink_metadata(&a).unwrap(),
+            std::fs::symlink_metadata(&b).unwrap(),
+        );
+        let r = rel.display();
+        assert_eq!(
+            ma.mode(),
+            mb.mode(),
+            "{r}: mode {:o} vs {:o}",
+            ma.mode(),
+            mb.mode()
+        );
+        assert_eq!((ma.uid(), ma.gid()), (mb.uid(), mb.gid()), "{r}: owner");
+        if !ma.file_type().is_symlink() {
+            assert_eq!(
+                (ma.mtime(), ma.mtime_nsec()),
+                (mb.mtime(), mb.mtime_nsec()),
+                "{r}: mtime"
+            );
+        }
+        let ft = ma.file_type();
+        if ft.is_file() {
+            assert_eq!(
+                std::fs::read(&a).unwrap(),
+                std::fs::read(&b).unwrap(),
+                "{r}: content"
+            );
+            assert_eq!(ma.nlink(), mb.nlink(), "{r}: link count");
+            // Hard links: names of one inode on one side are names of one
+            // inode on the other.
+            let fa = links_w
+                .entry(ma.ino())
+                .or_insert_with(|| rel.clone())
+                .clone();
+            let fb = links_g
+                .entry(mb.ino())
+                .or_insert_with(|| rel.clone())
+                .clone();
+            assert_eq!(fa, fb, "{r}: hard link identity");
+        }
+        if ft.is_symlink() {
+            assert_eq!(
+                std::fs::read_link(&a).unwrap(),
+                std::fs::read_link(&b).unwrap(),
+                "{r}"
+            );
+        }
+        if ft.is_char_device() || ft.is_block_device() {
+            assert_eq!(ma.rdev(), mb.rdev(), "{r}: device numbers");
+        }
+        assert_eq!(xattrs(&a), xattrs(&b), "{r}: xattrs");
+    }
+}
+
+/// The CLI's stderr.
+fn err(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Names of every image and snapshot.
+fn names(m: &TestMount) -> String {
+    ok(&m.cli(&["list", "-t", "all", "-H", "-o", "name"]))
+}
+
+/// A source tree with every file type, owners, modes, times, xattrs, ACLs.
+fn make_source(dir: &Path) {
+    let d = dir.display();
+    sh(&format!(
+        "set -e; cd {d}
+         mkdir -p dir/sub empty && echo hello > dir/sub/f && printf 'x%.0s' $(seq 1 5000) > big
+         head -c 3000000 /dev/urandom > dir/random
+         echo link > a && ln a dir/a2 && ln a dir/sub/a3
+         ln -s ../a dir/rel && ln -s /nowhere/at/all abs && ln -s dir dirlink
+         mkfifo fifo && mknod cdev c 1 3 && mknod bdev b 7 200
+         chown 1234:5678 dir/sub/f && chmod 4750 dir/sub/f && chmod 1777 dir/sub
+         chown -h 42:43 abs && chown 7:8 fifo && chmod 2710 empty
+         setfattr -n user.colour -v blue dir/sub/f && setfattr -n user.d -v 1 dir
+         setfattr -n trusted.t -v secret big
+         setfacl -m u:1000:rwx,g:2000:r dir/random && setfacl -d -m u:1000:rx dir
+         touch -h -d '2001-02-03 04:05:06.123456789' abs dir/sub/f cdev
+         touch -d '1999-12-31 23:59:59.5' dir/sub empty"
+    ));
+}
+
+#[test]
+fn root_backup_import_directory_and_its_tarballs() {
+    let m = TestMount::start("imp-dir");
+    let s = Scratch::new("imp-src");
+    let src = s.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    make_source(&src);
+    // A directory, walked by the CLI.
+    let o = m.cli(&["import", "dimg", src.to_str().unwrap()]);
+    ok(&o);
+    assert!(err(&o).contains("imported dimg"), "{}", err(&o));
+    compare_trees(&src, &m.path("dimg"));
+    // It ends with a snapshot of what was imported.
+    compare_trees(&src, &m.path("dimg/.snapshots/import"));
+    assert!(names(&m).contains("dimg@import"), "{}", names(&m));
+    // Sized to fit: far below the 1G default for 3 MB of content.
+    let info = ok(&m.cli(&["info", "dimg", "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    let size = v["size"].as_u64().unwrap();
+    assert!((256 << 20..512 << 20).contains(&size), "size {size}");
+    // A tarball made by GNU tar (with its `./` root entry), plain and gzip,
+    // the gzip one from stdin.
+    let tar = s.path().join("src.tar");
+    sh(&format!(
+        "tar -c --xattrs --xattrs-include='*' --acls --numeric-owner -f {} -C {} .",
+        tar.display(),
+        src.display()
+    ));
+    ok(&m.cli(&["import", "timg", tar.to_str().unwrap(), "-q"]));
+    compare_trees(&src, &m.path("timg"));
+    let tgz = s.path().join("src.tar.gz");
+    sh(&format!("gzip -c {} > {}", tar.display(), tgz.display()));
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{} import --size 300M gimg - -q < {}",
+            thinfs_bin().display(),
+            tgz.display()
+        ))
+        .env("THINFS_SOCKET", m.socket())
+        .output()
+        .unwrap();
+    ok(&o);
+    assert!(o.stderr.is_empty(), "--quiet: {}", err(&o));
+    compare_trees(&src, &m.path("gimg"));
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&m.cli(&["info", "gimg", "--json"]))).unwrap();
+    assert_eq!(v["size"].as_u64(), Some(300 << 20));
+    // zstd is not built in: refused with the command to use instead.
+    let zst = s.path().join("src.tar.zst");
+    sh(&format!("zstd -q -o {} {}", zst.display(), tar.display()));
+    let o = m.cli(&["import", "zimg", zst.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(err(&o).contains("zstd -dc"), "{}", err(&o));
+    // A name in use is refused.
+    let o = m.cli(&["import", "dimg", tar.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(err(&o).contains("exists"), "{}", err(&o));
+    assert!(!names(&m).contains("zimg"));
+}
+
+#[test]
+fn root_backup_export_then_import_gives_the_same_tree() {
+    let m = TestMount::start("imp-export");
+    ok(&m.cli(&["create", "img"]));
+    make_source(&m.path("img"));
+    let s = Scratch::new("imp-export-out");
+    let tar = s.path().join("img.tar");
+    ok(&m.cli(&["export", "img", "-q", "-o", tar.to_str().unwrap()]));
+    ok(&m.cli(&["import", "copy", tar.to_str().unwrap(), "-q"]));
+    compare_trees(&m.path("img"), &m.path("copy"));
+}
+
+/// Write a tarball with Python's tarfile: `script` adds members to `t`.
+fn pytar(out: &Path, script: &str) {
+    let py = format!(
+        "import tarfile, io\n\
+         t = tarfile.open('{}', 'w', format=tarfile.PAX_FORMAT)\n\
+         def f(name, data=b'x'):\n    i = tarfile.TarInfo(name); i.size = len(data); t.addfile(i, io.BytesIO(data))\n\
+         def l(name, target, kind=tarfile.SYMTYPE):\n    i = tarfile.TarInfo(name); i.type = kind; i.linkname = target; t.addfile(i)\n\
+         def d(name):\n    i = tarfile.TarInfo(name); i.type = tarfile.DIRTYPE; i.mode = 0o755; t.addfile(i)\n\
+         {script}\n\
+         t.close()\n",
+        out.display()
+    );
+    let o = Command::new("python3").arg("-c").arg(&py).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn root_backup_import_hostile_tarballs_write_nothing_outside() {
+    let m = TestMount::start("imp-hostile");
+    let s = Scratch::new("imp-hostile");
+    let outside = s.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let o = outside.display().to_string();
+    let cases = [
+        ("absolute", format!("f('{o}/abs')"), "absolute"),
+        (
+            "dotdot",
+            "d('a'); f('a/../../../../../../..{o}/dd')".replace("{o}", &o),
+            "..",
+        ),
+        (
+            "symlink-dir",
+            format!("l('esc', '{o}'); f('esc/pwned')"),
+            "symlink",
+        ),
+        (
+            "symlink-deeper",
+            format!("d('x'); l('x/esc', '{o}'); d('x/esc/sub'); f('x/esc/sub/pwned')"),
+            "symlink",
+        ),
+        (
+            "hardlink-outside",
+            "l('pw', '/etc/passwd', tarfile.LNKTYPE)".to_string(),
+            "absolute",
+        ),
+        (
+            "hardlink-dotdot",
+            "f('ok'); l('pw', '../../../../etc/passwd', tarfile.LNKTYPE)".to_string(),
+            "..",
+        ),
+    ];
+    for (tag, script, why) in cases {
+        let tar = s.path().join(format!("{tag}.tar"));
+        pytar(&tar, &script);
+        let out = m.cli(&["import", tag, tar.to_str().unwrap()]);
+        assert!(!out.status.success(), "{tag}: must be refused");
+        assert!(err(&out).contains(why), "{tag}: {}", err(&out));
+        assert!(err(&out).contains("refused"), "{tag}: {}", err(&out));
+        let left: Vec<_> = std::fs::read_dir(&outside).unwrap().collect();
+        assert!(left.is_empty(), "{tag}: wrote outside: {left:?}");
+        assert!(!names(&m).contains(tag), "{tag}: {}", names(&m));
+    }
+    // A symlink to a host directory is kept as a symlink (never followed),
+    // and a symlink that is then replaced by a file is replaced, not
+    // written through.
+    let tar = s.path().join("fine.tar");
+    pytar(
+        &tar,
+        &format!("l('esc', '{o}'); l('victim', '{o}/v'); f('victim', b'inside')"),
+    );
+    ok(&m.cli(&["import", "fine", tar.to_str().unwrap(), "-q"]));
+    assert_eq!(
+        std::fs::read_link(m.path("fine/esc")).unwrap(),
+        PathBuf::from(&o)
+    );
+    assert_eq!(std::fs::read(m.path("fine/victim")).unwrap(), b"inside");
+    assert!(std::fs::read_dir(&outside).unwrap().next().is_none());
+}
+
+#[test]
+fn root_backup_import_truncated_or_cut_tarballs_leave_nothing() {
+    let mut m = TestMount::start("imp-trunc");
+    let s = Scratch::new("imp-trunc");
+    let src = s.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    sh(&format!(
+        "cd {} && head -c 100000 /dev/urandom > one && head -c 100000 /dev/urandom > two",
+        src.display()
+    ));
+    let tar = s.path().join("t.tar");
+    sh(&format!(
+        "tar -cf {} -C {} one two",
+        tar.display(),
+        src.display()
+    ));
+    let full = std::fs::read(&tar).unwrap();
+    // Cut inside a file's data, right after the first entry (a header
+    // boundary: the tar crate alone takes that for the end), and a
+    // corrupted header checksum.
+    let first_end = 512 + 100000usize.div_ceil(512) * 512;
+    let mut corrupt = full.clone();
+    corrupt[first_end + 10] ^= 0x55;
+    let cases: [(&str, Vec<u8>); 3] = [
+        ("mid", full[..50000].to_vec()),
+        ("boundary", full[..first_end].to_vec()),
+        ("corrupt", corrupt),
+    ];
+    for (tag, bytes) in cases {
+        let p = s.path().join(format!("{tag}.tar"));
+        std::fs::write(&p, &bytes).unwrap();
+        let o = m.cli(&["import", tag, p.to_str().unwrap()]);
+        assert!(!o.status.success(), "{tag}: must fail");
+        assert!(
+            err(&o).contains("nothing was imported"),
+            "{tag}: {}",
+            err(&o)
+        );
+        assert!(!names(&m).contains(tag), "{tag}: {}", names(&m));
+    }
+    // Too much content for the size asked: the image is full, a clear
+    // error, nothing left.
+    let big = s.path().join("big.tar");
+    pytar(&big, "f('big', b'\\x01' * (40 << 20))");
+    let o = m.cli(&["import", "full", big.to_str().unwrap(), "--size", "24M"]);
+    assert!(!o.status.success(), "must not fit");
+    assert!(err(&o).contains("is full"), "{}", err(&o));
+    assert!(err(&o).contains("--size"), "{}", err(&o));
+    assert!(!names(&m).contains("full"), "{}", names(&m));
+    // The whole one imports.
+    ok(&m.cli(&["import", "whole", tar.to_str().unwrap(), "-q"]));
+    assert_eq!(
+        std::fs::read(m.path("whole/two")).unwrap(),
+        std::fs::read(src.join("two")).unwrap()
+    );
+    // Hidden devices of the failed imports are gone: the pool holds
+    // exactly the devices of whole and whole@import.
+    m.stop();
+    let e = open(m.scratch.path());
+    let mut devs: Vec<u32> = e.records().unwrap().iter().map(|r| r.dev.get()).collect();
+    devs.sort();
+    let back: Vec<u32> = e
+        .backend()
+        .list()
+        .unwrap()
+        .iter()
+        .map(|d| d.get())
+        .collect();
+    assert_eq!(devs.len(), 2);
+    assert_eq!(devs, back, "hidden devices left");
+}
+
+#[test]
+fn root_backup_import_needs_root() {
+    let m = TestMount::start_with("imp-rights", &["--admin-group", "root"]);
+    let s = Scratch::new("imp-rights");
+    let tar = s.path().join("t.tar");
+    pytar(&tar, "f('a')");
+    sh(&format!(
+        "chmod 1777 {} && chmod 0644 {}",
+        s.path().display(),
+        tar.display()
+    ));
+    // A member of the admin group (gid 0) is still refused, with why.
+    let (good, out) = as_user(
+        4242,
+        0,
+        &[0],
+        &m.cli_sh(&format!("import mine {}", tar.display())),
+    );
+    assert!(!good, "{out}");
+    assert!(out.contains("needs root"), "{out}");
+    assert!(out.contains("setuid"), "{out}");
+    assert!(!names(&m).contains("mine"));
+    // Restore too; backup (reads only) is allowed to the admin group.
+    ok(&m.cli(&["create", "img"]));
+    let file = s.path().join("img.thinfs");
+    let (good, out) = as_user(
+        4242,
+        0,
+        &[0],
+        &m.cli_sh(&format!("backup img -q -o {}", file.display())),
+    );
+    assert!(good, "{out}");
+    let (good, out) = as_user(
+        4242,
+        0,
+        &[0],
+        &m.cli_sh(&format!("restore {} mine", file.display())),
+    );
+    assert!(!good, "{out}");
+    assert!(out.contains("needs root"), "{out}");
+    assert!(!names(&m).contains("mine"));
+}
+
+#[test]
+fn root_backup_import_kill9_leaves_nothing() {
+    let s = Scratch::new("imp-kill-src");
+    let tar = s.path().join("t.tar");
+    pytar(&tar, "d('d'); f('d/a', b'1' * 100000)");
+    for fp in ["import.hidden", "import.filled"] {
+        let mut m =
+            TestMount::start_wrapped("imp-kill", &["env", &format!("THINFS_FAILPOINT={fp}")], &[]);
+        let o = m.cli(&["import", "k", tar.to_str().unwrap()]);
+        assert!(!o.status.success(), "{fp}: the daemon must die there");
+        m.kill9();
+        m.wrapper.clear();
+        m.spawn();
+        assert!(!names(&m).contains('k'), "{fp}: {}", names(&m));
+        assert!(!m.path("k").exists(), "{fp}");
+        // The name is free and an import works.
+        ok(&m.cli(&["import", "k", tar.to_str().unwrap(), "-q"]));
+        assert_eq!(std::fs::read(m.path("k/d/a")).unwrap().len(), 100000);
+        m.stop();
+        // Exactly the devices of k and k@import are left.
+        let e = open(m.scratch.path());
+        let mut devs: Vec<u32> = e.records().unwrap().iter().map(|r| r.dev.get()).collect();
+        devs.sort();
+        let back: Vec<u32> = e
+            .backend()
+            .list()
+            .unwrap()
+            .iter()
+            .map(|d| d.get())
+            .collect();
+        assert_eq!(devs.len(), 2, "{fp}");
+        assert_eq!(devs, back, "{fp}: hidden devices left");
+        assert!(e.receiving_pending().unwrap().is_empty());
+    }
+}
+
+#[test]
+fn root_backup_import_cancelled_when_the_cli_goes() {
+    let m = TestMount::start("imp-cancel");
+    let s = Scratch::new("imp-cancel");
+    let tar = s.path().join("t.tar");
+    pytar(&tar, "f('a', b'2' * (8 << 20)); f('b', b'3' * (8 << 20))");
+    let bytes = std::fs::read(&tar).unwrap();
+    let mut cli = Command::new(thinfs_bin())
+        .args(["import", "c", "-", "-q"])
+        .env("THINFS_SOCKET", m.socket())
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Half the tarball, then nothing: the pipe stays open (we hold it).
+    let mut input = cli.stdin.take().unwrap();
+    std::io::Write::write_all(&mut input, &bytes[..bytes.len() / 2]).unwrap();
+    let t0 = std::time::Instant::now();
+    while !m.log().contains("import") && t0.elapsed().as_secs() < 10 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    cli.kill().unwrap();
+    cli.wait().unwrap();
+    // The daemon notices, stops reading and undoes, although the input
+    // pipe is still open.
+    let t0 = std::time::Instant::now();
+    while !m.log().contains("undone") {
+        assert!(
+            t0.elapsed().as_secs() < 20,
+            "the import was not cancelled: {}",
+            m.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    drop(input);
+    assert!(!names(&m).contains('c'), "{}", names(&m));
+    ok(&m.cli(&["import", "c", tar.to_str().unwrap(), "-q"]));
+    assert_eq!(std::fs::read(m.path("c/b")).unwrap().len(), 8 << 20);
+}
+
+#[test]
+fn root_backup_with_snapshots_restores_on_another_pool() {
+    let a = TestMount::start("bk-a");
+    ok(&a.cli(&["create", "img"]));
+    make_source(&a.path("img"));
+    ok(&a.cli(&["snapshot", "img@s1"]));
+    sh(&format!(
+        "set -e; cd {}; echo two > dir/new; rm big; chmod 0600 a; ln dir/new dir/new2",
+        a.path("img").display()
+    ));
+    ok(&a.cli(&["snapshot", "img@s2"]));
+    ok(&a.cli(&["label", "img@s2", "k=v"]));
+    sh(&format!(
+        "set -e; cd {}; head -c 2000000 /dev/urandom > headonly; setfattr -n user.h -v 1 headonly",
+        a.path("img").display()
+    ));
+    let s = Scratch::new("bk-file");
+    let file = s.path().join("img.thinfs");
+    let f = file.to_str().unwrap();
+    let o = a.cli(&["backup", "img", "--snapshots", "-o", f]);
+    ok(&o);
+    assert!(err(&o).contains("backed up img"), "{}", err(&o));
+    // The temporary carrier of the head is gone.
+    assert!(!names(&a).contains("backup-head"), "{}", names(&a));
+    let v = ok(&a.cli(&["backup", "verify", f]));
+    assert!(v.contains(": ok"), "{v}");
+    assert!(
+        v.contains("s1") && v.contains("s2") && v.contains("(head)"),
+        "{v}"
+    );
+    // Another pool (another daemon, its own state).
+    let b = TestMount::start("bk-b");
+    ok(&b.cli(&["restore", f, "copy", "-q"]));
+    compare_trees(&a.path("img"), &b.path("copy"));
+    compare_trees(&a.path("img/.snapshots/s1"), &b.path("copy/.snapshots/s1"));
+    compare_trees(&a.path("img/.snapshots/s2"), &b.path("copy/.snapshots/s2"));
+    let n = names(&b);
+    assert!(!n.contains("backup-head"), "{n}");
+    assert!(!n.contains("restore"), "{n}");
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(&b.cli(&["info", "copy@s2", "--json"]))).unwrap();
+    assert_eq!(info["labels"]["k"], "v", "{info}");
+}
+
+#[test]
+fn root_backup_damage_is_found_by_verify_and_refused_by_restore() {
+    let a = TestMount::start("bk-dmg");
+    ok(&a.cli(&["create", "img"]));
+    sh(&format!(
+        "head -c 3000000 /dev/urandom > {}/f",
+        a.path("img").display()
+    ));
+    ok(&a.cli(&["snapshot", "img@s1"]));
+    let s = Scratch::new("bk-dmg-file");
+    let file = s.path().join("img.thinfs");
+    let f = file.to_str().unwrap();
+    ok(&a.cli(&["backup", "img", "--snapshots", "-o", f, "-q"]));
+    let good = std::fs::read(&file).unwrap();
+    // One flipped byte in the middle of the first section.
+    let at = 16 + 1_500_000usize;
+    let mut bad = good.clone();
+    bad[at] ^= 0x01;
+    std::fs::write(&file, &bad).unwrap();
+    let o = a.cli(&["backup", "verify", f]);
+    assert!(!o.status.success());
+    let e = err(&o);
+    assert!(e.contains("damage in section s1"), "{e}");
+    // The position: the damaged megabyte holds the flipped byte.
+    let range = e.split("at bytes ").nth(1).unwrap();
+    let (from, to) = range.split_once("..").unwrap();
+    let from: usize = from.trim().parse().unwrap();
+    let to: usize = to
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect::<String>()
+        .parse()
+        .unwrap();
+    assert!(from <= at && at < to, "{from}..{to} must hold {at}");
+    let o = a.cli(&["restore", f, "back"]);
+    assert!(!o.status.success());
+    assert!(err(&o).contains("damage"), "{}", err(&o));
+    assert!(!names(&a).contains("back"), "{}", names(&a));
+    // Cut short: refused too.
+    std::fs::write(&file, &good[..good.len() - 100]).unwrap();
+    let o = a.cli(&["restore", f, "back"]);
+    assert!(!o.status.success());
+    assert!(!names(&a).contains("back"), "{}", names(&a));
+    // The good file restores (same pool, another name).
+    std::fs::write(&file, &good).unwrap();
+    ok(&a.cli(&["restore", f, "back", "-q"]));
+    assert_eq!(
+        std::fs::read(a.path("back/f")).unwrap(),
+        std::fs::read(a.path("img/f")).unwrap()
+    );
+}
+
+#[test]
+fn root_backup_restore_kill9_leaves_nothing() {
+    let a = TestMount::start("bk-kill-a");
+    ok(&a.cli(&["create", "img"]));
+    sh(&format!("echo 1 > {}/f", a.path("img").display()));
+    ok(&a.cli(&["snapshot", "img@s1"]));
+    sh(&format!("echo 2 > {}/f", a.path("img").display()));
+    ok(&a.cli(&["snapshot", "img@s2"]));
+    let s = Scratch::new("bk-kill-file");
+    let file = s.path().join("img.thinfs");
+    let f = file.to_str().unwrap();
+    ok(&a.cli(&["backup", "img", "--snapshots", "-o", f, "-q"]));
+    drop(a);
+    // receive.done: the first section (s1) was published, the others not.
+    for fp in ["receive.hidden", "receive.done"] {
+        let mut b = TestMount::start_wrapped(
+            "bk-kill-b",
+            &["env", &format!("THINFS_FAILPOINT={fp}")],
+            &[],
+        );
+        let o = b.cli(&["restore", f, "r"]);
+        assert!(!o.status.success(), "{fp}: the daemon must die there");
+        b.kill9();
+        b.wrapper.clear();
+        b.spawn();
+        let n = names(&b);
+        assert!(n.trim().is_empty(), "{fp}: left: {n}");
+        assert!(b.log().contains("left by a restore") || fp == "receive.hidden");
+        ok(&b.cli(&["restore", f, "r", "-q"]));
+        assert_eq!(std::fs::read(b.path("r/f")).unwrap(), b"2\n");
+        assert_eq!(std::fs::read(b.path("r/.snapshots/s1/f")).unwrap(), b"1\n");
+    }
+}
+
+#[test]
+fn root_backup_kill9_during_backup_leaves_no_temporary_snapshot() {
+    let mut m = TestMount::start("bk-kill-backup");
+    ok(&m.cli(&["create", "img"]));
+    sh(&format!(
+        "head -c 4000000 /dev/urandom > {}/f",
+        m.path("img").display()
+    ));
+    ok(&m.cli(&["snapshot", "img@mine"]));
+    let s = Scratch::new("bk-kill-backup");
+    let fifo = s.path().join("fifo");
+    sh(&format!("mkfifo {}", fifo.display()));
+    // A reader that never reads: the backup stalls with its temporary
+    // snapshot taken.
+    let _reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    let mut cli = Command::new(thinfs_bin())
+        .args(["backup", "img", "-q", "-o", fifo.to_str().unwrap()])
+        .env("THINFS_SOCKET", m.socket())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    // Ready (a snapshot still being created is recovery's, not the sweep's).
+    let ready = |m: &TestMount| {
+        ok(&m.cli(&["list", "-t", "all", "-H", "-o", "name,state"]))
+            .lines()
+            .any(|l| l.contains("backup-head") && l.contains("ready"))
+    };
+    while !ready(&m) {
+        assert!(t0.elapsed().as_secs() < 20, "no temporary snapshot");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    m.kill9();
+    let _ = cli.kill();
+    let _ = cli.wait();
+    m.spawn();
+    let n = names(&m);
+    assert!(!n.contains("backup-head"), "{n}");
+    assert!(n.contains("img@mine"), "{n}");
+    assert!(m.log().contains("left by a backup"), "{}", m.log());
+}
+
+#[test]
+fn root_backup_cancelled_when_the_cli_goes_leaves_no_temporary_snapshot() {
+    let m = TestMount::start("bk-cancel");
+    ok(&m.cli(&["create", "img"]));
+    sh(&format!(
+        "head -c 4000000 /dev/urandom > {}/f",
+        m.path("img").display()
+    ));
+    let s = Scratch::new("bk-cancel");
+    let fifo = s.path().join("fifo");
+    sh(&format!("mkfifo {}", fifo.display()));
+    let _reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    let mut cli = Command::new(thinfs_bin())
+        .args(["backup", "img", "-q", "-o", fifo.to_str().unwrap()])
+        .env("THINFS_SOCKET", m.socket())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !names(&m).contains("backup-head") {
+        assert!(t0.elapsed().as_secs() < 20, "no temporary snapshot");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    cli.kill().unwrap();
+    cli.wait().unwrap();
+    // The daemon stops writing to the stalled pipe and destroys the carrier.
+    let t0 = std::time::Instant::now();
+    while names(&m).contains("backup-head") {
+        assert!(
+            t0.elapsed().as_secs() < 20,
+            "the backup was not cancelled: {}",
+            names(&m)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

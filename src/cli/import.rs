@@ -1,0 +1,158 @@
+//! `thinfs import NAME SOURCE [--size SIZE]`: SOURCE is a tarball (`-`:
+//! stdin), opened by this process with the user's rights, or a directory,
+//! which this process walks itself (the user's read rights apply) and
+//! writes as a tar stream into a pipe. Either way the daemon gets one
+//! descriptor and reads a tar stream. Progress on stderr when it is a
+//! terminal; Ctrl-C ends this process, the daemon cancels and undoes.
+
+use super::client;
+use crate::daemon::proto::{Op, Progress};
+use crate::error::{Error, Result};
+use crate::service::{ImportRequest, Job};
+use crate::sys::scm;
+use crate::types::Bytes;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+/// A progress bar on stderr, if stderr is a terminal and not `quiet`.
+fn bar(quiet: bool) -> Option<ProgressBar> {
+    if quiet || !scm::is_tty(std::io::stderr()) {
+        return None;
+    }
+    let b = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    let style = ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] [{wide_bar}] {binary_bytes}/{binary_total_bytes} \
+         {binary_bytes_per_sec} ETA {eta}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    b.set_style(style);
+    Some(b)
+}
+
+/// Bytes a directory's content takes on a filesystem (4 KiB blocks, one
+/// per entry at least), counted as the user; unreadable parts count 0
+/// (the walk that follows reports them).
+fn du(dir: &Path) -> u64 {
+    let mut total = 0u64;
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            total += m.len().div_ceil(4096) * 4096 + 4096;
+            if m.is_dir() {
+                todo.push(e.path());
+            }
+        }
+    }
+    total
+}
+
+/// A pipe: (read end, write end).
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = std::io::pipe().map_err(|e| Error::io("make a pipe", e))?;
+    Ok((OwnedFd::from(r), OwnedFd::from(w)))
+}
+
+/// Run `thinfs import`.
+pub fn import(
+    socket: &Path,
+    name: String,
+    source: PathBuf,
+    size: Option<String>,
+    quiet: bool,
+) -> Result<()> {
+    let stdin = std::io::stdin();
+    let job = Job::new();
+    let is_dir = source != Path::new("-") && source.is_dir();
+    let mut hint = None;
+    let mut file = None;
+    let mut pipe_r = None;
+    let mut writer = None;
+    if source == Path::new("-") {
+        if scm::is_tty(stdin.as_fd()) {
+            return Err(Error::Invalid(
+                "refusing to read a tarball from a terminal: give a FILE, a directory, or a pipe"
+                    .into(),
+            ));
+        }
+    } else if is_dir {
+        hint = Some(du(&source));
+        let (r, w) = pipe()?;
+        pipe_r = Some(r);
+        let (dir, job2) = (source.clone(), job.clone());
+        writer = Some(std::thread::spawn(move || {
+            crate::service::tar_directory(&dir, std::fs::File::from(w), &job2)
+        }));
+    } else {
+        let f = std::fs::File::open(&source)
+            .map_err(|e| Error::io(format!("open {}", source.display()), e))?;
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        // A plain tarball takes at most about 4 times its length on ext4
+        // (small files: 1 KiB in tar, a 4 KiB block and an inode here).
+        let plain = !source
+            .extension()
+            .is_some_and(|e| e == "gz" || e == "tgz" || e == "zst");
+        if plain {
+            hint = Some(len.saturating_mul(4));
+        }
+        file = Some(f);
+    }
+    let fd: BorrowedFd<'_> = match (&file, &pipe_r) {
+        (Some(f), _) => f.as_fd(),
+        (None, Some(r)) => r.as_fd(),
+        (None, None) => stdin.as_fd(),
+    };
+    let pb = bar(quiet);
+    let r = client::stream(
+        socket,
+        Op::Import(ImportRequest {
+            name: name.clone(),
+            size,
+            content_hint: hint,
+        }),
+        &[fd],
+        |p: Progress| {
+            if let Some(b) = &pb {
+                if let Some(t) = p.total {
+                    b.set_length(t.max(p.done));
+                }
+                b.set_position(p.done);
+            }
+        },
+    );
+    if let Some(b) = &pb {
+        b.finish_and_clear();
+    }
+    // The daemon has its own copy of the read end; ours goes, so that the
+    // walk stops (EPIPE) if the daemon stopped reading.
+    drop(pipe_r);
+    drop(file);
+    let walked = writer.map(|w| {
+        w.join()
+            .unwrap_or_else(|_| Err(Error::Invalid("the directory walk panicked".into())))
+    });
+    let v = match (r, walked) {
+        // The walk's own error says more (e.g. a file it could not read).
+        (Err(e), Some(Err(w))) if !matches!(w, Error::Cancelled(_)) => {
+            return Err(Error::Invalid(format!("{w} (the import was undone: {e})")));
+        }
+        (Err(e), _) => return Err(e),
+        (Ok(_), Some(Err(w))) => return Err(w),
+        (Ok(v), _) => v,
+    };
+    if !quiet {
+        eprintln!(
+            "imported {}: {} entries, {} of files, image of {}, snapshot {}",
+            name,
+            v["entries"].as_u64().unwrap_or(0),
+            Bytes(v["file_bytes"].as_u64().unwrap_or(0)),
+            Bytes(v["size"].as_u64().unwrap_or(0)),
+            v["snapshot"].as_str().unwrap_or(""),
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,481 @@
+//! `thinfs backup NAME -o FILE`, `thinfs backup verify FILE` and `thinfs
+//! restore FILE [NAME]`: one file holding an image's snapshots and head as
+//! send streams, so a backup made on one backend restores on the other.
+//!
+//! File layout: the magic [`MAGIC`]; the sections (send streams: the oldest
+//! snapshot full, every later one incremental from the one before, then
+//! the head as the stream of a temporary snapshot, incremental from the
+//! newest); the index (JSON: names, identities, sizes, labels, the backend
+//! it came from, and each section's place and BLAKE3 hashes per
+//! [`CHUNK`]); then the trailer: the index's length (u64 LE), its BLAKE3
+//! hash, and [`END`]. `verify` checks every hash without a pool and names
+//! the section and byte range of any damage.
+//!
+//! Restore checks the whole file first (nothing is made from a damaged
+//! file), then receives every section into an image named
+//! `-thinfs-restore-PID-N` (a name no request can make), renamed to NAME in
+//! one transaction when the last one is in; any error destroys it with its
+//! snapshots, and one left by a daemon that died is destroyed when the next
+//! one starts ([`Service::sweep_restore_leftovers`]). Restore needs root,
+//! like import.
+
+use super::{Caller, Job, Service};
+use crate::engine::{Progress, Target};
+use crate::error::{Error, Result};
+use crate::meta::DeviceRecord;
+use crate::types::Name;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+
+/// First bytes of a backup file.
+pub const MAGIC: &[u8] = b"THINFS-BACKUP-1\n";
+/// Last bytes of a backup file.
+pub const END: &[u8] = b"THINFS-BACKUP-END\n";
+/// Bytes covered by one hash of a section.
+pub const CHUNK: u64 = 1 << 20;
+/// Name prefix of the temporary snapshot that carries the image's head (a
+/// leading `-`: no request can make such a name, so the sweep at start
+/// never takes a user's snapshot).
+const HEAD: &str = "-thinfs-backup-head";
+/// Name prefix of an image being restored (renamed to its name at the
+/// end); a leading `-` is refused in every name a request makes.
+const RESTORE_PREFIX: &str = "-thinfs-restore-";
+static RESTORE_SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// One section: a send stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Section {
+    /// Snapshot name (`-thinfs-backup-head-PID` for the head's carrier).
+    pub name: String,
+    /// The head of the image (restored as the image, not a snapshot).
+    pub head: bool,
+    /// Identity of the snapshot.
+    pub identity: String,
+    /// The section it is incremental from, if any.
+    pub base: Option<String>,
+    /// Device size.
+    pub size: u64,
+    /// Creation time (seconds since the epoch).
+    pub created: u64,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Offset in the file.
+    pub offset: u64,
+    /// Length in the file.
+    pub length: u64,
+    /// BLAKE3 of each [`CHUNK`] of the section, hex.
+    pub hashes: Vec<String>,
+}
+
+/// The index of a backup file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackupIndex {
+    /// The image backed up.
+    pub image: String,
+    /// The backend it came from (`reflink`, `dm`).
+    pub backend: String,
+    /// When (seconds since the epoch).
+    pub created: u64,
+    /// Image labels.
+    pub labels: BTreeMap<String, String>,
+    /// Sections in file order.
+    pub sections: Vec<Section>,
+}
+
+/// `thinfs backup NAME [--snapshots]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackupRequest {
+    /// The image.
+    pub name: String,
+    /// Every snapshot too (else only the head).
+    pub snapshots: bool,
+}
+
+/// `thinfs restore FILE [NAME]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestoreRequest {
+    /// The image to make (default: the name in the backup).
+    pub name: Option<String>,
+}
+
+struct JobProgress<'a>(&'a Job, &'a str);
+
+impl Progress for JobProgress<'_> {
+    fn total(&self, _n: u64) {}
+    fn advance(&self, n: u64) -> Result<()> {
+        self.0.advance(n);
+        self.0.check(self.1)
+    }
+}
+
+/// A writer that counts and hashes what goes through, per [`CHUNK`].
+struct Hashing<'a> {
+    out: &'a mut (dyn Write + Send),
+    pos: u64,
+    hashes: Vec<String>,
+    cur: blake3::Hasher,
+    in_chunk: u64,
+}
+
+impl<'a> Hashing<'a> {
+    fn new(out: &'a mut (dyn Write + Send), pos: u64) -> Hashing<'a> {
+        Hashing {
+            out,
+            pos,
+            hashes: Vec::new(),
+            cur: blake3::Hasher::new(),
+            in_chunk: 0,
+        }
+    }
+    fn finish(mut self) -> (u64, Vec<String>) {
+        if self.in_chunk > 0 {
+            self.hashes.push(self.cur.finalize().to_hex().to_string());
+        }
+        (self.pos, self.hashes)
+    }
+}
+
+impl Write for Hashing<'_> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let n = self.out.write(b)?;
+        let mut rest = &b[..n];
+        while !rest.is_empty() {
+            let take = rest.len().min((CHUNK - self.in_chunk) as usize);
+            self.cur.update(&rest[..take]);
+            self.in_chunk += take as u64;
+            if self.in_chunk == CHUNK {
+                self.hashes.push(self.cur.finalize().to_hex().to_string());
+                self.cur = blake3::Hasher::new();
+                self.in_chunk = 0;
+            }
+            rest = &rest[take..];
+        }
+        self.pos += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// Read and check a backup file's trailer and index.
+pub fn read_index(f: &mut File) -> Result<BackupIndex> {
+    let io = |e| Error::io("read the backup file", e);
+    let len = f.seek(SeekFrom::End(0)).map_err(io)?;
+    let tail = (8 + 32 + END.len()) as u64;
+    if len < MAGIC.len() as u64 + tail {
+        return Err(Error::BadStream(format!(
+            "the backup file is too short ({len} bytes): truncated or not a backup"
+        )));
+    }
+    let mut magic = vec![0u8; MAGIC.len()];
+    f.seek(SeekFrom::Start(0)).map_err(io)?;
+    f.read_exact(&mut magic).map_err(io)?;
+    if magic != MAGIC {
+        return Err(Error::BadStream(
+            "not a thinfs backup file (bad magic at byte 0)".into(),
+        ));
+    }
+    let mut t = vec![0u8; tail as usize];
+    f.seek(SeekFrom::Start(len - tail)).map_err(io)?;
+    f.read_exact(&mut t).map_err(io)?;
+    if &t[40..] != END {
+        return Err(Error::BadStream(format!(
+            "the backup file has no end marker at byte {}: truncated",
+            len - END.len() as u64
+        )));
+    }
+    let ilen = u64::from_le_bytes(t[..8].try_into().unwrap_or_default());
+    if ilen > len - tail - MAGIC.len() as u64 {
+        return Err(Error::BadStream("the index length is damaged".into()));
+    }
+    let at = len - tail - ilen;
+    let mut idx = vec![0u8; ilen as usize];
+    f.seek(SeekFrom::Start(at)).map_err(io)?;
+    f.read_exact(&mut idx).map_err(io)?;
+    if blake3::hash(&idx).as_bytes()[..] != t[8..40] {
+        return Err(Error::BadStream(format!(
+            "the index (bytes {at}..{}) is damaged",
+            at + ilen
+        )));
+    }
+    serde_json::from_slice(&idx).map_err(|e| Error::BadStream(format!("the index: {e}")))
+}
+
+/// Check every hash of a backup file; the first damage is the error, with
+/// the section and the byte range. Returns the index.
+pub fn verify_file(f: &mut File, mut progress: impl FnMut(u64)) -> Result<BackupIndex> {
+    let idx = read_index(f)?;
+    let mut buf = vec![0u8; CHUNK as usize];
+    for s in &idx.sections {
+        let chunks = s.length.div_ceil(CHUNK);
+        if chunks != s.hashes.len() as u64 {
+            return Err(Error::BadStream(format!(
+                "section {} has {} hashes for {} bytes",
+                s.name,
+                s.hashes.len(),
+                s.length
+            )));
+        }
+        f.seek(SeekFrom::Start(s.offset))
+            .map_err(|e| Error::io("read the backup file", e))?;
+        for (i, want) in s.hashes.iter().enumerate() {
+            let from = i as u64 * CHUNK;
+            let n = (s.length - from).min(CHUNK) as usize;
+            f.read_exact(&mut buf[..n])
+                .map_err(|e| Error::io("read the backup file", e))?;
+            if blake3::hash(&buf[..n]).to_hex().as_str() != want {
+                let start = s.offset + from;
+                return Err(Error::BadStream(format!(
+                    "damage in section {} ({}), at bytes {start}..{} of the file",
+                    s.name,
+                    if s.head { "the head" } else { "a snapshot" },
+                    start + n as u64
+                )));
+            }
+            progress(n as u64);
+        }
+    }
+    Ok(idx)
+}
+
+/// Destroys a temporary snapshot on drop.
+struct Temp<'a>(&'a crate::engine::Engine, crate::types::DeviceId);
+
+impl Drop for Temp<'_> {
+    fn drop(&mut self) {
+        for i in 0..10 {
+            match self.0.destroy_id(self.1) {
+                Ok(()) => return,
+                Err(Error::Busy(_)) => {
+                    std::thread::sleep(std::time::Duration::from_millis(100 << i.min(4)))
+                }
+                Err(e) => {
+                    log::error!("backup: cannot destroy a temporary snapshot: {e}");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Service {
+    /// Write a backup of image `req.name` to `out` (root or admin group:
+    /// it reads every block).
+    pub fn backup(
+        &self,
+        c: &Caller,
+        req: &BackupRequest,
+        out: File,
+        job: &Job,
+    ) -> Result<BackupIndex> {
+        let name = Name::new(&req.name)?;
+        self.require_admin(c, &format!("backup of {name} (reads every block)"))?;
+        let e = &self.engine;
+        let img = e.resolve(&Target {
+            image: name.clone(),
+            snap: None,
+        })?;
+        let mut snaps: Vec<DeviceRecord> = if req.snapshots {
+            e.snapshots_of(img.id)?
+        } else {
+            Vec::new()
+        };
+        snaps.sort_by_key(|s| s.seq);
+        let tmp_name = Name::new(&format!("{HEAD}-{}", std::process::id()))?;
+        let head = e.snapshot(img.id, &tmp_name)?;
+        let _temp = Temp(e, head.id);
+        let total: u64 = snaps.iter().map(|s| s.size.0).sum::<u64>() + head.size.0;
+        job.set_total(Some(total));
+        // Checks the job between writes and never blocks for good on a
+        // pipe nobody reads: a cancel is seen.
+        let file = out
+            .try_clone()
+            .map_err(|e| Error::io("duplicate the output", e))?;
+        let mut out = super::tarwalk::JobWriter::new(out, job)?;
+        out.write_all(MAGIC)
+            .map_err(|e| Error::io("write the backup", e))?;
+        let mut pos = MAGIC.len() as u64;
+        let mut sections = Vec::new();
+        let mut base: Option<&DeviceRecord> = None;
+        let what = format!("backup of {name}");
+        let all: Vec<(&DeviceRecord, bool)> = snaps
+            .iter()
+            .map(|s| (s, false))
+            .chain(std::iter::once((&head, true)))
+            .collect();
+        for (s, is_head) in all {
+            let mut w = Hashing::new(&mut out, pos);
+            e.send_stream(s, base, &mut w, &JobProgress(job, &what))?;
+            let (end, hashes) = w.finish();
+            sections.push(Section {
+                name: s.name.to_string(),
+                head: is_head,
+                identity: s.identity.map(|i| i.to_string()).unwrap_or_default(),
+                base: base.map(|b| b.name.to_string()),
+                size: s.size.0,
+                created: s.created,
+                labels: s.labels.clone(),
+                offset: pos,
+                length: end - pos,
+                hashes,
+            });
+            pos = end;
+            base = Some(s);
+        }
+        let idx = BackupIndex {
+            image: name.to_string(),
+            backend: e.backend().kind().to_string(),
+            created: crate::engine::now_secs(),
+            labels: img.labels.clone(),
+            sections,
+        };
+        let json = serde_json::to_vec(&idx).map_err(|e| Error::Invalid(e.to_string()))?;
+        let mut tail = json.clone();
+        tail.extend_from_slice(&(json.len() as u64).to_le_bytes());
+        tail.extend_from_slice(blake3::hash(&json).as_bytes());
+        tail.extend_from_slice(END);
+        out.write_all(&tail)
+            .and_then(|_| out.flush())
+            .and_then(|_| match file.sync_all() {
+                // A pipe cannot be synced.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+                r => r,
+            })
+            .map_err(|e| Error::io("write the backup", e))?;
+        Ok(idx)
+    }
+
+    /// Restore a backup file: checked whole first, then received; all or
+    /// nothing. Root only.
+    pub fn restore(
+        &self,
+        c: &Caller,
+        req: &RestoreRequest,
+        mut input: File,
+        job: &Job,
+    ) -> Result<BackupIndex> {
+        if c.uid != 0 {
+            return Err(Error::PermissionDenied(format!(
+                "restore needs root (uid {} asked): it writes any owner, setuid files and device nodes into an image mounted with suid and dev, so the admin group is not enough",
+                c.uid
+            )));
+        }
+        let st = input
+            .metadata()
+            .map_err(|e| Error::io("stat the backup file", e))?;
+        if !st.is_file() {
+            return Err(Error::Invalid(
+                "restore reads a backup FILE (it is checked whole before anything is made), not a pipe".into(),
+            ));
+        }
+        job.set_total(Some(st.len() * 2));
+        let idx = verify_file(&mut input, |n| job.advance(n))?;
+        let name = Name::fresh(req.name.as_deref().unwrap_or(&idx.image))?;
+        if self.engine.image_id(&name)?.is_some() {
+            return Err(Error::AlreadyExists(format!("image {name}")));
+        }
+        let n = RESTORE_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = Name::new(&format!("{RESTORE_PREFIX}{}-{n}", std::process::id()))?;
+        let tmp_t = Target {
+            image: tmp.clone(),
+            snap: None,
+        };
+        let r = self
+            .receive_sections(&tmp, &idx, &mut input, job)
+            .and_then(|()| self.engine.rename(&tmp_t, &name));
+        if let Err(err) = r {
+            if self.engine.image_id(&tmp)?.is_some()
+                && let Err(d) = self.engine.destroy(&tmp_t, true)
+            {
+                log::error!("restore of {name} failed and its undo too: {d}");
+            }
+            return Err(err);
+        }
+        Ok(idx)
+    }
+
+    fn receive_sections(
+        &self,
+        name: &Name,
+        idx: &BackupIndex,
+        input: &mut File,
+        job: &Job,
+    ) -> Result<()> {
+        let e = &self.engine;
+        let what = format!("restore of {}", idx.image);
+        let img = |snap: Option<Name>| Target {
+            image: name.clone(),
+            snap,
+        };
+        for s in &idx.sections {
+            input
+                .seek(SeekFrom::Start(s.offset))
+                .map_err(|e| Error::io("read the backup file", e))?;
+            let mut part = (&mut *input).take(s.length);
+            e.receive_stream(name, false, &mut part, &JobProgress(job, &what))?;
+            let snap = img(Some(Name::new(&s.name)?));
+            if s.head {
+                // The head is the image now; its snapshot was only a carrier.
+                e.destroy(&snap, false)?;
+            } else {
+                for (k, v) in &s.labels {
+                    e.set_label(&snap, k, Some(v))?;
+                }
+            }
+        }
+        for (k, v) in &idx.labels {
+            e.set_label(&img(None), k, Some(v))?;
+        }
+        Ok(())
+    }
+
+    /// Destroy images left half restored, and head carriers left by a
+    /// backup, by a daemon that died (call before serving). Returns how
+    /// many. Their names start with `-`, which
+    /// no request can give a new image ([`Name::fresh`]).
+    pub fn sweep_restore_leftovers(&self) -> usize {
+        let mut n = 0;
+        for img in self.engine.images().unwrap_or_default() {
+            for s in self.engine.snapshots_of(img.id).unwrap_or_default() {
+                if s.name.as_str().starts_with(HEAD) {
+                    match self.engine.destroy_id(s.id) {
+                        Ok(()) => {
+                            log::warn!(
+                                "destroyed {}@{}, left by a backup that did not finish",
+                                img.name,
+                                s.name
+                            );
+                            n += 1;
+                        }
+                        Err(e) => log::error!(
+                            "cannot destroy {}@{}, left by a backup: {e}",
+                            img.name,
+                            s.name
+                        ),
+                    }
+                }
+            }
+            if !img.name.as_str().starts_with(RESTORE_PREFIX) {
+                continue;
+            }
+            let t = Target {
+                image: img.name.clone(),
+                snap: None,
+            };
+            match self.engine.destroy(&t, true) {
+                Ok(()) => {
+                    log::warn!(
+                        "destroyed {}, left by a restore that did not finish",
+                        img.name
+                    );
+                    n += 1;
+                }
+                Err(e) => log::error!("cannot destroy {}, left by a restore: {e}", img.name),
+            }
+        }
+        n
+    }
+}
