@@ -7,7 +7,7 @@ mod common;
 use common::stream::*;
 use common::*;
 use std::path::Path;
-use thinfs::engine::Target;
+use thinfs::engine::{Engine, Target};
 use thinfs::types::Bytes;
 
 #[test]

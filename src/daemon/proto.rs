@@ -191,10 +191,12 @@ impl Op {
     /// streaming request (progress lines, cancelled when the client goes).
     pub fn fds(&self) -> usize {
         match self {
-            Op::Export(_) | Op::Send(_) | Op::Receive(_) => 1,
-            Op::Export(_) => 1,
-            Op::Import(_) => 1,
-            Op::Backup(_) | Op::Restore(_) => 1,
+            Op::Export(_)
+            | Op::Send(_)
+            | Op::Receive(_)
+            | Op::Import(_)
+            | Op::Backup(_)
+            | Op::Restore(_) => 1,
             _ => 0,
         }
     }

@@ -308,7 +308,7 @@ impl Service {
             .collect();
         for (s, is_head) in all {
             let mut w = Hashing::new(&mut out, pos);
-            e.send_stream(s, base, &mut w, &JobProgress(job, &what))?;
+            e.send_stream(s, base, false, &mut w, &JobProgress(job, &what))?;
             let (end, hashes) = w.finish();
             sections.push(Section {
                 name: s.name.to_string(),
