@@ -129,6 +129,14 @@ fn root_send_receive_cli_between_two_daemons() {
     assert!(out.contains("bad stream"), "{out}");
     assert_eq!(ok(&format!("{sb} list -t all -H -o name")), before);
 
+    // A new image's name follows the rules of new names: no leading `-`
+    // (reserved for the daemon's own temporary devices).
+    let out = fails(&format!(
+        "{sa} send -q base@v1 | {sb} receive -- -thinfs-restore-1-1"
+    ));
+    assert!(out.contains("invalid name"), "{out}");
+    assert_eq!(ok(&format!("{sb} list -t all -H -o name")), before);
+
     // Streams never go to or come from a terminal.
     let out = fails(&format!("script -qec '{sa} send base@v1' /dev/null"));
     assert!(out.contains("terminal"), "{out}");

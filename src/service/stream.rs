@@ -250,7 +250,19 @@ impl Service {
                     .into(),
             ));
         }
-        let name = Name::new(&req.name)?;
+        // A new image takes a name a request may make (no control
+        // character, no leading `-`, which the start-up sweeps reserve);
+        // an existing image keeps whatever name it has.
+        let name = match Name::fresh(&req.name) {
+            Ok(n) => n,
+            Err(e) => {
+                let n = Name::new(&req.name)?;
+                if self.engine().image_id(&n)?.is_none() {
+                    return Err(e);
+                }
+                n
+            }
+        };
         let what = format!("receiving {name}");
         let r: Received = self.engine().receive_stream(
             &name,
