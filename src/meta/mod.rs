@@ -182,10 +182,25 @@ impl Txn<'_> {
 impl Meta {
     /// Open (or create) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Meta> {
-        let db = sled::Config::new()
-            .path(dir)
-            .mode(sled::Mode::HighThroughput)
-            .open()?;
+        // sled releases its file lock from a background thread when the
+        // last handle of a store is dropped: a store reopened at once in the
+        // same process may find it still held for a moment.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let db = loop {
+            match sled::Config::new()
+                .path(dir)
+                .mode(sled::Mode::HighThroughput)
+                .open()
+            {
+                Err(sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                r => break r?,
+            }
+        };
         let m = Meta {
             hook: Default::default(),
             devices: db.open_tree("devices")?,

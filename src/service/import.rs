@@ -14,7 +14,8 @@
 //! allowed; the admin group alone would let its members plant a
 //! setuid-root program.
 
-use super::untar::{JobReader, Unpacked, Unpacker};
+use super::tario::JobReader;
+use super::untar::{Unpacked, Unpacker};
 use super::{Caller, Job, Service};
 use crate::error::{Error, Result};
 use crate::types::{Bytes, Name};

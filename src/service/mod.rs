@@ -15,6 +15,7 @@ mod export;
 mod import;
 mod job;
 mod stream;
+mod tario;
 mod tarwalk;
 mod untar;
 mod usage;

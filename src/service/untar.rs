@@ -17,8 +17,9 @@
 //! at the end, after its content was made.
 
 use super::Job;
+use super::tario::*;
 use crate::error::{Error, Result};
-use crate::sys::{file, scm};
+use crate::sys::file;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Read};
@@ -33,158 +34,6 @@ pub struct Unpacked {
     pub entries: u64,
     /// Bytes of file content written.
     pub file_bytes: u64,
-}
-
-/// The input: checks the job before each read and waits for a pipe in
-/// short polls, so that a cancel is seen even when nothing comes; counts
-/// the bytes read as the job's progress.
-pub struct JobReader<'a> {
-    inp: File,
-    nonblocking: bool,
-    job: &'a Job,
-}
-
-impl<'a> JobReader<'a> {
-    /// Wrap `inp`. A pipe or fifo is reopened as a new open file
-    /// description with O_NONBLOCK (the sender's stays as it was).
-    pub fn new(inp: File, job: &'a Job) -> Result<JobReader<'a>> {
-        let st = file::fstat(inp.as_fd()).map_err(|e| Error::io("stat the input", e))?;
-        match st.st_mode & libc::S_IFMT {
-            libc::S_IFIFO => {
-                let nb = file::reopen(inp.as_fd(), libc::O_RDONLY | libc::O_NONBLOCK)
-                    .map_err(|e| Error::io("reopen the input pipe", e))?;
-                Ok(JobReader {
-                    inp: nb,
-                    nonblocking: true,
-                    job,
-                })
-            }
-            libc::S_IFREG => {
-                job.set_total(Some(st.st_size.max(0) as u64));
-                Ok(JobReader {
-                    inp,
-                    nonblocking: false,
-                    job,
-                })
-            }
-            libc::S_IFDIR => Err(Error::Invalid(
-                "the input is a directory: the client sends a tar stream".into(),
-            )),
-            _ => Ok(JobReader {
-                inp,
-                nonblocking: false,
-                job,
-            }),
-        }
-    }
-}
-
-impl Read for JobReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            if self.job.is_cancelled() {
-                // Not ErrorKind::Interrupted: io::copy and read_exact retry
-                // those forever.
-                return Err(io::Error::other("the import was cancelled"));
-            }
-            match self.inp.read(buf) {
-                Ok(n) => {
-                    self.job.advance(n as u64);
-                    return Ok(n);
-                }
-                Err(e) if self.nonblocking && e.kind() == io::ErrorKind::WouldBlock => {
-                    scm::poll_in_or_hup(self.inp.as_fd(), 200)?;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-    }
-}
-
-/// A reader that notes when its input ended (a read that returned 0).
-struct EofSeen<R> {
-    inner: R,
-    eof: bool,
-}
-
-impl<R: Read> Read for EofSeen<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        if n == 0 && !buf.is_empty() {
-            self.eof = true;
-        }
-        Ok(n)
-    }
-}
-
-/// What the entries before a member said about it.
-#[derive(Default)]
-struct Pending {
-    pax: Vec<(Vec<u8>, Vec<u8>)>,
-    name: Option<Vec<u8>>,
-    link: Option<Vec<u8>>,
-}
-
-impl Pending {
-    fn pax_value(&self, key: &[u8]) -> Option<Vec<u8>> {
-        self.pax
-            .iter()
-            .rev()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.clone())
-    }
-}
-
-/// PAX records (`LEN KEY=VALUE\n`, LEN counting the whole record); values
-/// may hold any byte, newlines included.
-fn parse_pax(data: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    let bad = || Error::BadStream("malformed PAX record; nothing was imported".into());
-    let mut out = Vec::new();
-    let mut rest = data;
-    while !rest.is_empty() && rest[0] != 0 {
-        let sp = rest.iter().position(|b| *b == b' ').ok_or_else(bad)?;
-        let len: usize = std::str::from_utf8(&rest[..sp])
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(bad)?;
-        if len <= sp + 1 || len > rest.len() || rest[len - 1] != b'\n' {
-            return Err(bad());
-        }
-        let kv = &rest[sp + 1..len - 1];
-        let eq = kv.iter().position(|b| *b == b'=').ok_or_else(bad)?;
-        out.push((kv[..eq].to_vec(), kv[eq + 1..].to_vec()));
-        rest = &rest[len..];
-    }
-    Ok(out)
-}
-
-/// The content of a small metadata entry (PAX records, a long name).
-fn read_small<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Vec<u8>> {
-    let size = entry.header().size().unwrap_or(u64::MAX);
-    if size > 16 << 20 {
-        return Err(Error::BadStream(format!(
-            "a tar metadata entry of {size} bytes; refused, nothing was imported"
-        )));
-    }
-    let mut v = Vec::with_capacity(size as usize);
-    entry
-        .read_to_end(&mut v)
-        .map_err(|e| bad_tar("read a metadata entry", e))?;
-    if (v.len() as u64) < size {
-        return Err(bad_tar(
-            "read a metadata entry",
-            io::Error::from(io::ErrorKind::UnexpectedEof),
-        ));
-    }
-    Ok(v)
-}
-
-fn trim_nul(mut v: Vec<u8>) -> Vec<u8> {
-    while v.last() == Some(&0) {
-        v.pop();
-    }
-    v
 }
 
 /// Metadata of one entry, from its header and PAX records.
@@ -631,44 +480,6 @@ fn through(path: &Path, c: &OsStr, e: io::Error) -> Error {
         )),
         _ => at(path, "open a directory above", e),
     }
-}
-
-/// A damaged or cut archive.
-fn bad_tar(what: &str, e: io::Error) -> Error {
-    if e.kind() == io::ErrorKind::UnexpectedEof {
-        return Error::BadStream(format!(
-            "{what}: the archive ends too early (truncated); nothing was imported"
-        ));
-    }
-    Error::BadStream(format!("{what}: {e}; nothing was imported"))
-}
-
-fn pax_num(v: &[u8], what: &str) -> Result<u32> {
-    std::str::from_utf8(v)
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .ok_or_else(|| Error::BadStream(format!("bad PAX {what}")))
-}
-
-/// A PAX time `SECONDS[.FRACTION]`.
-fn parse_time(v: &[u8]) -> Option<libc::timespec> {
-    let s = std::str::from_utf8(v).ok()?.trim();
-    let (sec, frac) = s.split_once('.').unwrap_or((s, ""));
-    let tv_sec: i64 = sec.parse().ok()?;
-    let mut digits: String = frac.chars().take(9).collect();
-    while digits.len() < 9 {
-        digits.push('0');
-    }
-    let mut tv_nsec: i64 = digits.parse().ok()?;
-    if tv_sec < 0 && tv_nsec > 0 {
-        // -1.5 means 1.5 s before the epoch.
-        tv_nsec = 1_000_000_000 - tv_nsec;
-        return Some(libc::timespec {
-            tv_sec: tv_sec - 1,
-            tv_nsec,
-        });
-    }
-    Some(libc::timespec { tv_sec, tv_nsec })
 }
 
 #[cfg(test)]

@@ -14,5 +14,7 @@
 //! unknown thin ids; `exists` probes by activating.
 
 mod pool;
+mod probe;
 
-pub use pool::{DmPool, available};
+pub use pool::DmPool;
+pub use probe::available;
