@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 #[test]
 fn root_containerd_import_run_remove_and_kill9() {
+    let _turn = one_at_a_time();
     // Declared in this order so that they are dropped in reverse:
     // containerd (and its shims) first, then the thinfs daemon, then files.
     let dir = Scratch::new("ctd");
@@ -306,6 +307,7 @@ fn root_containerd_import_run_remove_and_kill9() {
 /// (no device, no loop device, no space).
 #[test]
 fn root_containerd_crash_at_every_step() {
+    let _turn = one_at_a_time();
     let dir = Scratch::new("ctdcrash");
     let snap_sock = dir.path().join("snap.sock");
     let sock = snap_sock.to_string_lossy().into_owned();
@@ -436,6 +438,7 @@ fn root_containerd_crash_at_every_step() {
 /// container is gone nothing is left attached.
 #[test]
 fn root_containerd_kill9_while_a_container_runs() {
+    let _turn = one_at_a_time();
     let dir = Scratch::new("ctdrun");
     let snap_sock = dir.path().join("snap.sock");
     // This one takes the socket from the config file (`containerd_socket`).

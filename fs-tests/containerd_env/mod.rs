@@ -233,7 +233,7 @@ pub fn pool_used(m: &TestMount) -> u64 {
 
 pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(20) {
+    while t.elapsed() < Duration::from_secs(60) {
         if f() {
             return;
         }
@@ -312,4 +312,13 @@ pub fn snap_keys(ctd: &Containerd) -> Vec<(String, String)> {
             Some((f.first()?.to_string(), f.last()?.to_string()))
         })
         .collect()
+}
+
+/// The containerd tests take turns: each runs its own containerd, but
+/// containerd 1.6 keeps its shim sockets in one machine-wide directory
+/// and its GC timing stretches under the load of a second one (a crash
+/// test timed out waiting for the GC while the run test ran beside it).
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock().unwrap_or_else(|e| e.into_inner())
 }
