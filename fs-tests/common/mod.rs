@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod stream;
+pub mod tree;
 
 use std::fs::File;
 use std::io::{Read, Write};
