@@ -159,18 +159,25 @@ fn dm_space_full_pool_gives_enospc_at_write() {
         let tb = sc.spawn(|| fill(&mb, 2, false));
         (ta.join().unwrap(), tb.join().unwrap())
     });
+    let after_fill = e.pool_info().unwrap().space;
     println!(
-        "dm: a (fsync) {} files {ea:?}; b {} files {eb:?}; {:?}",
+        "dm: a (fsync) {} files {ea:?}; b {} files {eb:?}; {after_fill:?}",
         fa.len(),
         fb.len(),
-        e.pool_info().unwrap().space
     );
     assert_eq!(ea, vec![("write", libc::ENOSPC)]);
     assert_eq!(eb, vec![("write", libc::ENOSPC)]);
     drop_caches(&[&ma, &mb]);
     verify(&ma, 1, &fa);
     verify(&mb, 2, &fb);
-    assert_eq!(e.pool_info().unwrap().space.state.to_string(), "full");
+    // The writers' ENOSPC came from a pool that was really out of room:
+    // full, or with less than two margins left to share. (Each writer is
+    // stopped at its own share, so the pool-wide state may already read
+    // "ok" again when the last one stops: the guard rebalances every tick.)
+    assert!(
+        after_fill.state.to_string() == "full" || after_fill.writers_budget < 256 << 20,
+        "writers got ENOSPC while the pool still had room: {after_fill:?}"
+    );
     // Free a's files: b writes again, no fsck.
     for (n, _) in &fa {
         file::unlinkat(ma.root(), n.as_ref(), false).unwrap();
