@@ -4,39 +4,14 @@
 //! descriptor; the format is in `service::backup`.
 
 use super::client;
-use crate::daemon::proto::{Op, Progress};
+use super::progress::{bar, show};
+use crate::daemon::proto::Op;
 use crate::error::{Error, Result};
 use crate::service::{BackupRequest, RestoreRequest, verify_file};
-use crate::sys::scm;
 use crate::types::Bytes;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-
-/// A progress bar on stderr, if stderr is a terminal and not `quiet`.
-fn bar(quiet: bool) -> Option<ProgressBar> {
-    if quiet || !scm::is_tty(std::io::stderr()) {
-        return None;
-    }
-    let b = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-    let style = ProgressStyle::with_template(
-        "{spinner} [{elapsed_precise}] [{wide_bar}] {binary_bytes}/{binary_total_bytes} \
-         {binary_bytes_per_sec} ETA {eta}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar());
-    b.set_style(style);
-    Some(b)
-}
-
-fn show(pb: &Option<ProgressBar>, p: Progress) {
-    if let Some(b) = pb {
-        if let Some(t) = p.total {
-            b.set_length(t.max(p.done));
-        }
-        b.set_position(p.done);
-    }
-}
 
 /// Run `thinfs backup NAME -o FILE`.
 pub fn backup(

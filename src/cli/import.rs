@@ -6,29 +6,14 @@
 //! terminal; Ctrl-C ends this process, the daemon cancels and undoes.
 
 use super::client;
+use super::progress::bar;
 use crate::daemon::proto::{Op, Progress};
 use crate::error::{Error, Result};
 use crate::service::{ImportRequest, Job};
 use crate::sys::scm;
 use crate::types::Bytes;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-
-/// A progress bar on stderr, if stderr is a terminal and not `quiet`.
-fn bar(quiet: bool) -> Option<ProgressBar> {
-    if quiet || !scm::is_tty(std::io::stderr()) {
-        return None;
-    }
-    let b = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-    let style = ProgressStyle::with_template(
-        "{spinner} [{elapsed_precise}] [{wide_bar}] {binary_bytes}/{binary_total_bytes} \
-         {binary_bytes_per_sec} ETA {eta}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar());
-    b.set_style(style);
-    Some(b)
-}
 
 /// Bytes a directory's content takes on a filesystem (4 KiB blocks, one
 /// per entry at least), counted as the user; unreadable parts count 0
