@@ -544,7 +544,11 @@ fn hostile_mkfs_metadata_counts_against_the_reserve() {
 #[test]
 fn hostile_accept_errors_back_off() {
     // A hard limit this low cannot be raised: the descriptors run out, and
-    // accept fails with EMFILE while four users hold their connections.
+    // accept fails with EMFILE while five users hold their connections.
+    // Five users' 80 connections always outnumber the 80 descriptors, so
+    // some stay queued in the backlog whatever the daemon's own count of
+    // descriptors is (CI saw four users' 64 fit exactly, and no accept
+    // ever failed).
     let m = TestMount::start_wrapped("hostile-accept", &["prlimit", "--nofile=80:80"], &[]);
     let pid = m.pid();
     ok(&cli_t(&m, &["create", "base"]));
@@ -552,7 +556,7 @@ fn hostile_accept_errors_back_off() {
     std::fs::write(&script, HOG).unwrap();
     let fds0 = open_fds(pid);
     let mut hogs = Vec::new();
-    for uid in 20001..=20004u32 {
+    for uid in 20001..=20005u32 {
         let mut h = Reaped(
             Command::new("setpriv")
                 .arg(format!("--reuid={uid}"))
@@ -574,6 +578,7 @@ fn hostile_accept_errors_back_off() {
         hogs.push(h);
     }
     let fds = open_fds(pid);
+    eprintln!("daemon descriptors: {fds0} -> {fds}");
     assert!(fds >= 78, "descriptors did not run out: {fds0} -> {fds}");
     let log0 = log_len(&m);
     let cpu0 = cpu_ticks(pid);
