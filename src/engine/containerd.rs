@@ -10,7 +10,15 @@
 //! have exactly one user: the engine never mounts these devices, and
 //! [`Layers`] keeps one activation of each active or view snapshot attached
 //! from Prepare/View until Commit or Remove (re-attached on demand after a
-//! daemon restart, when containerd asks for its mounts again).
+//! daemon restart, when containerd asks for its mounts again). Those
+//! devices live in the engine ([`LayerDevices`]) so that the space guard
+//! caps the ext4 containerd mounts on the writable ones, as it does for
+//! images.
+//!
+//! Calls run concurrently: each takes only the keys it touches (its own,
+//! the parent of a Prepare, the new name of a Commit), so a Remove of the
+//! parent waits for a Prepare on it, and disk work on different keys
+//! overlaps. Cleanup alone excludes every other call.
 //!
 //! Crash safety, as for every creation (see `create.rs`): Prepare/View
 //! write a `Creating` intent, make the device (mkfs, or a clone of the

@@ -9,6 +9,13 @@
 //! with ENOSPC in `write()`, before anything reaches the block device), and
 //! lowers it again when the pool has room.
 //!
+//! The same knob caps containerd's writable devices (active snapshots),
+//! which containerd mounts itself, in its own mount namespaces: the ext4
+//! sysfs directory is per superblock, named after the block device the
+//! engine attached, and ustat(2) gives the free blocks of a superblock by
+//! device number, wherever it is mounted. A container that fills the pool
+//! gets ENOSPC in `write()` like an image's writer.
+//!
 //! It owns that sysfs knob, the pool's ok/low/full state, the log
 //! warnings at 80 %, 90 % and full, and the repair of an image whose ext4
 //! reported errors (`errors_count` in sysfs, e.g. an aborted journal): it
