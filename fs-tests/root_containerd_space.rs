@@ -272,3 +272,46 @@ fn root_containerd_container_filling_the_pool_gets_enospc() {
     assert!(log.contains("pool no longer full"), "logged");
     assert!(!log.contains("ext4 reports"), "no ext4 errors anywhere");
 }
+
+/// 8 callers at once straight on thinfs's socket (`examples/snapbench`):
+/// Prepare on the same parent + Mounts + Remove of their own keys. Every
+/// call succeeds, and nothing is left attached or recorded.
+#[test]
+fn root_containerd_concurrent_calls() {
+    let _turn = one_at_a_time();
+    let dir = Scratch::new("ctdconc");
+    let snap_sock = dir.path().join("snap.sock");
+    let sock = snap_sock.to_string_lossy().into_owned();
+    let m = TestMount::start_with("ctdconcfs", &["--containerd-socket", &sock]);
+    let tar = build_image(dir.path());
+    let ctd = Containerd::start(&dir.path().join("containerd"), &snap_sock);
+    import(&ctd, &tar);
+    let rows = containerd_rows(&m);
+    let top = rows
+        .iter()
+        .find(|r| r["parent"].is_u64())
+        .and_then(|r| r["containerd"]["key"].as_str())
+        .expect("the top layer's thinfs-side key")
+        .to_string();
+    let bench = thinfs_bin()
+        .parent()
+        .expect("target dir")
+        .join("examples/snapbench");
+    let child = Command::new(&bench)
+        .arg(&snap_sock)
+        .args(["-", &top, "5", "8"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run examples/snapbench (built by cargo test)");
+    let o = child.wait_with_output().expect("snapbench");
+    assert!(o.status.success(), "snapbench: {}", text(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).expect("snapbench json");
+    assert_eq!(r["rounds"], 40, "{r}");
+    eprintln!("8 callers on thinfs's socket: {r}");
+    let log = m.log();
+    assert_eq!(ms_count(&log, "prepare", "snapbench-"), 40);
+    assert_eq!(ms_count(&log, "remove", "snapbench-"), 40);
+    assert_eq!(layer_count(&m), 2, "every bench snapshot removed");
+    assert_eq!(pool_loops(&m), 0, "nothing left attached");
+}
