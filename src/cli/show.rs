@@ -223,6 +223,15 @@ pub fn info(v: Value) -> Result<String> {
                 .join(", ")
         }
     ));
+    if let Some(c) = &d.record.containerd {
+        let kind = serde_json::to_value(c.kind).unwrap_or_default();
+        out.push_str(&format!("{:<10} {}\n", "ctd-key", escape(&c.key)));
+        out.push_str(&format!(
+            "{:<10} {}\n",
+            "ctd-kind",
+            kind.as_str().unwrap_or("?")
+        ));
+    }
     Ok(out)
 }
 

@@ -128,23 +128,31 @@ fn status(e: Error) -> Status {
     }
 }
 
-/// Run a blocking service call off the async workers; log what it was,
-/// how long it took and how it ended.
-async fn blocking<T: Send + 'static>(
-    what: String,
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> std::result::Result<T, Status> {
-    let t = std::time::Instant::now();
-    let r = match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(status),
-        Err(e) => Err(Status::internal(format!("snapshotter task failed: {e}"))),
-    };
-    let ms = t.elapsed().as_secs_f64() * 1e3;
-    match &r {
-        Ok(_) => log::info!("containerd: {what} in {ms:.1} ms"),
-        Err(e) => log::info!("containerd: {what} failed in {ms:.1} ms: {}", e.message()),
+impl Front {
+    /// Run `f` on the service off the async workers (tokio's blocking
+    /// pool), map its error to a gRPC status, and log what it was, how
+    /// long it took and how it ended. Every call goes through here.
+    async fn call<T: Send + 'static>(
+        &self,
+        what: String,
+        f: impl FnOnce(&Service) -> Result<T> + Send + 'static,
+    ) -> std::result::Result<T, Status> {
+        let s = self.service.clone();
+        let t = std::time::Instant::now();
+        let r = match tokio::task::spawn_blocking(move || f(&s)).await {
+            Ok(r) => r.map_err(status),
+            Err(e) => Err(Status::internal(format!("snapshotter task failed: {e}"))),
+        };
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        match &r {
+            Ok(_) => log::info!("containerd: {what} in {ms:.1} ms"),
+            Err(e) if e.code() == tonic::Code::ResourceExhausted => {
+                log::warn!("containerd: {what} failed in {ms:.1} ms: {}", e.message())
+            }
+            Err(e) => log::info!("containerd: {what} failed in {ms:.1} ms: {}", e.message()),
+        }
+        r
     }
-    r
 }
 
 fn mounts(m: LayerMount) -> Vec<Mount> {
@@ -183,8 +191,7 @@ impl Snapshotter for Front {
     type Error = Status;
 
     async fn stat(&self, key: String) -> std::result::Result<Info, Status> {
-        let s = self.service.clone();
-        blocking(format!("stat {key}"), move || s.stat(&key))
+        self.call(format!("stat {key}"), move |s| s.stat(&key))
             .await
             .map(to_info)
     }
@@ -194,8 +201,7 @@ impl Snapshotter for Front {
         info: Info,
         fieldpaths: Option<Vec<String>>,
     ) -> std::result::Result<Info, Status> {
-        let s = self.service.clone();
-        blocking(format!("update {}", info.name), move || {
+        self.call(format!("update {}", info.name), move |s| {
             s.update(&info.name, labels(info.labels), fieldpaths.as_deref())
         })
         .await
@@ -203,8 +209,9 @@ impl Snapshotter for Front {
     }
 
     async fn usage(&self, key: String) -> std::result::Result<Usage, Status> {
-        let s = self.service.clone();
-        let size = blocking(format!("usage {key}"), move || s.usage(&key)).await?;
+        let size = self
+            .call(format!("usage {key}"), move |s| s.usage(&key))
+            .await?;
         Ok(Usage {
             inodes: 0,
             size: i64::try_from(size).unwrap_or(i64::MAX),
@@ -212,8 +219,7 @@ impl Snapshotter for Front {
     }
 
     async fn mounts(&self, key: String) -> std::result::Result<Vec<Mount>, Status> {
-        let s = self.service.clone();
-        blocking(format!("mounts {key}"), move || s.mounts(&key))
+        self.call(format!("mounts {key}"), move |s| s.mounts(&key))
             .await
             .map(mounts)
     }
@@ -224,8 +230,7 @@ impl Snapshotter for Front {
         parent: String,
         l: HashMap<String, String>,
     ) -> std::result::Result<Vec<Mount>, Status> {
-        let s = self.service.clone();
-        blocking(format!("prepare {key} (parent {parent:?})"), move || {
+        self.call(format!("prepare {key} (parent {parent:?})"), move |s| {
             s.prepare(&key, &parent, labels(l))
         })
         .await
@@ -238,8 +243,7 @@ impl Snapshotter for Front {
         parent: String,
         l: HashMap<String, String>,
     ) -> std::result::Result<Vec<Mount>, Status> {
-        let s = self.service.clone();
-        blocking(format!("view {key} (parent {parent:?})"), move || {
+        self.call(format!("view {key} (parent {parent:?})"), move |s| {
             s.view(&key, &parent, labels(l))
         })
         .await
@@ -252,21 +256,19 @@ impl Snapshotter for Front {
         key: String,
         l: HashMap<String, String>,
     ) -> std::result::Result<(), Status> {
-        let s = self.service.clone();
-        blocking(format!("commit {key} as {name}"), move || {
+        self.call(format!("commit {key} as {name}"), move |s| {
             s.commit(&name, &key, labels(l))
         })
         .await
     }
 
     async fn remove(&self, key: String) -> std::result::Result<(), Status> {
-        let s = self.service.clone();
-        blocking(format!("remove {key}"), move || s.remove(&key)).await
+        self.call(format!("remove {key}"), move |s| s.remove(&key))
+            .await
     }
 
     async fn clear(&self) -> std::result::Result<(), Status> {
-        let s = self.service.clone();
-        blocking("cleanup".into(), move || s.cleanup()).await
+        self.call("cleanup".into(), |s| s.cleanup()).await
     }
 
     type InfoStream = InfoStream;
@@ -276,19 +278,19 @@ impl Snapshotter for Front {
         _snapshotter: String,
         filters: Vec<String>,
     ) -> std::result::Result<InfoStream, Status> {
-        let s = self.service.clone();
-        let infos = blocking(format!("list {filters:?}"), move || {
-            let f = filter::Filters::parse(&filters)?;
-            let mut v = Vec::new();
-            for l in s.list()? {
-                let i = to_info(l);
-                if f.matches(&i) {
-                    v.push(Ok(i));
+        let infos = self
+            .call(format!("list {filters:?}"), move |s| {
+                let f = filter::Filters::parse(&filters)?;
+                let mut v = Vec::new();
+                for l in s.list()? {
+                    let i = to_info(l);
+                    if f.matches(&i) {
+                        v.push(Ok(i));
+                    }
                 }
-            }
-            Ok(v)
-        })
-        .await?;
+                Ok(v)
+            })
+            .await?;
         Ok(tokio_stream::iter(infos))
     }
 }

@@ -324,7 +324,7 @@ fn handle(service: &Service, who: &Caller, op: &Op) -> Result<serde_json::Value>
         }
         Op::Tree => to_json(views(&e.list_info(false)?.iter().collect::<Vec<_>>())),
         Op::Info { target } => {
-            let r = e.resolve(&Target::parse(target)?)?;
+            let r = e.resolve_info(&Target::parse(target)?)?;
             to_json(DeviceView::from(&service.info_with_usage(r.id)?))
         }
         Op::Usage => to_json(views(

@@ -10,7 +10,15 @@
 //! have exactly one user: the engine never mounts these devices, and
 //! [`Layers`] keeps one activation of each active or view snapshot attached
 //! from Prepare/View until Commit or Remove (re-attached on demand after a
-//! daemon restart, when containerd asks for its mounts again).
+//! daemon restart, when containerd asks for its mounts again). Those
+//! devices live in the engine ([`LayerDevices`]) so that the space guard
+//! caps the ext4 containerd mounts on the writable ones, as it does for
+//! images.
+//!
+//! Calls run concurrently: each takes only the keys it touches (its own,
+//! the parent of a Prepare, the new name of a Commit), so a Remove of the
+//! parent waits for a Prepare on it, and disk work on different keys
+//! overlaps. Cleanup alone excludes every other call.
 //!
 //! Crash safety, as for every creation (see `create.rs`): Prepare/View
 //! write a `Creating` intent, make the device (mkfs, or a clone of the
@@ -24,8 +32,9 @@ use crate::backend::ActiveDevice;
 use crate::error::{Error, Result};
 use crate::meta::{DeviceKind, DeviceRecord, DeviceState};
 use crate::types::{Bytes, ContainerdInfo, ContainerdKind, DeviceId, Name};
-use parking_lot::Mutex;
-use std::collections::{BTreeMap, HashMap};
+use crate::types::{MAX_SHOWN, cut, escape};
+use parking_lot::{Condvar, Mutex, RwLock};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -57,25 +66,157 @@ pub struct LayerInfo {
     pub updated: u64,
 }
 
-/// containerd's snapshots over one engine, and the devices kept attached
-/// for them.
+/// The devices the engine keeps attached for containerd, by record id: one
+/// activation per active or view snapshot (or, after a restart, the path
+/// of the one a crashed daemon left attached under containerd's mount).
+/// The space guard reads the writable ones.
+#[derive(Debug, Default)]
+pub(super) struct LayerDevices {
+    held: Mutex<HashMap<DeviceId, Held>>,
+}
+
+#[derive(Debug)]
+struct Held {
+    /// Our activation; None for one a crashed daemon left attached.
+    _active: Option<Box<dyn ActiveDevice>>,
+    path: PathBuf,
+    dev: DeviceId,
+    writable: bool,
+}
+
+/// A writable device of containerd's (an active snapshot), which
+/// containerd may have mounted.
+#[derive(Debug, Clone)]
+pub(super) struct LayerWritable {
+    /// Record id.
+    pub id: DeviceId,
+    /// Backend device.
+    pub dev: DeviceId,
+    /// The attached block device.
+    pub path: PathBuf,
+}
+
+impl Engine {
+    /// containerd's writable devices, attached now.
+    pub(super) fn layer_writables(&self) -> Vec<LayerWritable> {
+        self.layer_devices
+            .held
+            .lock()
+            .iter()
+            .filter(|(_, h)| h.writable)
+            .map(|(id, h)| LayerWritable {
+                id: *id,
+                dev: h.dev,
+                path: h.path.clone(),
+            })
+            .collect()
+    }
+}
+
+/// The keys calls are working on: a call waits only for calls on the same
+/// keys (its own, its parent's, a commit's new name), never for others,
+/// so disk work (mkfs, clone, attach, delete) of different keys overlaps.
+#[derive(Default)]
+struct KeyLocks {
+    busy: Mutex<HashSet<String>>,
+    freed: Condvar,
+}
+
+struct KeyGuard<'a> {
+    locks: &'a KeyLocks,
+    keys: Vec<String>,
+}
+
+impl KeyLocks {
+    /// Take every key of `keys` (empty ones are skipped), all at once.
+    fn lock(&self, keys: &[&str]) -> KeyGuard<'_> {
+        let keys: Vec<String> = keys
+            .iter()
+            .filter(|k| !k.is_empty())
+            .map(|k| k.to_string())
+            .collect();
+        let mut busy = self.busy.lock();
+        while keys.iter().any(|k| busy.contains(k)) {
+            self.freed.wait(&mut busy);
+        }
+        busy.extend(keys.iter().cloned());
+        KeyGuard { locks: self, keys }
+    }
+}
+
+impl Drop for KeyGuard<'_> {
+    fn drop(&mut self) {
+        let mut busy = self.locks.busy.lock();
+        for k in &self.keys {
+            busy.remove(k);
+        }
+        self.locks.freed.notify_all();
+    }
+}
+
+/// containerd's snapshots over one engine.
 pub struct Layers {
     engine: Arc<Engine>,
-    /// One activation per active or view snapshot, by record id.
-    attached: Mutex<HashMap<DeviceId, Box<dyn ActiveDevice>>>,
-    /// Changes run one at a time (containerd's calls are sequential per
-    /// image; this keeps the key index scans and the attach map simple).
-    ops: Mutex<()>,
+    /// Keys with a call under way.
+    keys: KeyLocks,
+    /// Calls share it; Cleanup (which drops attachments of snapshots that
+    /// are gone) takes it alone, so it never races a Prepare's attach.
+    gate: RwLock<()>,
 }
 
 impl Layers {
-    /// containerd's snapshots in `engine`.
+    /// containerd's snapshots in `engine`. Devices a crashed daemon left
+    /// attached (mounted by running containers) are taken back, so that
+    /// the space guard watches them again.
     pub fn new(engine: Arc<Engine>) -> Layers {
-        Layers {
+        let l = Layers {
             engine,
-            attached: Mutex::new(HashMap::new()),
-            ops: Mutex::new(()),
+            keys: KeyLocks::default(),
+            gate: RwLock::new(()),
+        };
+        match l.all() {
+            Ok(all) => {
+                for r in all {
+                    let Ok(c) = info(&r) else { continue };
+                    if c.kind == ContainerdKind::Committed {
+                        continue;
+                    }
+                    if let Some(path) = l.engine.backend.live_attachment(r.dev) {
+                        log::info!(
+                            "containerd: {} ({}) is still attached at {}",
+                            r.name,
+                            escape(&cut(&c.key, MAX_SHOWN)),
+                            path.display()
+                        );
+                        l.hold(&r, None, path, c.kind == ContainerdKind::Active);
+                    }
+                }
+            }
+            Err(e) => log::warn!("containerd: cannot list snapshots at start: {e}"),
         }
+        l
+    }
+
+    fn hold(
+        &self,
+        r: &DeviceRecord,
+        active: Option<Box<dyn ActiveDevice>>,
+        path: PathBuf,
+        writable: bool,
+    ) {
+        self.engine.layer_devices.held.lock().insert(
+            r.id,
+            Held {
+                _active: active,
+                path,
+                dev: r.dev,
+                writable,
+            },
+        );
+    }
+
+    fn release(&self, id: DeviceId) {
+        self.engine.layer_devices.held.lock().remove(&id);
     }
 
     /// Every containerd snapshot that is complete (`Ready` or `Faulty`).
@@ -138,7 +279,8 @@ impl Layers {
         labels: BTreeMap<String, String>,
         view: bool,
     ) -> Result<LayerMount> {
-        let _g = self.ops.lock();
+        let _gate = self.gate.read();
+        let _keys = self.keys.lock(&[key, parent]);
         if key.is_empty() {
             return Err(Error::Invalid("empty snapshot key".into()));
         }
@@ -155,7 +297,14 @@ impl Layers {
             }
             Some(e.ready(p.id)?)
         };
-        e.check_reserve(&format!("prepare snapshot {key}"))?;
+        if let Err(err) = e.check_reserve(&format!("prepare snapshot {key}")) {
+            log::warn!(
+                "containerd: refused {} {}: {err}",
+                if view { "view" } else { "prepare" },
+                escape(&cut(key, MAX_SHOWN))
+            );
+            return Err(err);
+        }
         let kind = if view {
             ContainerdKind::View
         } else {
@@ -234,17 +383,27 @@ impl Layers {
                 )));
             }
         };
-        let mut map = self.attached.lock();
-        let source = match map.get(&rec.id) {
-            Some(a) => a.path().to_path_buf(),
+        let held = self
+            .engine
+            .layer_devices
+            .held
+            .lock()
+            .get(&rec.id)
+            .map(|h| h.path.clone());
+        // The caller holds the key: nobody attaches this device meanwhile.
+        let source = match held {
+            Some(p) => p,
             // Attached before a crash of the daemon and still mounted by
             // containerd: the same device again, never a second one (one
             // superblock per device). It lives as long as that mount.
-            None if let Some(p) = self.engine.backend.live_attachment(rec.dev) => p,
+            None if let Some(p) = self.engine.backend.live_attachment(rec.dev) => {
+                self.hold(rec, None, p.clone(), !ro);
+                p
+            }
             None => {
                 let a = self.engine.backend.activate(rec.dev, rec.size, ro)?;
                 let p = a.path().to_path_buf();
-                map.insert(rec.id, a);
+                self.hold(rec, Some(a), p.clone(), !ro);
                 p
             }
         };
@@ -257,7 +416,8 @@ impl Layers {
 
     /// Mounts of snapshot `key`.
     pub fn mounts(&self, key: &str) -> Result<LayerMount> {
-        let _g = self.ops.lock();
+        let _gate = self.gate.read();
+        let _keys = self.keys.lock(&[key]);
         let rec = self.get(key)?;
         self.engine.ready(rec.id)?;
         self.attach(&rec)
@@ -266,7 +426,8 @@ impl Layers {
     /// Commit active snapshot `key` as `name`: the same device, now
     /// committed (read-only from here on) and detached.
     pub fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<()> {
-        let _g = self.ops.lock();
+        let _gate = self.gate.read();
+        let _keys = self.keys.lock(&[key, name]);
         let rec = self.get(key)?;
         let mut rec = self.engine.ready(rec.id)?;
         if info(&rec)?.kind != ContainerdKind::Active {
@@ -277,7 +438,7 @@ impl Layers {
         }
         // containerd has unmounted it; our activation goes first, so that
         // clones of it are taken of a device nobody writes to.
-        self.attached.lock().remove(&rec.id);
+        self.release(rec.id);
         let now = now_secs();
         rec.containerd = Some(ContainerdInfo {
             key: name.to_string(),
@@ -292,7 +453,8 @@ impl Layers {
 
     /// Remove snapshot `key`; refused while it has children.
     pub fn remove(&self, key: &str) -> Result<()> {
-        let _g = self.ops.lock();
+        let _gate = self.gate.read();
+        let _keys = self.keys.lock(&[key]);
         let rec = self.get(key)?;
         let kids = self.engine.meta.children(rec.id)?;
         if !kids.is_empty() {
@@ -301,7 +463,7 @@ impl Layers {
                 kids.len()
             )));
         }
-        self.attached.lock().remove(&rec.id);
+        self.release(rec.id);
         self.engine.meta.txn(|t| {
             t.remove(rec.id)?;
             t.gc_add(rec.dev)
@@ -318,7 +480,8 @@ impl Layers {
         labels: BTreeMap<String, String>,
         fields: Option<&[String]>,
     ) -> Result<DeviceRecord> {
-        let _g = self.ops.lock();
+        let _gate = self.gate.read();
+        let _keys = self.keys.lock(&[key]);
         let mut rec = self.get(key)?;
         match fields {
             None | Some([]) => rec.labels = labels,
@@ -353,15 +516,19 @@ impl Layers {
     /// Let go of attachments whose snapshot is gone, finish pending
     /// deletions, and give space back.
     pub fn cleanup(&self) -> Result<()> {
-        let _g = self.ops.lock();
-        let live: Vec<DeviceId> = self.all()?.iter().map(|r| r.id).collect();
-        self.attached.lock().retain(|id, _| live.contains(id));
+        let _gate = self.gate.write();
+        let live: HashSet<DeviceId> = self.all()?.iter().map(|r| r.id).collect();
+        self.engine
+            .layer_devices
+            .held
+            .lock()
+            .retain(|id, _| live.contains(id));
         self.engine.collect_garbage()
     }
 
     /// Detach every device (daemon shutdown).
     pub fn detach_all(&self) {
-        self.attached.lock().clear();
+        self.engine.layer_devices.held.lock().clear();
     }
 }
 

@@ -1,8 +1,8 @@
 //! Read-only views: info, tree, usage, pool.
 
-use super::Engine;
+use super::{Engine, Target};
 use crate::backend::{PoolStatus, Usage};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::meta::{DeviceKind, DeviceRecord};
 use crate::types::{MAX_SHOWN, cut, escape};
 use serde::{Deserialize, Serialize};
@@ -63,6 +63,20 @@ impl DeviceInfo {
 }
 
 impl Engine {
+    /// What `thinfs info` shows for `t`: an image or snapshot, or
+    /// containerd's device `ctd-N` of any kind (inspection only: the
+    /// changing verbs resolve with [`Engine::resolve`], which never
+    /// reaches containerd's devices).
+    pub fn resolve_info(&self, t: &Target) -> Result<DeviceRecord> {
+        match self.resolve(t) {
+            Err(Error::NotFound(why)) if t.snap.is_none() => match self.layer_id(&t.image) {
+                Ok(id) => self.record(id),
+                Err(_) => Err(Error::NotFound(why)),
+            },
+            r => r,
+        }
+    }
+
     /// `image` or `image@snap` for a record.
     pub fn full_name(&self, r: &DeviceRecord) -> String {
         match (r.kind, r.parent) {

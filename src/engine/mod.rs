@@ -67,6 +67,8 @@ pub struct Engine {
     last_id: std::sync::atomic::AtomicU32,
     /// flock on the state directory, held while the engine lives.
     lock_file: Option<std::fs::File>,
+    /// Devices kept attached for containerd (see `containerd.rs`).
+    layer_devices: containerd::LayerDevices,
 }
 
 /// A reference to an image or snapshot by name.
@@ -166,6 +168,7 @@ impl Engine {
             holders: parking_lot::RwLock::new(None),
             lock_file: None,
             last_id: std::sync::atomic::AtomicU32::new(0),
+            layer_devices: Default::default(),
         };
         e.recover()?;
         // Keep the backend's transaction id (dm-thin) in step with sled's.

@@ -243,6 +243,34 @@ pub fn statvfs(fd: impl AsFd) -> io::Result<libc::statvfs> {
     Ok(s)
 }
 
+/// Free blocks of the filesystem mounted from block device `rdev`, in any
+/// mount namespace (ustat(2) finds the superblock by device number): how
+/// the space guard reads a filesystem that containerd mounted. EINVAL when
+/// nothing is mounted from it.
+pub fn ustat_free_blocks(rdev: libc::dev_t) -> io::Result<u64> {
+    #[repr(C)]
+    struct Ustat {
+        f_tfree: libc::c_int,
+        f_tinode: libc::c_ulong,
+        f_fname: [libc::c_char; 6],
+        f_fpack: [libc::c_char; 6],
+    }
+    let (major, minor) = (libc::major(rdev) as u64, libc::minor(rdev) as u64);
+    // The kernel's `new_decode_dev` encoding.
+    let dev = (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12);
+    let dev =
+        libc::c_uint::try_from(dev).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let mut u = Ustat {
+        f_tfree: 0,
+        f_tinode: 0,
+        f_fname: [0; 6],
+        f_fpack: [0; 6],
+    };
+    // SAFETY: `u` is a valid `struct ustat` the kernel fills in.
+    crate::sys::cvt_l(unsafe { libc::syscall(libc::SYS_ustat, dev, &mut u as *mut Ustat) })?;
+    Ok(u.f_tfree.max(0) as u64)
+}
+
 const EXT4_IOC_RESIZE_FS: libc::c_ulong = 0x4008_6610;
 
 /// Grow a mounted ext4 filesystem (the one `fd` is on) to `blocks` blocks.

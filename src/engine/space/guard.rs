@@ -119,7 +119,12 @@ impl Watcher {
         for s in &samples {
             self.tracked.entry(s.id).or_insert_with(|| {
                 log::debug!(
-                    "space guard: now guarding image id {} ({}): {} bytes in use at first sight",
+                    "space guard: now guarding {} id {} ({}): {} bytes in use at first sight",
+                    if s.layer {
+                        "containerd snapshot"
+                    } else {
+                        "image"
+                    },
                     s.id,
                     s.sysfs.display(),
                     s.used
@@ -162,10 +167,26 @@ impl Watcher {
             t.last_used = s.used;
             if s.errors > 0 && !t.warned_errors {
                 t.warned_errors = true;
-                let name = engine
-                    .record(s.id)
-                    .map(|r| engine.full_name(&r))
-                    .unwrap_or_else(|_| format!("id {}", s.id));
+                let rec = engine.record(s.id).ok();
+                let name = rec
+                    .as_ref()
+                    .map(|r| engine.log_name(r))
+                    .unwrap_or_else(|| format!("id {}", s.id));
+                if s.layer {
+                    // containerd mounted it: only containerd can unmount
+                    // it, and a removed snapshot takes its errors along.
+                    let key = rec
+                        .and_then(|r| r.containerd)
+                        .map(|c| c.key)
+                        .unwrap_or_default();
+                    log::error!(
+                        "containerd snapshot {name} ({}): ext4 reports {} error(s) ({})",
+                        crate::types::escape(&crate::types::cut(&key, crate::types::MAX_SHOWN)),
+                        s.errors,
+                        t.sysfs.display()
+                    );
+                    continue;
+                }
                 log::error!(
                     "image {name}: ext4 reports {} error(s) ({}; a journal aborted by a failed write turns it read-only); it will be repaired (e2fsck -fy) when it is next unmounted",
                     s.errors,

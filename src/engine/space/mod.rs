@@ -9,6 +9,13 @@
 //! with ENOSPC in `write()`, before anything reaches the block device), and
 //! lowers it again when the pool has room.
 //!
+//! The same knob caps containerd's writable devices (active snapshots),
+//! which containerd mounts itself, in its own mount namespaces: the ext4
+//! sysfs directory is per superblock, named after the block device the
+//! engine attached, and ustat(2) gives the free blocks of a superblock by
+//! device number, wherever it is mounted. A container that fills the pool
+//! gets ENOSPC in `write()` like an image's writer.
+//!
 //! It owns that sysfs knob, the pool's ok/low/full state, the log
 //! warnings at 80 %, 90 % and full, and the repair of an image whose ext4
 //! reported errors (`errors_count` in sysfs, e.g. an aborted journal): it
@@ -41,6 +48,7 @@ use crate::meta::DeviceKind;
 use crate::types::{Bytes, DeviceId};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -95,6 +103,8 @@ struct Sample {
     /// Journal plus metadata margin (doubled when sharing blocks).
     hidden: u64,
     errors: u64,
+    /// containerd's device (mounted by containerd, not by the engine).
+    layer: bool,
 }
 
 /// Per-image state kept across ticks.
@@ -148,6 +158,27 @@ fn ext4_sysfs(dev: &Path) -> Option<PathBuf> {
     let name = dev.file_name()?;
     let p = Path::new("/sys/fs/ext4").join(name);
     p.is_dir().then_some(p)
+}
+
+/// Block size and block count of the ext4 on block device `dev`, from its
+/// superblock (they do not change while it is mounted).
+fn ext4_geometry(dev: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(dev).ok()?;
+    let mut sb = [0u8; 1024];
+    f.read_exact_at(&mut sb, 1024).ok()?;
+    let le32 = |o: usize| u32::from_le_bytes([sb[o], sb[o + 1], sb[o + 2], sb[o + 3]]) as u64;
+    if u16::from_le_bytes([sb[0x38], sb[0x39]]) != 0xEF53 {
+        return None;
+    }
+    let bsize = 1024u64.checked_shl(le32(0x18) as u32)?;
+    // s_blocks_count_hi counts only with the 64bit feature (incompat 0x80).
+    let hi = if le32(0x60) & 0x80 != 0 {
+        le32(0x150)
+    } else {
+        0
+    };
+    Some((bsize, (hi << 32) | le32(0x4)))
 }
 
 /// Full when the guard can give writers less than this.
@@ -210,7 +241,9 @@ impl Engine {
         let snaps = self.snapshots_of(id).map(|s| !s.is_empty()).unwrap_or(true);
         Some((
             r.size.0,
-            snaps || (r.kind == DeviceKind::Image && r.parent.is_some()),
+            snaps
+                || (matches!(r.kind, DeviceKind::Image | DeviceKind::Containerd)
+                    && r.parent.is_some()),
         ))
     }
 
@@ -258,6 +291,48 @@ impl Engine {
                 hidden: if shares { 2 * one } else { one },
                 errors: read_u64(&sysfs.join("errors_count")).unwrap_or(0),
                 sysfs,
+                layer: false,
+            });
+        }
+        for w in self.layer_writables() {
+            let Some(sysfs) = ext4_sysfs(&w.path) else {
+                // Not mounted by containerd (yet): nothing can write.
+                continue;
+            };
+            let Ok(rdev) = std::fs::metadata(&w.path).map(|m| m.rdev()) else {
+                continue;
+            };
+            let Ok(bfree) = crate::sys::fsio::ustat_free_blocks(rdev) else {
+                continue;
+            };
+            if let Some(prev) = cached(w.id, &sysfs, bfree) {
+                v.push(prev);
+                continue;
+            }
+            let Some((bsize, blocks)) = ext4_geometry(&w.path) else {
+                continue;
+            };
+            let Ok(backed) = self.backend.allocated(w.dev) else {
+                continue;
+            };
+            let Some((size, shares)) = shape(w.id) else {
+                continue;
+            };
+            let delalloc = read_u64(&sysfs.join("delayed_allocation_blocks")).unwrap_or(0) * bsize;
+            let one = journal_bytes(size) + META_MARGIN;
+            v.push(Sample {
+                id: w.id,
+                bfree,
+                // From the whole block count (statfs would take the
+                // metadata overhead off): the guard uses differences only.
+                used: blocks.saturating_sub(bfree) * bsize,
+                bsize,
+                delalloc,
+                backed,
+                hidden: if shares { 2 * one } else { one },
+                errors: read_u64(&sysfs.join("errors_count")).unwrap_or(0),
+                sysfs,
+                layer: true,
             });
         }
         v
@@ -328,6 +403,7 @@ mod tests {
             backed,
             hidden: 80 << 20,
             errors: 0,
+            layer: false,
         }
     }
 
