@@ -286,11 +286,13 @@ fn root_stream_service_haves_rights_and_cancel() {
         incremental_from: None,
         haves: None,
         compress: false,
+        resume_token: None,
     };
     let rreq = |name: &str| ReceiveRequest {
         name: name.into(),
         force_rollback: false,
         keep_partial: false,
+        abandon: false,
     };
     // Rights: a raw stream bypasses file permissions.
     let (f, _) = file(&sa, "x");
@@ -519,6 +521,7 @@ fn root_stream_compressed_round_trip_through_the_service() {
             incremental_from: None,
             haves: None,
             compress,
+            resume_token: None,
         };
         a.send(&root, &req, f, &Job::new()).unwrap();
         p
@@ -539,6 +542,7 @@ fn root_stream_compressed_round_trip_through_the_service() {
         name: "copy".into(),
         force_rollback: false,
         keep_partial: false,
+        abandon: false,
     };
     // A cut compressed stream is refused and leaves nothing.
     let before = pool_state(b.engine());
