@@ -121,27 +121,45 @@ fn root_resume_after_cut_streams_full_and_incremental() {
     ok(&format!("{sa} send -q base@v1 | {sb} receive -q ref"));
 
     // A cut full stream with -s: refused, the partial state kept and shown.
-    let out = fails(&format!("{sa} send -q base@v1 | head -c 21000000 | {sb} receive -s copy"));
-    assert!(out.contains("bad stream") && out.contains("ends early"), "{out}");
-    assert!(out.contains("partial receive kept") && out.contains("thinfs send -t thinfs-resume-"), "{out}");
+    let out = fails(&format!(
+        "{sa} send -q base@v1 | head -c 21000000 | {sb} receive -s copy"
+    ));
+    assert!(
+        out.contains("bad stream") && out.contains("ends early"),
+        "{out}"
+    );
+    assert!(
+        out.contains("partial receive kept") && out.contains("thinfs send -t thinfs-resume-"),
+        "{out}"
+    );
     let v = info_json(&b, "copy");
     assert_eq!(v["state"], "partial", "{v}");
     // `received`: the device offset below which everything is in (a
     // checkpoint was passed, so it is past the start, and short of the end).
     let got = v["received"].as_u64().unwrap();
-    assert!(got > 0 && got < v["size"].as_u64().unwrap(), "received {got}: {v}");
+    assert!(
+        got > 0 && got < v["size"].as_u64().unwrap(),
+        "received {got}: {v}"
+    );
     let list = ok(&format!("{sb} list"));
     assert!(
-        list.lines().any(|l| l.starts_with("copy ") && l.contains("partial")),
+        list.lines()
+            .any(|l| l.starts_with("copy ") && l.contains("partial")),
         "{list}"
     );
     let human = ok(&format!("{sb} info copy"));
-    assert!(human.contains("partial") && human.contains("thinfs-resume-"), "{human}");
+    assert!(
+        human.contains("partial") && human.contains("thinfs-resume-"),
+        "{human}"
+    );
     let token = token_of(&b, "copy");
 
     // A receive without -t over the partial state is refused, naming -A/-t.
     let out = fails(&format!("{sa} send -q base@v1 | {sb} receive copy"));
-    assert!(out.contains("receive -A copy") && out.contains("send -t"), "{out}");
+    assert!(
+        out.contains("receive -A copy") && out.contains("send -t"),
+        "{out}"
+    );
     let out = fails(&format!("{sa} send -q base@v1 | {sb} receive -s copy"));
     assert!(out.contains("partial receive"), "{out}");
 
@@ -150,8 +168,14 @@ fn root_resume_after_cut_streams_full_and_incremental() {
     let last = if bad.ends_with('0') { "1" } else { "0" };
     bad.replace_range(bad.len() - 1.., last);
     let out = fails(&format!("{sa} send -q -t {bad} | {sb} receive copy"));
-    assert!(out.contains("resume token refused") && out.contains("MAC"), "{out}");
-    assert!(out.contains("Invalid argument") || out.contains("invalid"), "{out}");
+    assert!(
+        out.contains("resume token refused") && out.contains("MAC"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Invalid argument") || out.contains("invalid"),
+        "{out}"
+    );
     // The offset (u64 LE at byte 43): its third byte, so that it stays
     // aligned and the sender sends; the receiver refuses the MAC.
     let mut bad = token.clone();
@@ -159,12 +183,18 @@ fn root_resume_after_cut_streams_full_and_incremental() {
     let c = if &bad[at..at + 1] == "0" { "1" } else { "0" };
     bad.replace_range(at..at + 1, c);
     let out = fails(&format!("{sa} send -q -t {bad} | {sb} receive copy"));
-    assert!(out.contains("resume token refused") && out.contains("MAC"), "{out}");
+    assert!(
+        out.contains("resume token refused") && out.contains("MAC"),
+        "{out}"
+    );
     assert_eq!(info_json(&b, "copy")["state"], "partial");
 
     // Resume: the rest only, and the same result as the reference.
     let out = ok(&format!("{sa} send -t {token} | {sb} receive copy"));
-    assert!(out.contains("resumed") && out.contains("received copy@v1"), "{out}");
+    assert!(
+        out.contains("resumed") && out.contains("received copy@v1"),
+        "{out}"
+    );
     assert!(info_json(&b, "copy").get("receive_resume_token").is_none());
     assert_eq!(tree(&b.path("ref")), tree(&b.path("copy")));
     assert_eq!(tree(&a.path("base/.snapshots/v1")), tree(&b.path("copy")));
@@ -178,14 +208,17 @@ fn root_resume_after_cut_streams_full_and_incremental() {
     // -F on incremental receives here: ext4's lazy inode-table init may
     // still write a group descriptor of an image mounted a moment ago
     // (seen once: "changed since its newest snapshot ... at byte 4114").
-    ok(&format!("{sa} send -q -i v1 base@v2 | {sb} receive -F -q ref"));
+    ok(&format!(
+        "{sa} send -q -i v1 base@v2 | {sb} receive -F -q ref"
+    ));
     let out = fails(&format!(
         "{sa} send -q --compress -i v1 base@v2 | head -c 14000000 | {sb} receive -F -s copy"
     ));
     assert!(out.contains("partial receive kept"), "{out}");
     let list = ok(&format!("{sb} list"));
     assert!(
-        list.lines().any(|l| l.starts_with("copy@v2 ") && l.contains("partial")),
+        list.lines()
+            .any(|l| l.starts_with("copy@v2 ") && l.contains("partial")),
         "{list}"
     );
     let v = info_json(&b, "copy");
@@ -203,7 +236,9 @@ fn root_resume_after_cut_streams_full_and_incremental() {
     std::fs::create_dir(a.path("base/.snapshots/v3")).unwrap();
     let mid = pool_state(&b);
     let used_mid = b_used(&b);
-    fails(&format!("{sa} send -q base@v3 | head -c 12000000 | {sb} receive -s other"));
+    fails(&format!(
+        "{sa} send -q base@v3 | head -c 12000000 | {sb} receive -s other"
+    ));
     assert_eq!(info_json(&b, "other")["state"], "partial");
     let token = token_of(&b, "other");
     std::fs::remove_dir(a.path("base/.snapshots/v3")).unwrap();
@@ -214,7 +249,10 @@ fn root_resume_after_cut_streams_full_and_incremental() {
     assert!(out.contains("abandoned"), "{out}");
     assert_eq!(pool_state(&b), mid, "-A leaves no record or device");
     let used = b_used(&b);
-    assert!(used <= used_mid + (1 << 20), "pool space back: {used_mid} -> {used}");
+    assert!(
+        used <= used_mid + (1 << 20),
+        "pool space back: {used_mid} -> {used}"
+    );
     fails(&format!("{sb} info other"));
     let out = fails(&format!("{sb} receive -A other"));
     assert!(out.contains("no partial receive"), "{out}");

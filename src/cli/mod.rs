@@ -418,9 +418,13 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Tree { dot, json } => print(call(Op::Tree)?, json, |v| show::tree(v, dot)),
         Cmd::Info { target, json } => {
             let partials = call(Op::Partials)?;
-            let v = show::with_partial(call(Op::Info {
-                target: target.clone(),
-            }), &partials, &target)?;
+            let v = show::with_partial(
+                call(Op::Info {
+                    target: target.clone(),
+                }),
+                &partials,
+                &target,
+            )?;
             print(v, json, show::info)
         }
         Cmd::Usage { json } => print(call(Op::Usage)?, json, show::usage),

@@ -193,20 +193,25 @@ pub fn tree(v: Value, dot: bool) -> Result<String> {
 /// columns: NAME (a full stream: the image is partially received) or
 /// NAME@SNAP (incremental), state `partial`, used = bytes received.
 pub fn partial_rows(partials: &Value, kind: &str, fields: &[String]) -> String {
-    let Ok(ps) = serde_json::from_value::<Vec<crate::engine::PartialInfo>>(partials.clone())
-    else {
+    let Ok(ps) = serde_json::from_value::<Vec<crate::engine::PartialInfo>>(partials.clone()) else {
         return String::new();
     };
     let mut out = String::new();
     for p in ps {
-        let ty = if p.base.is_some() { "snapshot" } else { "image" };
+        let ty = if p.base.is_some() {
+            "snapshot"
+        } else {
+            "image"
+        };
         if kind != "all" && kind != ty {
             continue;
         }
         let cells: Vec<String> = fields
             .iter()
             .map(|f| match f.as_str() {
-                "name" if p.base.is_some() => escape(&format!("{}@{}", p.name, p.snapshot)).into_owned(),
+                "name" if p.base.is_some() => {
+                    escape(&format!("{}@{}", p.name, p.snapshot)).into_owned()
+                }
                 "name" => escape(&p.name).into_owned(),
                 "type" => ty.into(),
                 "state" => "partial".into(),
@@ -295,7 +300,10 @@ pub fn info(v: Value) -> Result<String> {
         }
     ));
     if let Some(t) = token {
-        out.push_str(&format!("{:<10} partial receive kept (receive -s); token {t}\n", "receive"));
+        out.push_str(&format!(
+            "{:<10} partial receive kept (receive -s); token {t}\n",
+            "receive"
+        ));
     }
     Ok(out)
 }

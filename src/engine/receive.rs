@@ -403,8 +403,7 @@ impl Engine {
                     match rec {
                         Record::Check { upto } => match keep {
                             Some(p) => {
-                                f.sync_data()
-                                    .ctx(|| "sync the received device".into())?;
+                                f.sync_data().ctx(|| "sync the received device".into())?;
                                 self.meta.partial_advance(&p.name, p.dev, upto)?;
                                 failpoint("receive.checkpoint");
                                 Ok(())

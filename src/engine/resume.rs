@@ -93,9 +93,9 @@ impl Engine {
 
     /// `receive -A NAME`: drop the partial receive and free its device.
     pub fn abandon_receive(&self, name: &Name) -> Result<PartialInfo> {
-        let info = self.partial_receive(name)?.ok_or_else(|| {
-            Error::NotFound(format!("{name} has no partial receive to abandon"))
-        })?;
+        let info = self
+            .partial_receive(name)?
+            .ok_or_else(|| Error::NotFound(format!("{name} has no partial receive to abandon")))?;
         let p = self
             .meta
             .partial_get(name)?

@@ -44,7 +44,8 @@ mod token;
 pub use decode::Decoder;
 pub use encode::Encoder;
 pub use format::{
-    CHECK_EVERY, FLAG_LZ4, FLAG_RESUME, MAX_DATA, MAX_PAYLOAD, Record, Resume, StreamHeader, VERSION,
+    CHECK_EVERY, FLAG_LZ4, FLAG_RESUME, MAX_DATA, MAX_PAYLOAD, Record, Resume, StreamHeader,
+    VERSION,
 };
 pub use token::ResumeToken;
 

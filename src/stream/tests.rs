@@ -345,7 +345,9 @@ fn checkpoints_come_every_8_mib_and_are_checked() {
     assert_eq!(checks, vec![8 << 20, 16 << 20]);
     // The first checkpoint's digest, changed (checksums made right again):
     // refused as a digest mismatch at the checkpoint.
-    let at = format::PREAMBLE + format::REC_HEADER + header(None).encode().len()
+    let at = format::PREAMBLE
+        + format::REC_HEADER
+        + header(None).encode().len()
         + 8 * (format::REC_HEADER + (1 << 20));
     let mut b = s.clone();
     let hb: [u8; format::REC_HEADER] = b[at..at + format::REC_HEADER].try_into().unwrap();
