@@ -410,9 +410,9 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let fields: Vec<String> = fields.split(',').map(|s| s.trim().to_string()).collect();
             let partials = call(Op::Partials)?;
-            print(call(Op::List { kind: kind.clone() })?, json, |v| {
-                show::list(v, &fields, !no_header)
-                    .map(|t| t + &show::partial_rows(&partials, &kind, &fields))
+            let extra = show::partial_rows(&partials, &kind, &fields);
+            print(call(Op::List { kind })?, json, |v| {
+                show::list_with(v, &fields, !no_header, extra)
             })
         }
         Cmd::Tree { dot, json } => print(call(Op::Tree)?, json, |v| show::tree(v, dot)),

@@ -80,6 +80,16 @@ fn raw_field(d: &DeviceInfo, f: &str) -> String {
 
 /// `thinfs list`.
 pub fn list(v: Value, fields: &[String], header: bool) -> Result<String> {
+    list_with(v, fields, header, Vec::new())
+}
+
+/// [`list`] with `extra` rows (cells of `fields`) after the devices.
+pub fn list_with(
+    v: Value,
+    fields: &[String],
+    header: bool,
+    extra: Vec<Vec<String>>,
+) -> Result<String> {
     for f in fields {
         if !FIELDS.contains(&f.as_str()) {
             return Err(Error::Invalid(format!(
@@ -88,10 +98,11 @@ pub fn list(v: Value, fields: &[String], header: bool) -> Result<String> {
             )));
         }
     }
-    let rows: Vec<Vec<String>> = devices(v)?
+    let mut rows: Vec<Vec<String>> = devices(v)?
         .iter()
         .map(|d| fields.iter().map(|f| field(d, f)).collect())
         .collect();
+    rows.extend(extra);
     let mut widths: Vec<usize> = fields
         .iter()
         .map(|f| if header { f.len() } else { 0 })
@@ -192,40 +203,40 @@ pub fn tree(v: Value, dot: bool) -> Result<String> {
 /// `thinfs list`'s rows of partial receives (`receive -s`), in the same
 /// columns: NAME (a full stream: the image is partially received) or
 /// NAME@SNAP (incremental), state `partial`, used = bytes received.
-pub fn partial_rows(partials: &Value, kind: &str, fields: &[String]) -> String {
+pub fn partial_rows(partials: &Value, kind: &str, fields: &[String]) -> Vec<Vec<String>> {
     let Ok(ps) = serde_json::from_value::<Vec<crate::engine::PartialInfo>>(partials.clone()) else {
-        return String::new();
+        return Vec::new();
     };
-    let mut out = String::new();
-    for p in ps {
-        let ty = if p.base.is_some() {
-            "snapshot"
-        } else {
-            "image"
-        };
-        if kind != "all" && kind != ty {
-            continue;
-        }
-        let cells: Vec<String> = fields
-            .iter()
-            .map(|f| match f.as_str() {
-                "name" if p.base.is_some() => {
-                    escape(&format!("{}@{}", p.name, p.snapshot)).into_owned()
-                }
-                "name" => escape(&p.name).into_owned(),
-                "type" => ty.into(),
-                "state" => "partial".into(),
-                "size" => Bytes(p.size).human(),
-                "used" => Bytes(p.received).approx(),
-                "created" => p.created.to_string(),
-                "mounted" => "no".into(),
-                _ => "-".into(),
-            })
-            .collect();
-        out.push_str(&cells.join("  "));
-        out.push('\n');
-    }
-    out
+    ps.iter()
+        .filter_map(|p| {
+            let ty = if p.base.is_some() {
+                "snapshot"
+            } else {
+                "image"
+            };
+            if kind != "all" && kind != ty {
+                return None;
+            }
+            Some(
+                fields
+                    .iter()
+                    .map(|f| match f.as_str() {
+                        "name" if p.base.is_some() => {
+                            escape(&format!("{}@{}", p.name, p.snapshot)).into_owned()
+                        }
+                        "name" => escape(&p.name).into_owned(),
+                        "type" => ty.into(),
+                        "state" => "partial".into(),
+                        "size" => Bytes(p.size).human(),
+                        "used" => Bytes(p.received).approx(),
+                        "created" => p.created.to_string(),
+                        "mounted" => "no".into(),
+                        _ => "-".into(),
+                    })
+                    .collect(),
+            )
+        })
+        .collect()
 }
 
 /// `thinfs info NAME`: the device (with `receive_resume_token` when NAME
