@@ -8,7 +8,6 @@ mod common;
 
 use common::*;
 use std::os::unix::fs::FileExt;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 
@@ -286,15 +285,7 @@ fn root_resume_after_kill9_of_the_receiving_daemon() {
 
     // Half the stream, then the writer stalls: the daemon is killed while
     // the receive waits for more.
-    let mut recv = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "(head -c 25000000 {}; sleep 120) | {sb} receive -q -s copy",
-            stream.display()
-        ))
-        .process_group(0)
-        .spawn()
-        .unwrap();
+    let recv = stalled_receive(&b, &stream, "-s copy");
     let mut got = 0;
     for _ in 0..300 {
         let o = sh(&format!("{sb} info copy --json"));
@@ -308,8 +299,14 @@ fn root_resume_after_kill9_of_the_receiving_daemon() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     assert!(got > 0, "the receive never passed a checkpoint");
+    // While it runs, neither -A nor a second resume may touch it.
+    let out = fails(&format!("{sb} receive -A copy"));
+    assert!(out.contains("is running"), "{out}");
+    let token = token_of(&b, "copy");
+    let out = fails(&format!("{sa} send -q -t {token} | {sb} receive copy"));
+    assert!(out.contains("is running"), "{out}");
     b.kill9();
-    unsafe_kill_group(&mut recv);
+    end_stalled(recv);
     ok(&format!("umount -l {}", b.path("").display()));
     b.spawn();
     let v = info_json(&b, "copy");
@@ -324,30 +321,41 @@ fn root_resume_after_kill9_of_the_receiving_daemon() {
     assert_eq!(device_hash(&b, "ref@v1"), device_hash(&b, "copy@v1"));
     // Without -s, a killed receive leaves nothing after the restart.
     let before = pool_state(&b);
-    let mut recv = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "(head -c 25000000 {}; sleep 120) | {sb} receive -q none",
-            stream.display()
-        ))
-        .process_group(0)
-        .spawn()
-        .unwrap();
+    let recv = stalled_receive(&b, &stream, "none");
     std::thread::sleep(std::time::Duration::from_secs(3));
     b.kill9();
-    unsafe_kill_group(&mut recv);
+    end_stalled(recv);
     ok(&format!("umount -l {}", b.path("").display()));
     b.spawn();
     assert_eq!(pool_state(&b), before);
     fails(&format!("{sb} info none"));
 }
 
-/// End the shell pipeline of a test (its own process group).
-fn unsafe_kill_group(c: &mut std::process::Child) {
-    let _ = Command::new("kill")
-        .arg("-KILL")
-        .arg(format!("-{}", c.id()))
-        .status();
+/// `thinfs receive ARGS` fed the first 25 MB of `stream`, then nothing
+/// (its stdin stays open): it waits inside the daemon.
+fn stalled_receive(
+    m: &TestMount,
+    stream: &Path,
+    args: &str,
+) -> (std::process::Child, std::process::ChildStdin) {
+    use std::io::Write;
+    let mut c = Command::new(thinfs_bin())
+        .arg("receive")
+        .arg("-q")
+        .args(args.split(' '))
+        .env("THINFS_SOCKET", m.socket())
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = c.stdin.take().unwrap();
+    let data = std::fs::read(stream).unwrap();
+    input.write_all(&data[..25_000_000]).unwrap();
+    (c, input)
+}
+
+/// After the daemon died: close the input and reap the CLI.
+fn end_stalled((mut c, input): (std::process::Child, std::process::ChildStdin)) {
+    drop(input);
     let _ = c.wait();
 }
 

@@ -221,6 +221,12 @@ impl Engine {
         progress.total(h.size);
         let mut hidden = Hidden::new(self);
         let origin = plan.base.as_ref().map(|b| b.dev);
+        // A partial receive is written by one request at a time, and
+        // `-A` waits for none (see `resume.rs`).
+        let _in_use = match resume.is_some() || keep {
+            true => Some(self.claim_partial(name)?),
+            false => None,
+        };
         let (snap_dev, keep) = match resume {
             Some(p) => (p.dev, Some(p)),
             None if keep => {

@@ -28,6 +28,7 @@ use crate::error::{Error, Result};
 use crate::meta::{DeviceKind, DeviceRecord, PartialRecord};
 use crate::stream::{Resume, ResumeToken, StreamHeader};
 use crate::types::{Bytes, Name};
+use std::collections::BTreeSet;
 use std::io::Write;
 
 /// A partial receive as `list` and `info` show it.
@@ -51,7 +52,33 @@ pub struct PartialInfo {
     pub receive_resume_token: String,
 }
 
+/// Partial receives a request is writing right now, by (pool key, NAME):
+/// a second resume, or `-A`, waits for nothing and is refused. (The pool
+/// key tells pools of one process apart.)
+static ACTIVE: parking_lot::Mutex<BTreeSet<([u8; 32], String)>> =
+    parking_lot::Mutex::new(BTreeSet::new());
+
+/// One partial receive in use; released on drop.
+pub(super) struct InUse(([u8; 32], String));
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        ACTIVE.lock().remove(&self.0);
+    }
+}
+
 impl Engine {
+    /// Claim the partial receive of `name` for this request, or refuse.
+    pub(super) fn claim_partial(&self, name: &Name) -> Result<InUse> {
+        let k = (self.meta.resume_key()?, name.as_str().to_string());
+        if !ACTIVE.lock().insert(k.clone()) {
+            return Err(Error::Busy(format!(
+                "a receive into {name} is running (its partial receive is in use)"
+            )));
+        }
+        Ok(InUse(k))
+    }
+
     fn token_of(&self, p: &PartialRecord) -> Result<String> {
         Ok(ResumeToken {
             snap_id: p.snap_id,
@@ -93,6 +120,7 @@ impl Engine {
 
     /// `receive -A NAME`: drop the partial receive and free its device.
     pub fn abandon_receive(&self, name: &Name) -> Result<PartialInfo> {
+        let _in_use = self.claim_partial(name)?;
         let info = self
             .partial_receive(name)?
             .ok_or_else(|| Error::NotFound(format!("{name} has no partial receive to abandon")))?;

@@ -174,6 +174,14 @@ impl Txn<'_> {
     /// Keep a partial receive (its device leaves `receiving` in the same
     /// transaction, so no restart sweeps it).
     pub fn partial_put(&self, p: &PartialRecord) -> TxResult<()> {
+        if let Some(v) = self.partial.get(p.name.as_str().as_bytes())?
+            && serde_json::from_slice::<PartialRecord>(&v).map_or(true, |o| o.dev != p.dev)
+        {
+            return abort(Error::Busy(format!(
+                "{} has a partial receive already",
+                p.name
+            )));
+        }
         let bytes = encode(p).or_else(abort)?;
         self.partial.insert(p.name.as_str().as_bytes(), bytes)?;
         self.receiving.remove(&p.dev.key())?;
