@@ -286,11 +286,13 @@ fn root_stream_service_haves_rights_and_cancel() {
         incremental_from: None,
         haves: None,
         compress: false,
+        resume_token: None,
     };
     let rreq = |name: &str| ReceiveRequest {
         name: name.into(),
         force_rollback: false,
         keep_partial: false,
+        abandon: false,
     };
     // Rights: a raw stream bypasses file permissions.
     let (f, _) = file(&sa, "x");
@@ -298,12 +300,13 @@ fn root_stream_service_haves_rights_and_cancel() {
         .send(&caller(1000), &req("src@s1"), f, &Job::new())
         .unwrap_err();
     assert_eq!(err.errno(), libc::EPERM, "{err}");
-    // -s is refused as not implemented.
+    // -s with no readable stream header keeps nothing (root_resume.rs
+    // tests -s itself).
     let mut sreq = rreq("copy");
     sreq.keep_partial = true;
     let (f, _) = file(&sb, "x");
-    let err = b.receive(&root, &sreq, f, &Job::new()).unwrap_err();
-    assert!(err.to_string().contains("not implemented"), "{err}");
+    b.receive(&root, &sreq, f, &Job::new()).unwrap_err();
+    assert!(b.engine().partial_receives().unwrap().is_empty());
 
     // Full s1, received.
     let (f, p) = file(&sa, "full");
@@ -519,6 +522,7 @@ fn root_stream_compressed_round_trip_through_the_service() {
             incremental_from: None,
             haves: None,
             compress,
+            resume_token: None,
         };
         a.send(&root, &req, f, &Job::new()).unwrap();
         p
@@ -539,6 +543,7 @@ fn root_stream_compressed_round_trip_through_the_service() {
         name: "copy".into(),
         force_rollback: false,
         keep_partial: false,
+        abandon: false,
     };
     // A cut compressed stream is refused and leaves nothing.
     let before = pool_state(b.engine());

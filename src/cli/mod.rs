@@ -112,8 +112,13 @@ enum Cmd {
     },
     /// Write a snapshot stream to stdout (root or admin group; never to a terminal)
     Send {
-        /// NAME@SNAP to send
-        target: String,
+        /// NAME@SNAP to send (none with -t)
+        #[arg(required_unless_present = "token")]
+        target: Option<String>,
+        /// The rest of an interrupted stream: the receiver's resume token
+        /// (`thinfs info NAME --json`, receive_resume_token)
+        #[arg(short = 't', value_name = "TOKEN", conflicts_with_all = ["incremental", "haves"])]
+        token: Option<String>,
         /// Send only the difference from this older snapshot of the image
         #[arg(short = 'i', value_name = "SNAP")]
         incremental: Option<String>,
@@ -138,6 +143,9 @@ enum Cmd {
         /// Keep the partial state of an interrupted receive, to resume it
         #[arg(short = 's')]
         keep_partial: bool,
+        /// Abandon the partial receive of NAME (reads no stream)
+        #[arg(short = 'A', conflicts_with_all = ["keep_partial", "force"])]
+        abandon: bool,
         /// No progress bar and no summary
         #[arg(short = 'q', long)]
         quiet: bool,
@@ -359,6 +367,7 @@ fn run(cli: Cli) -> Result<()> {
         } => export::export(sock, target, output, quiet),
         Cmd::Send {
             target,
+            token,
             incremental,
             haves,
             compress,
@@ -366,7 +375,8 @@ fn run(cli: Cli) -> Result<()> {
         } => send::send(
             sock,
             send::SendArgs {
-                target,
+                target: target.unwrap_or_default(),
+                token,
                 incremental,
                 haves,
                 compress,
@@ -377,6 +387,7 @@ fn run(cli: Cli) -> Result<()> {
             name,
             force,
             keep_partial,
+            abandon,
             quiet,
         } => send::receive(
             sock,
@@ -384,6 +395,7 @@ fn run(cli: Cli) -> Result<()> {
                 name,
                 force_rollback: force,
                 keep_partial,
+                abandon,
             },
             quiet,
         ),
@@ -397,12 +409,24 @@ fn run(cli: Cli) -> Result<()> {
             json,
         } => {
             let fields: Vec<String> = fields.split(',').map(|s| s.trim().to_string()).collect();
+            let partials = call(Op::Partials)?;
+            let extra = show::partial_rows(&partials, &kind, &fields);
             print(call(Op::List { kind })?, json, |v| {
-                show::list(v, &fields, !no_header)
+                show::list_with(v, &fields, !no_header, extra)
             })
         }
         Cmd::Tree { dot, json } => print(call(Op::Tree)?, json, |v| show::tree(v, dot)),
-        Cmd::Info { target, json } => print(call(Op::Info { target })?, json, show::info),
+        Cmd::Info { target, json } => {
+            let partials = call(Op::Partials)?;
+            let v = show::with_partial(
+                call(Op::Info {
+                    target: target.clone(),
+                }),
+                &partials,
+                &target,
+            )?;
+            print(v, json, show::info)
+        }
         Cmd::Usage { json } => print(call(Op::Usage)?, json, show::usage),
         Cmd::Pool { json } => print(call(Op::Pool)?, json, show::pool),
         Cmd::Completions { shell } => {

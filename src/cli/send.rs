@@ -20,6 +20,8 @@ use std::path::{Path, PathBuf};
 pub struct SendArgs {
     /// `NAME@SNAP`.
     pub target: String,
+    /// `-t TOKEN`.
+    pub token: Option<String>,
     /// `-i SNAP`.
     pub incremental: Option<String>,
     /// `--haves FILE` (`-` for stdin).
@@ -69,6 +71,7 @@ pub fn send(socket: &Path, a: SendArgs) -> Result<()> {
             incremental_from: a.incremental,
             haves,
             compress: a.compress,
+            resume_token: a.token.clone(),
         }),
         &[stdout.as_fd()],
         |p| show(&pb, p),
@@ -89,8 +92,9 @@ pub fn send(socket: &Path, a: SendArgs) -> Result<()> {
                 .map(|b| format!("incremental from {b}"))
                 .unwrap_or_else(|| "full".to_string());
             eprintln!(
-                "sent {} ({base}): {} stream",
-                a.target,
+                "sent {} ({base}{}): {} stream",
+                v["snapshot"].as_str().unwrap_or(&a.target),
+                if a.token.is_some() { ", resumed" } else { "" },
                 Bytes(v["bytes"].as_u64().unwrap_or(0))
             );
         }
@@ -100,6 +104,18 @@ pub fn send(socket: &Path, a: SendArgs) -> Result<()> {
 
 /// Run `thinfs receive`.
 pub fn receive(socket: &Path, req: ReceiveRequest, quiet: bool) -> Result<()> {
+    if req.abandon {
+        // No stream: the daemon reads nothing from this descriptor.
+        let null = std::fs::File::open("/dev/null").ctx(|| "open /dev/null".into())?;
+        let v = client::stream(socket, Op::Receive(req), &[null.as_fd()], |_| {})?;
+        if !quiet {
+            eprintln!(
+                "abandoned the partial receive of {}",
+                v["snapshot"].as_str().unwrap_or("?")
+            );
+        }
+        return Ok(());
+    }
     if scm::is_tty(std::io::stdin()) {
         return Err(Error::Invalid(
             "refusing to read a snapshot stream from a terminal: pipe it in (thinfs send NAME@SNAP | thinfs receive NAME)".into(),

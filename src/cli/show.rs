@@ -80,6 +80,16 @@ fn raw_field(d: &DeviceInfo, f: &str) -> String {
 
 /// `thinfs list`.
 pub fn list(v: Value, fields: &[String], header: bool) -> Result<String> {
+    list_with(v, fields, header, Vec::new())
+}
+
+/// [`list`] with `extra` rows (cells of `fields`) after the devices.
+pub fn list_with(
+    v: Value,
+    fields: &[String],
+    header: bool,
+    extra: Vec<Vec<String>>,
+) -> Result<String> {
     for f in fields {
         if !FIELDS.contains(&f.as_str()) {
             return Err(Error::Invalid(format!(
@@ -88,10 +98,11 @@ pub fn list(v: Value, fields: &[String], header: bool) -> Result<String> {
             )));
         }
     }
-    let rows: Vec<Vec<String>> = devices(v)?
+    let mut rows: Vec<Vec<String>> = devices(v)?
         .iter()
         .map(|d| fields.iter().map(|f| field(d, f)).collect())
         .collect();
+    rows.extend(extra);
     let mut widths: Vec<usize> = fields
         .iter()
         .map(|f| if header { f.len() } else { 0 })
@@ -189,8 +200,84 @@ pub fn tree(v: Value, dot: bool) -> Result<String> {
     Ok(out)
 }
 
+/// `thinfs list`'s rows of partial receives (`receive -s`), in the same
+/// columns: NAME (a full stream: the image is partially received) or
+/// NAME@SNAP (incremental), state `partial`, used = bytes received.
+pub fn partial_rows(partials: &Value, kind: &str, fields: &[String]) -> Vec<Vec<String>> {
+    let Ok(ps) = serde_json::from_value::<Vec<crate::engine::PartialInfo>>(partials.clone()) else {
+        return Vec::new();
+    };
+    ps.iter()
+        .filter_map(|p| {
+            let ty = if p.base.is_some() {
+                "snapshot"
+            } else {
+                "image"
+            };
+            if kind != "all" && kind != ty {
+                return None;
+            }
+            Some(
+                fields
+                    .iter()
+                    .map(|f| match f.as_str() {
+                        "name" if p.base.is_some() => {
+                            escape(&format!("{}@{}", p.name, p.snapshot)).into_owned()
+                        }
+                        "name" => escape(&p.name).into_owned(),
+                        "type" => ty.into(),
+                        "state" => "partial".into(),
+                        "size" => Bytes(p.size).human(),
+                        "used" => Bytes(p.received).approx(),
+                        "created" => p.created.to_string(),
+                        "mounted" => "no".into(),
+                        _ => "-".into(),
+                    })
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+/// `thinfs info NAME`: the device (with `receive_resume_token` when NAME
+/// has a partial receive), or the partial receive alone when NAME is an
+/// image that a full stream is still filling.
+pub fn with_partial(info: Result<Value>, partials: &Value, target: &str) -> Result<Value> {
+    let p = partials
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["name"].as_str() == Some(target)))
+        .cloned();
+    match (info, p) {
+        (Ok(mut v), Some(p)) => {
+            v["receive_resume_token"] = p["receive_resume_token"].clone();
+            v["partial_receive"] = p;
+            Ok(v)
+        }
+        (Ok(v), None) => Ok(v),
+        (Err(_), Some(mut p)) => {
+            p["state"] = "partial".into();
+            Ok(p)
+        }
+        (Err(e), None) => Err(e),
+    }
+}
+
 /// `thinfs info`.
 pub fn info(v: Value) -> Result<String> {
+    if v["state"].as_str() == Some("partial") {
+        let p: crate::engine::PartialInfo =
+            serde_json::from_value(v).map_err(|e| Error::Corrupt(format!("info: {e}")))?;
+        return Ok(format!(
+            "name       {}\nstate      partial (receive -s: {} of {} received of @{}, identity {})\ntoken      {}\n",
+            escape(&p.name),
+            Bytes(p.received).approx(),
+            Bytes(p.size).human(),
+            escape(&p.snapshot),
+            p.identity,
+            p.receive_resume_token
+        ));
+    }
+    let token = v["receive_resume_token"].as_str().map(str::to_string);
     let d: DeviceInfo =
         serde_json::from_value(v).map_err(|e| Error::Corrupt(format!("info: {e}")))?;
     let mut out = String::new();
@@ -230,6 +317,12 @@ pub fn info(v: Value) -> Result<String> {
             "{:<10} {}\n",
             "ctd-kind",
             kind.as_str().unwrap_or("?")
+        ));
+    }
+    if let Some(t) = token {
+        out.push_str(&format!(
+            "{:<10} partial receive kept (receive -s); token {t}\n",
+            "receive"
         ));
     }
     Ok(out)

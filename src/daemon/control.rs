@@ -331,6 +331,7 @@ fn handle(service: &Service, who: &Caller, op: &Op) -> Result<serde_json::Value>
             &service.devices_with_usage()?.iter().collect::<Vec<_>>(),
         )),
         Op::Pool => to_json(e.pool_info()?),
+        Op::Partials => to_json(e.partial_receives()?),
         Op::Create { name, size } => {
             let size = size.as_deref().map(Bytes::parse).transpose()?;
             to_json(service.create_info(who, &Name::fresh(name)?, size)?)

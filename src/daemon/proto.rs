@@ -138,6 +138,9 @@ pub enum Op {
     Send(crate::service::SendRequest),
     /// Streaming, one descriptor (the input): receive a snapshot stream.
     Receive(crate::service::ReceiveRequest),
+    /// Partial receives kept by `receive -s`, with their resume tokens
+    /// (`list` and `info` show them).
+    Partials,
     /// An image's snapshots with their identities (`send --haves`).
     Haves {
         /// Image name.
@@ -184,6 +187,7 @@ impl Op {
                 | Op::Export(_)
                 | Op::Send(_)
                 | Op::Haves { .. }
+                | Op::Partials
         )
     }
 

@@ -17,6 +17,36 @@ use std::collections::BTreeMap;
 /// Filesystem put in new images.
 pub const DEFAULT_FS: &str = "ext4";
 
+/// A new device record as every creator writes it (create's intent,
+/// receive's and import's publish): `Ready`, made now, no parent, labels
+/// or error; the caller sets what differs.
+pub(super) fn ready_record(
+    dev: DeviceId,
+    name: Name,
+    kind: DeviceKind,
+    size: Bytes,
+    seq: u64,
+    identity: Option<crate::meta::Identity>,
+) -> DeviceRecord {
+    DeviceRecord {
+        id: dev,
+        dev,
+        name,
+        kind,
+        parent: None,
+        size,
+        fs: DEFAULT_FS.into(),
+        state: DeviceState::Ready,
+        pending_dev: None,
+        error: None,
+        created: now_secs(),
+        seq,
+        labels: BTreeMap::new(),
+        identity,
+        containerd: None,
+    }
+}
+
 impl Engine {
     /// Write the intent record of a new device; returns it.
     fn intent(
@@ -29,28 +59,16 @@ impl Engine {
         let _g = self.alloc.lock();
         let dev = self.alloc_dev()?;
         let seq = self.meta.pool()?.map(|p| p.transaction_id + 1).unwrap_or(0);
+        let identity = match kind {
+            DeviceKind::Snapshot => Some(
+                crate::meta::Identity::random().map_err(|e| Error::io("read /dev/urandom", e))?,
+            ),
+            DeviceKind::Image | DeviceKind::Containerd => None,
+        };
         let rec = DeviceRecord {
-            id: dev,
-            dev,
-            name: name.clone(),
-            kind,
             parent,
-            size,
-            fs: DEFAULT_FS.into(),
             state: DeviceState::Creating,
-            pending_dev: None,
-            error: None,
-            created: now_secs(),
-            seq,
-            labels: BTreeMap::new(),
-            identity: match kind {
-                DeviceKind::Snapshot => Some(
-                    crate::meta::Identity::random()
-                        .map_err(|e| Error::io("read /dev/urandom", e))?,
-                ),
-                DeviceKind::Image | DeviceKind::Containerd => None,
-            },
-            containerd: None,
+            ..ready_record(dev, name.clone(), kind, size, seq, identity)
         };
         self.meta.txn(|t| t.put(&rec))?;
         Ok(rec)

@@ -14,12 +14,11 @@
 //!    filled device, read-only from then on).
 
 use super::send::Hidden;
-use super::{Engine, failpoint, now_secs};
+use super::{Engine, failpoint};
 use crate::error::{Error, Result};
-use crate::meta::{DeviceKind, DeviceRecord, DeviceState, Identity};
+use crate::meta::{DeviceKind, DeviceRecord, Identity};
 use crate::sys::fsio;
 use crate::types::{Bytes, Name};
-use std::collections::BTreeMap;
 use std::os::fd::BorrowedFd;
 
 /// What an import made.
@@ -55,23 +54,15 @@ impl Engine {
         let mut hidden = Hidden::new(self);
         let dev = hidden.make(None, size)?;
         failpoint("import.hidden");
-        let mut rec = DeviceRecord {
-            id: dev,
+        let identity = Identity::random().map_err(|e| Error::io("read /dev/urandom", e))?;
+        let mut rec = super::create::ready_record(
             dev,
-            name: name.clone(),
-            kind: DeviceKind::Snapshot,
-            parent: None,
+            name.clone(),
+            DeviceKind::Snapshot,
             size,
-            fs: super::create::DEFAULT_FS.into(),
-            state: DeviceState::Ready,
-            pending_dev: None,
-            error: None,
-            created: now_secs(),
-            seq: 0,
-            labels: BTreeMap::new(),
-            identity: Some(Identity::random().map_err(|e| Error::io("read /dev/urandom", e))?),
-            containerd: None,
-        };
+            0,
+            Some(identity),
+        );
         self.mkfs(&rec)?;
         {
             let m = self.mount_dev(&rec, false)?;

@@ -17,6 +17,7 @@ mod pool;
 mod receive;
 mod recover;
 mod remove;
+mod resume;
 mod send;
 pub mod space;
 mod unchanged;
@@ -27,6 +28,7 @@ pub use mounts::{Mounted, OFFLINE_WAIT, OpenToken};
 pub use offline::{DeviceEntry, Holders, Offline};
 pub use pool::{BackendChoice, PoolOptions};
 pub use receive::Received;
+pub use resume::PartialInfo;
 pub use send::{Progress, STREAM_BLOCK, SendStats};
 
 use crate::backend::Backend;

@@ -15,6 +15,16 @@
 //!    from the stream), the new image (full) or the image's head swapped
 //!    to the new clone with the old head queued in `gc` (incremental).
 //!
+//! With `-s` (keep), the device of step 2 becomes a partial receive in the
+//! same transaction that makes it visible (`partial` tree, see
+//! `resume.rs`): checkpoints of the stream advance its offset, an error
+//! or a crash keeps it, the publish of step 5 drops it.
+//!
+//! With `-s` (keep), the device of step 2 becomes a partial receive in the
+//! same transaction that makes it visible (`partial` tree, see
+//! `resume.rs`): checkpoints of the stream advance its offset, an error
+//! or a crash keeps it, the publish of step 5 drops it.
+//!
 //! "Unchanged since its newest snapshot" is decided on the blocks,
 //! ignoring what a mount alone writes (see `unchanged.rs`). `-F` does not
 //! roll back first: the publish replaces the head anyway, which is exactly
@@ -25,11 +35,10 @@
 use super::send::{Hidden, Progress};
 use super::{Engine, failpoint, now_secs};
 use crate::error::{Error, IoContext, Result};
-use crate::meta::{DeviceKind, DeviceRecord, DeviceState, Identity};
-use crate::stream::{Decoder, Record, StreamHeader};
+use crate::meta::{DeviceKind, DeviceRecord, Identity, PartialRecord};
+use crate::stream::{Decoder, FLAG_LZ4, Record, StreamHeader};
 use crate::types::{Bytes, Name};
 use crossbeam_channel::bounded;
-use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
@@ -154,7 +163,49 @@ impl Engine {
         input: &mut (dyn Read + Send),
         progress: &dyn Progress,
     ) -> Result<Received> {
+        self.receive_stream_with(name, force, false, input, progress)
+    }
+
+    /// Receive a stream; with `keep` (`receive -s`), an interrupted
+    /// receive stays as a partial receive to resume (see `resume.rs`). A
+    /// resuming stream (`send -t`) continues the partial receive of `name`.
+    pub fn receive_stream_with(
+        &self,
+        name: &Name,
+        force: bool,
+        keep: bool,
+        input: &mut (dyn Read + Send),
+        progress: &dyn Progress,
+    ) -> Result<Received> {
         let mut dec = Decoder::new(input)?;
+        let h = dec.header().clone();
+        let partial = self.meta.partial_get(name)?;
+        if h.resume.is_some() {
+            let p = self.resumable(name, &h, partial)?;
+            return self.receive_into(name, force, true, Some(p), &mut dec, progress);
+        }
+        if let Some(p) = partial {
+            return Err(Error::Busy(format!(
+                "{name} has a partial receive (of @{}, {} of {} received): resume it with `thinfs send -t TOKEN | thinfs receive {name}` (TOKEN: `thinfs info {name} --json`, receive_resume_token), or abandon it with `thinfs receive -A {name}`",
+                p.snap_name,
+                Bytes(p.offset),
+                p.size
+            )));
+        }
+        self.receive_into(name, force, keep, None, &mut dec, progress)
+    }
+
+    /// The receive proper. `resume`: the partial receive to continue;
+    /// else with `keep` a new partial receive is started.
+    fn receive_into(
+        &self,
+        name: &Name,
+        force: bool,
+        keep: bool,
+        resume: Option<PartialRecord>,
+        dec: &mut Decoder<&mut (dyn Read + Send)>,
+        progress: &dyn Progress,
+    ) -> Result<Received> {
         let h = dec.header().clone();
         let plan = self.plan_receive(name, &h, force)?;
         let size = Bytes(h.size);
@@ -169,28 +220,52 @@ impl Engine {
         self.check_reserve(&format!("receive {name}@{}", plan.snap_name))?;
         progress.total(h.size);
         let mut hidden = Hidden::new(self);
-        let snap_dev = hidden.make(plan.base.as_ref().map(|b| b.dev), size)?;
+        let origin = plan.base.as_ref().map(|b| b.dev);
+        // A partial receive is written by one request at a time, and
+        // `-A` waits for none (see `resume.rs`).
+        let _in_use = match resume.is_some() || keep {
+            true => Some(self.claim_partial(name)?),
+            false => None,
+        };
+        let (snap_dev, keep) = match resume {
+            Some(p) => (p.dev, Some(p)),
+            None if keep => {
+                let p = PartialRecord {
+                    name: name.clone(),
+                    dev: hidden.make(origin, size)?,
+                    snap_name: h.snap_name.clone(),
+                    snap_id: h.snap_id,
+                    base_id: h.base_id,
+                    size,
+                    offset: 0,
+                    compressed: h.flags & FLAG_LZ4 != 0,
+                    created: now_secs(),
+                };
+                // From here the device is the partial receive's: shown by
+                // list and info, swept by no restart.
+                self.meta.txn(|t| t.partial_put(&p))?;
+                hidden.devs.retain(|d| *d != p.dev);
+                (p.dev, Some(p))
+            }
+            None => (hidden.make(origin, size)?, None),
+        };
         failpoint("receive.hidden");
-        let (bytes, ranges) = self.write_ranges(snap_dev, size, &mut dec, progress)?;
+        let written = self.write_ranges(snap_dev, size, dec, keep.as_ref(), progress);
+        let (bytes, ranges) = match (written, &keep) {
+            (Ok(w), _) => w,
+            (Err(e), Some(p)) => return Err(self.kept_partial(name, p.dev, e)),
+            (Err(e), None) => return Err(e),
+        };
         failpoint("receive.written");
         let head_dev = hidden.make(Some(snap_dev), size)?;
-        let mut snap = DeviceRecord {
-            id: snap_dev,
-            dev: snap_dev,
-            name: plan.snap_name.clone(),
-            kind: DeviceKind::Snapshot,
-            parent: None,
+        let mut snap = super::create::ready_record(
+            snap_dev,
+            plan.snap_name.clone(),
+            DeviceKind::Snapshot,
             size,
-            fs: super::create::DEFAULT_FS.into(),
-            state: DeviceState::Ready,
-            pending_dev: None,
-            error: None,
-            created: now_secs(),
-            seq: 0,
-            labels: BTreeMap::new(),
-            identity: Some(h.snap_id),
-            containerd: None,
-        };
+            0,
+            Some(h.snap_id),
+        );
         let image = match &plan.image {
             None => {
                 snap.seq = self.meta.pool()?.map(|p| p.transaction_id + 1).unwrap_or(0);
@@ -206,6 +281,7 @@ impl Engine {
                 self.meta.txn(|t| {
                     t.receiving_done(snap_dev)?;
                     t.receiving_done(head_dev)?;
+                    t.partial_remove(name)?;
                     t.put(&img)?;
                     t.put(&snap)
                 })?;
@@ -219,11 +295,15 @@ impl Engine {
         failpoint("receive.done");
         self.collect_garbage()?;
         log::info!(
-            "received {}@{} (identity {}, {} ranges, {bytes} stream bytes)",
+            "received {}@{} (identity {}, {} ranges, {bytes} stream bytes{})",
             image.name,
             snap.name,
             h.snap_id,
-            ranges
+            ranges,
+            match &h.resume {
+                Some(r) => format!(", resumed at byte {} of the device", r.offset),
+                None => String::new(),
+            }
         );
         Ok(Received {
             image,
@@ -273,9 +353,11 @@ impl Engine {
             snap.seq = self.meta.pool()?.map(|p| p.transaction_id + 1).unwrap_or(0);
             let dev_snap = snap.dev;
             let s = snap.clone();
+            let name = img.name.clone();
             self.meta.txn(|t| {
                 t.receiving_done(dev_snap)?;
                 t.receiving_done(head_dev)?;
+                t.partial_remove(&name)?;
                 t.put(&s)?;
                 t.put(&img)?;
                 t.gc_add(old)
@@ -291,6 +373,7 @@ impl Engine {
         dev: crate::types::DeviceId,
         size: Bytes,
         dec: &mut Decoder<&mut (dyn Read + Send)>,
+        keep: Option<&PartialRecord>,
         progress: &dyn Progress,
     ) -> Result<(u64, u64)> {
         let active = self.backend.activate(dev, size, false)?;
@@ -322,8 +405,17 @@ impl Engine {
             let mut r = Ok(());
             for rec in rx.iter() {
                 let step = rec.and_then(|rec| {
-                    ranges += 1;
+                    ranges += !matches!(rec, Record::Check { .. }) as u64;
                     match rec {
+                        Record::Check { upto } => match keep {
+                            Some(p) => {
+                                f.sync_data().ctx(|| "sync the received device".into())?;
+                                self.meta.partial_advance(&p.name, p.dev, upto)?;
+                                failpoint("receive.checkpoint");
+                                Ok(())
+                            }
+                            None => Ok(()),
+                        },
                         Record::Data { offset, data } => {
                             f.write_all_at(&data, offset)
                                 .ctx(|| format!("write the received device at {offset}"))?;

@@ -13,7 +13,7 @@ use super::Engine;
 use crate::backend::{ChangedRange, RangeKind};
 use crate::error::{Error, IoContext, Result};
 use crate::meta::{DeviceKind, DeviceRecord};
-use crate::stream::{Encoder, FLAG_LZ4, MAX_DATA, StreamHeader};
+use crate::stream::{Encoder, FLAG_LZ4, FLAG_RESUME, MAX_DATA, Resume, StreamHeader};
 use crate::types::{Bytes, DeviceId};
 use crossbeam_channel::{Receiver, Sender, bounded};
 use std::io::Write;
@@ -167,6 +167,20 @@ impl Engine {
         out: &mut (dyn Write + Send),
         progress: &dyn Progress,
     ) -> Result<SendStats> {
+        self.send_from(snap, base, compress, None, out, progress)
+    }
+
+    /// [`Self::send_stream`], or with `resume` the part of the stream at
+    /// and above its offset, as a resuming stream (`send -t`).
+    pub(super) fn send_from(
+        &self,
+        snap: &DeviceRecord,
+        base: Option<&DeviceRecord>,
+        compress: bool,
+        resume: Option<Resume>,
+        out: &mut (dyn Write + Send),
+        progress: &dyn Progress,
+    ) -> Result<SendStats> {
         self.send_pair(snap, base)?;
         let mut hidden = Hidden::new(self);
         // Clone both under their locks: from then on a destroy is free to go.
@@ -185,9 +199,25 @@ impl Engine {
             }
             None => None,
         };
-        let ranges = self.backend.changed_ranges(b_dev, s_dev, snap.size)?;
+        let mut ranges = self.backend.changed_ranges(b_dev, s_dev, snap.size)?;
+        if let Some(r) = &resume {
+            // Only what lies at or above the offset: a range across it is
+            // cut there (offsets are block-aligned on both sides).
+            ranges.retain_mut(|c| {
+                if c.offset + c.len <= r.offset {
+                    return false;
+                }
+                if c.offset < r.offset {
+                    c.len -= r.offset - c.offset;
+                    c.offset = r.offset;
+                }
+                true
+            });
+        }
         let header = StreamHeader {
-            flags: if compress { FLAG_LZ4 } else { 0 },
+            flags: if compress { FLAG_LZ4 } else { 0 }
+                | if resume.is_some() { FLAG_RESUME } else { 0 },
+            resume,
             snap_name: snap.name.to_string(),
             snap_id: snap
                 .identity
@@ -196,6 +226,7 @@ impl Engine {
             size: snap.size.0,
             block_size: STREAM_BLOCK,
         };
+        let header_resumed = header.resume.is_some();
         let mut stats = SendStats {
             base_id: base.and_then(|b| b.identity).map(|i| i.to_string()),
             ..SendStats::default()
@@ -216,13 +247,14 @@ impl Engine {
         drop(active);
         drop(hidden);
         log::info!(
-            "sent {} ({}): {} ranges, {} data, {} zero, {} stream bytes",
+            "sent {} ({}{}): {} ranges, {} data, {} zero, {} stream bytes",
             self.full_name(snap),
             if base.is_some() {
                 "incremental"
             } else {
                 "full"
             },
+            if header_resumed { ", resumed" } else { "" },
             stats.ranges,
             Bytes(stats.data_bytes),
             Bytes(stats.zero_bytes),

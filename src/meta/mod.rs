@@ -10,6 +10,9 @@
 //! - `receiving`: backend device id -> empty: hidden devices a `receive`
 //!   is writing; no record shows them. Opening the store moves them to
 //!   `gc` (a receive never outlives its process), so a crash leaves nothing.
+//! - `partial`: image name -> [`PartialRecord`] (JSON): receives kept with
+//!   `receive -s`; their devices survive a restart (they are resumed or
+//!   abandoned by request, never swept).
 //!
 //! Every change goes through [`Meta::txn`]: one sled transaction over all
 //! trees that keeps the indexes in step with the records and bumps the
@@ -17,7 +20,9 @@
 
 mod record;
 
-pub use record::{DeviceKind, DeviceRecord, DeviceState, Identity, PoolRecord, SCHEMA_VERSION};
+pub use record::{
+    DeviceKind, DeviceRecord, DeviceState, Identity, PartialRecord, PoolRecord, SCHEMA_VERSION,
+};
 
 use crate::error::{Error, Result};
 use crate::types::{DeviceId, Name};
@@ -40,6 +45,7 @@ pub struct Meta {
     gc: sled::Tree,
     pool: sled::Tree,
     receiving: sled::Tree,
+    partial: sled::Tree,
 }
 
 const POOL_KEY: &[u8] = b"pool";
@@ -88,6 +94,7 @@ pub struct Txn<'a> {
     gc: &'a TransactionalTree,
     pool: &'a TransactionalTree,
     receiving: &'a TransactionalTree,
+    partial: &'a TransactionalTree,
 }
 
 type TxResult<T> = std::result::Result<T, ConflictableTransactionError<Error>>;
@@ -164,6 +171,29 @@ impl Txn<'_> {
         Ok(())
     }
 
+    /// Keep a partial receive (its device leaves `receiving` in the same
+    /// transaction, so no restart sweeps it).
+    pub fn partial_put(&self, p: &PartialRecord) -> TxResult<()> {
+        if let Some(v) = self.partial.get(p.name.as_str().as_bytes())?
+            && serde_json::from_slice::<PartialRecord>(&v).map_or(true, |o| o.dev != p.dev)
+        {
+            return abort(Error::Busy(format!(
+                "{} has a partial receive already",
+                p.name
+            )));
+        }
+        let bytes = encode(p).or_else(abort)?;
+        self.partial.insert(p.name.as_str().as_bytes(), bytes)?;
+        self.receiving.remove(&p.dev.key())?;
+        Ok(())
+    }
+
+    /// Forget the partial receive of `name` (published or abandoned).
+    pub fn partial_remove(&self, name: &Name) -> TxResult<()> {
+        self.partial.remove(name.as_str().as_bytes())?;
+        Ok(())
+    }
+
     /// Bump the pool transaction id.
     pub fn bump(&self) -> TxResult<u64> {
         let mut p: PoolRecord = match self.pool.get(POOL_KEY)? {
@@ -209,6 +239,7 @@ impl Meta {
             gc: db.open_tree("gc")?,
             pool: db.open_tree("pool")?,
             receiving: db.open_tree("receiving")?,
+            partial: db.open_tree("partial")?,
             db,
         };
         m.upgrade()?;
@@ -287,6 +318,40 @@ impl Meta {
             .map_err(|_| Error::Corrupt("resume key is not 32 bytes".into()))
     }
 
+    /// The partial receive kept for `name`, if any.
+    pub fn partial_get(&self, name: &Name) -> Result<Option<PartialRecord>> {
+        match self.partial.get(name.as_str().as_bytes())? {
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| Error::Corrupt(format!("partial receive record: {e}"))),
+            None => Ok(None),
+        }
+    }
+
+    /// Every partial receive, in name order.
+    pub fn partial_list(&self) -> Result<Vec<PartialRecord>> {
+        self.partial
+            .iter()
+            .map(|kv| {
+                serde_json::from_slice(&kv?.1)
+                    .map_err(|e| Error::Corrupt(format!("partial receive record: {e}")))
+            })
+            .collect()
+    }
+
+    /// Note how far a partial receive got (after its device was synced up
+    /// to there). Not a transaction: one key, flushed before returning.
+    pub fn partial_advance(&self, name: &Name, dev: DeviceId, offset: u64) -> Result<()> {
+        if let Some(mut p) = self.partial_get(name)?
+            && p.dev == dev
+        {
+            p.offset = offset;
+            self.partial.insert(name.as_str().as_bytes(), encode(&p)?)?;
+            self.db.flush()?;
+        }
+        Ok(())
+    }
+
     /// Hidden devices of receives in progress.
     pub fn receiving_list(&self) -> Result<Vec<DeviceId>> {
         self.receiving
@@ -305,8 +370,9 @@ impl Meta {
             &self.gc,
             &self.pool,
             &self.receiving,
+            &self.partial,
         )
-            .transaction(|(devices, names, children, gc, pool, receiving)| {
+            .transaction(|(devices, names, children, gc, pool, receiving, partial)| {
                 let t = Txn {
                     devices,
                     names,
@@ -314,6 +380,7 @@ impl Meta {
                     gc,
                     pool,
                     receiving,
+                    partial,
                 };
                 let v = f(&t)?;
                 t.bump()?;
@@ -424,6 +491,9 @@ impl Meta {
         }
         for g in self.receiving_list()? {
             s.insert(g.get());
+        }
+        for p in self.partial_list()? {
+            s.insert(p.dev.get());
         }
         Ok(s)
     }

@@ -140,3 +140,30 @@ pub struct PoolRecord {
     /// Incremented by every metadata change.
     pub transaction_id: u64,
 }
+
+/// A receive kept with `receive -s` after it was interrupted: its device
+/// (every stream range below `offset` is on it and synced, up to a
+/// checkpoint the stream's digest verified), and what the stream was.
+/// Shown by `list` and `info`; resumed by a `send -t TOKEN` stream,
+/// dropped by `receive -A NAME`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartialRecord {
+    /// The NAME of `receive NAME` (the key).
+    pub name: Name,
+    /// The backend device being written (no device record shows it).
+    pub dev: DeviceId,
+    /// The snapshot's name in the stream.
+    pub snap_name: String,
+    /// The snapshot's identity.
+    pub snap_id: Identity,
+    /// The base's identity (incremental streams).
+    pub base_id: Option<Identity>,
+    /// Device size of the stream.
+    pub size: Bytes,
+    /// Every range below this offset is received, verified and synced.
+    pub offset: u64,
+    /// The stream was compressed (a resume asks for the same).
+    pub compressed: bool,
+    /// When the receive started, seconds since the epoch.
+    pub created: u64,
+}

@@ -28,6 +28,10 @@ pub struct SendRequest {
     /// them (the receiver needs no option).
     #[serde(default)]
     pub compress: bool,
+    /// `-t TOKEN`: the rest of an interrupted stream (the token names the
+    /// snapshot, base and offset; `target` is then empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_token: Option<String>,
 }
 
 /// `thinfs receive NAME [-F] [-s]`.
@@ -39,10 +43,14 @@ pub struct ReceiveRequest {
     /// (never destroys a snapshot).
     #[serde(default)]
     pub force_rollback: bool,
-    /// `-s`: keep a partial receive to resume (not implemented yet:
-    /// refused).
+    /// `-s`: an interrupted receive keeps its partial state, to be
+    /// resumed by a `send -t TOKEN` stream.
     #[serde(default)]
     pub keep_partial: bool,
+    /// `-A`: abandon the partial receive of `name` (the descriptor is not
+    /// read).
+    #[serde(default)]
+    pub abandon: bool,
 }
 
 /// One snapshot in [`Haves`].
@@ -98,6 +106,9 @@ pub struct ReceiveSummary {
     pub bytes: u64,
     /// Ranges written.
     pub ranges: u64,
+    /// `-A`: the partial receive was abandoned (nothing received).
+    #[serde(default)]
+    pub abandoned: bool,
 }
 
 struct JobProgress<'a>(&'a Job, &'a str);
@@ -145,6 +156,9 @@ impl Service {
         mut out: std::fs::File,
         job: &Job,
     ) -> Result<SendSummary> {
+        if let Some(tok) = &req.resume_token {
+            return self.send_resume(c, req, tok, out, job);
+        }
         self.require_admin(c, &format!("send {}", req.target))?;
         let t = Target::parse(&req.target)?;
         if t.snap.is_none() {
@@ -213,6 +227,34 @@ impl Service {
         })
     }
 
+    /// `thinfs send -t TOKEN`.
+    fn send_resume(
+        &self,
+        c: &Caller,
+        req: &SendRequest,
+        token: &str,
+        mut out: std::fs::File,
+        job: &Job,
+    ) -> Result<SendSummary> {
+        self.require_admin(c, "send -t (resume a stream)")?;
+        if !req.target.is_empty() || req.incremental_from.is_some() || req.haves.is_some() {
+            return Err(Error::Invalid(
+                "send -t TOKEN takes no NAME@SNAP, -i or --haves: the token names the snapshot and base"
+                    .into(),
+            ));
+        }
+        let e = self.engine();
+        let (snap, base, stats) =
+            e.send_resume(token, &mut out, &JobProgress(job, "resuming a stream"))?;
+        Ok(SendSummary {
+            snapshot: e.full_name(&snap),
+            id: snap.identity.map(|i| i.to_string()).unwrap_or_default(),
+            base: base.map(|b| b.name.to_string()),
+            up_to_date: false,
+            stats,
+        })
+    }
+
     /// The newest snapshot older than `snap` in its image that the
     /// receiver has (by identity), if any.
     fn base_from_haves(&self, snap: &DeviceRecord, h: &Haves) -> Result<Option<DeviceRecord>> {
@@ -244,11 +286,17 @@ impl Service {
         job: &Job,
     ) -> Result<ReceiveSummary> {
         self.require_root(c, &format!("receive {}", req.name))?;
-        if req.keep_partial {
-            return Err(Error::Invalid(
-                "receive -s (keep a partial receive to resume it) is not implemented yet; a failed receive leaves nothing behind"
-                    .into(),
-            ));
+        if req.abandon {
+            let p = self.engine().abandon_receive(&Name::new(&req.name)?)?;
+            return Ok(ReceiveSummary {
+                snapshot: format!("{}@{}", p.name, p.snapshot),
+                id: p.identity,
+                created_image: false,
+                rolled_back: false,
+                bytes: 0,
+                ranges: 0,
+                abandoned: true,
+            });
         }
         // A new image takes a name a request may make (no control
         // character, no leading `-`, which the start-up sweeps reserve);
@@ -264,9 +312,10 @@ impl Service {
             }
         };
         let what = format!("receiving {name}");
-        let r: Received = self.engine().receive_stream(
+        let r: Received = self.engine().receive_stream_with(
             &name,
             req.force_rollback,
+            req.keep_partial,
             &mut input,
             &JobProgress(job, &what),
         )?;
@@ -281,6 +330,7 @@ impl Service {
             rolled_back: r.rolled_back,
             bytes: r.bytes,
             ranges: r.ranges,
+            abandoned: false,
         })
     }
 }

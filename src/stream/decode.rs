@@ -2,7 +2,7 @@
 
 use super::format::{
     self, FLAG_LZ4, MAX_PAYLOAD, PREAMBLE, REC_HEADER, RecHeader, Record, StreamHeader, T_BEGIN,
-    T_DATA, T_END, T_LZ4, T_ZERO,
+    T_CHECK, T_DATA, T_END, T_LZ4, T_ZERO,
 };
 use crate::error::{Error, Result};
 use std::io::Read;
@@ -72,6 +72,7 @@ impl<R: Read> Decoder<R> {
                 base_id: None,
                 size: 0,
                 block_size: 0,
+                resume: None,
             },
             next_off: 0,
             pos: PREAMBLE as u64,
@@ -86,6 +87,7 @@ impl<R: Read> Decoder<R> {
             )));
         }
         d.header = StreamHeader::decode(&payload)?;
+        d.next_off = d.header.resume.as_ref().map_or(0, |r| r.offset);
         Ok(d)
     }
 
@@ -110,7 +112,7 @@ impl<R: Read> Decoder<R> {
         let mut hb = [0u8; REC_HEADER];
         read_full(&mut self.input, &mut hb, &what)?;
         let h = RecHeader::decode(&hb, &what)?;
-        if !matches!(h.kind, T_BEGIN | T_DATA | T_ZERO | T_END | T_LZ4) {
+        if !matches!(h.kind, T_BEGIN | T_DATA | T_ZERO | T_END | T_LZ4 | T_CHECK) {
             return Err(Error::BadStream(format!(
                 "{what}: unknown record type {}",
                 h.kind
@@ -128,6 +130,15 @@ impl<R: Read> Decoder<R> {
             return Err(Error::BadStream(format!(
                 "{what}: payload checksum mismatch"
             )));
+        }
+        if h.kind == T_CHECK {
+            // Checked against the digest of what came before it.
+            let d = self.digest.finalize();
+            if payload.len() != 32 || payload != d.as_bytes() {
+                return Err(Error::BadStream(format!(
+                    "{what}: digest of the stream does not match the checkpoint record"
+                )));
+            }
         }
         if h.kind != T_END {
             self.digest.update(&hb);
@@ -231,6 +242,15 @@ impl<R: Read> Decoder<R> {
                     offset: h.offset,
                     len: h.len,
                 }))
+            }
+            T_CHECK => {
+                if h.len != 0 || h.offset != self.next_off {
+                    return Err(Error::BadStream(format!(
+                        "{what}: checkpoint at {} where the ranges end at {}",
+                        h.offset, self.next_off
+                    )));
+                }
+                Ok(Some(Record::Check { upto: h.offset }))
             }
             T_END => {
                 let d = self.digest.finalize();

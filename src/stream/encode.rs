@@ -1,7 +1,8 @@
 //! Writing a stream: preamble, header, ranges, end with the digest.
 
 use super::format::{
-    self, FLAG_LZ4, RecHeader, StreamHeader, T_BEGIN, T_DATA, T_END, T_LZ4, T_ZERO,
+    self, CHECK_EVERY, FLAG_LZ4, RecHeader, StreamHeader, T_BEGIN, T_CHECK, T_DATA, T_END, T_LZ4,
+    T_ZERO,
 };
 use crate::error::{Error, IoContext, Result};
 use std::io::Write;
@@ -17,16 +18,20 @@ pub struct Encoder<W: Write> {
     records: u64,
     /// Compression buffer (with [`FLAG_LZ4`]).
     packed: Option<Vec<u8>>,
+    /// Data bytes since the last checkpoint.
+    since_check: u64,
 }
 
 impl<W: Write> Encoder<W> {
     /// Start a stream: writes the preamble and the header record.
     pub fn new(out: W, header: StreamHeader) -> Result<Encoder<W>> {
+        let next = header.resume.as_ref().map_or(0, |r| r.offset);
         let mut e = Encoder {
             out,
             digest: blake3::Hasher::new(),
             header,
-            next: 0,
+            next,
+            since_check: 0,
             bytes: 0,
             records: 0,
             packed: None,
@@ -61,6 +66,16 @@ impl<W: Write> Encoder<W> {
         Ok(())
     }
 
+    /// A checkpoint record once [`CHECK_EVERY`] data bytes went by.
+    fn maybe_check(&mut self) -> Result<()> {
+        if self.since_check < CHECK_EVERY {
+            return Ok(());
+        }
+        self.since_check = 0;
+        let d = *self.digest.finalize().as_bytes();
+        self.record(T_CHECK, self.next, 0, &d)
+    }
+
     fn check_range(&mut self, offset: u64, len: u64) -> Result<()> {
         let bs = self.header.block_size as u64;
         let end = offset.checked_add(len);
@@ -80,7 +95,9 @@ impl<W: Write> Encoder<W> {
 
     /// Bytes at `offset` (split into records of at most [`format::MAX_DATA`]).
     pub fn data(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.maybe_check()?;
         self.check_range(offset, data.len() as u64)?;
+        self.since_check += data.len() as u64;
         for (i, chunk) in data.chunks(format::MAX_DATA).enumerate() {
             let o = offset + (i * format::MAX_DATA) as u64;
             let n = chunk.len() as u64;
@@ -102,6 +119,7 @@ impl<W: Write> Encoder<W> {
 
     /// Zeros over `offset..offset+len`.
     pub fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.maybe_check()?;
         self.check_range(offset, len)?;
         self.record(T_ZERO, offset, len, &[])
     }

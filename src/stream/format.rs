@@ -21,13 +21,31 @@ pub(super) const T_DATA: u8 = 2;
 pub(super) const T_ZERO: u8 = 3;
 pub(super) const T_END: u8 = 4;
 pub(super) const T_LZ4: u8 = 5;
+pub(super) const T_CHECK: u8 = 6;
 
 /// Header flag: DATA records may be LZ4-compressed (type 5, `len` = the
 /// bytes once decompressed, payload = an LZ4 block). Records that would
 /// not shrink stay plain DATA.
 pub const FLAG_LZ4: u32 = 1;
+/// Header flag: the stream resumes an interrupted receive: the header
+/// carries the offset it starts at and the receiver's sealed token
+/// ([`Resume`]); every range lies at or above that offset.
+pub const FLAG_RESUME: u32 = 2;
 /// Every flag this code knows.
-pub const KNOWN_FLAGS: u32 = FLAG_LZ4;
+pub const KNOWN_FLAGS: u32 = FLAG_LZ4 | FLAG_RESUME;
+/// Data bytes between two checkpoint records: the receiver syncs and
+/// notes how far it got at each one (what `receive -s` can resume from).
+pub const CHECK_EVERY: u64 = 8 << 20;
+
+/// Where a resuming stream starts, and the token it answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resume {
+    /// Every range of the stream lies at or above this device offset.
+    pub offset: u64,
+    /// The receiver's sealed token, passed through unchanged: the
+    /// receiver checks its MAC (the sender cannot).
+    pub token: String,
+}
 
 /// What a stream is: the snapshot it carries and the base it needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +62,9 @@ pub struct StreamHeader {
     pub size: u64,
     /// Block size: every range is aligned to it.
     pub block_size: u32,
+    /// Set (with [`FLAG_RESUME`]) on a stream that resumes an interrupted
+    /// receive.
+    pub resume: Option<Resume>,
 }
 
 impl StreamHeader {
@@ -65,6 +86,11 @@ impl StreamHeader {
         }
         v.extend_from_slice(&(self.snap_name.len() as u16).to_le_bytes());
         v.extend_from_slice(self.snap_name.as_bytes());
+        if let Some(r) = &self.resume {
+            v.extend_from_slice(&r.offset.to_le_bytes());
+            v.extend_from_slice(&(r.token.len() as u16).to_le_bytes());
+            v.extend_from_slice(r.token.as_bytes());
+        }
         v
     }
 
@@ -79,16 +105,40 @@ impl StreamHeader {
         let mut base = [0u8; 16];
         base.copy_from_slice(&p[33..49]);
         let nlen = u16::from_le_bytes([p[49], p[50]]) as usize;
-        if p.len() != 51 + nlen {
+        let flags = u32_at(0);
+        let (names, rest) = match p.len().checked_sub(51 + nlen) {
+            Some(_) => p[51..].split_at(nlen),
+            None => return Err(bad("name length does not match the record")),
+        };
+        let resume = if flags & FLAG_RESUME != 0 {
+            if rest.len() < 10 {
+                return Err(bad("resume offset missing"));
+            }
+            let mut o = [0u8; 8];
+            o.copy_from_slice(&rest[..8]);
+            let tlen = u16::from_le_bytes([rest[8], rest[9]]) as usize;
+            if rest.len() != 10 + tlen {
+                return Err(bad("token length does not match the record"));
+            }
+            let token = std::str::from_utf8(&rest[10..])
+                .map_err(|_| bad("resume token is not UTF-8"))?
+                .to_string();
+            Some(Resume {
+                offset: u64::from_le_bytes(o),
+                token,
+            })
+        } else if !rest.is_empty() {
             return Err(bad("name length does not match the record"));
-        }
-        let name = std::str::from_utf8(&p[51..])
+        } else {
+            None
+        };
+        let name = std::str::from_utf8(names)
             .map_err(|_| bad("snapshot name is not UTF-8"))?
             .to_string();
         let mut sz = [0u8; 8];
         sz.copy_from_slice(&p[4..12]);
         let h = StreamHeader {
-            flags: u32_at(0),
+            flags,
             size: u64::from_le_bytes(sz),
             block_size: u32_at(12),
             snap_id: Identity(id),
@@ -98,6 +148,7 @@ impl StreamHeader {
                 _ => return Err(bad("bad base marker")),
             },
             snap_name: name,
+            resume,
         };
         if h.flags & !KNOWN_FLAGS != 0 {
             return Err(bad(&format!("unknown flags {:#x}", h.flags)));
@@ -107,6 +158,11 @@ impl StreamHeader {
         }
         if h.size == 0 || !h.size.is_multiple_of(h.block_size as u64) {
             return Err(bad(&format!("bad device size {}", h.size)));
+        }
+        if let Some(r) = &h.resume
+            && (r.offset > h.size || !r.offset.is_multiple_of(h.block_size as u64))
+        {
+            return Err(bad(&format!("bad resume offset {}", r.offset)));
         }
         Ok(h)
     }
@@ -128,6 +184,13 @@ pub enum Record {
         offset: u64,
         /// Length in bytes.
         len: u64,
+    },
+    /// A checkpoint: the stream's blake3 digest up to here matched, and
+    /// every range below `upto` has been yielded (the decoder only yields
+    /// it; the encoder writes it by itself every [`CHECK_EVERY`] bytes).
+    Check {
+        /// End of the last range before the checkpoint.
+        upto: u64,
     },
 }
 

@@ -17,6 +17,16 @@
 //!   increasing, non-overlapping, block-aligned order within the device,
 //!   then END whose payload is the blake3 digest of every byte before the
 //!   END record. Nothing may follow END.
+//! - CHECK records (type 6) between ranges, every [`CHECK_EVERY`] data
+//!   bytes: offset = end of the last range, payload = the blake3 digest of
+//!   every byte before the CHECK record (then the record itself feeds the
+//!   digest like any other). The decoder checks it like END: everything up
+//!   to a checkpoint is as verified as a whole stream, which is what a
+//!   partial receive keeps (`receive -s`).
+//! - [`FLAG_RESUME`]: the header also carries a start offset and the
+//!   receiver's sealed resume token; the stream is a stream of its own
+//!   (its own digest, its own checkpoints) whose ranges all lie at or
+//!   above the offset.
 //! - `--compress` sets [`FLAG_LZ4`] in the header; DATA records may then
 //!   be LZ4 records (type 5): `len` is the decompressed length, the
 //!   payload an LZ4 block. The payload checksum and the END digest cover
@@ -33,7 +43,10 @@ mod token;
 
 pub use decode::Decoder;
 pub use encode::Encoder;
-pub use format::{FLAG_LZ4, MAX_DATA, MAX_PAYLOAD, Record, StreamHeader, VERSION};
+pub use format::{
+    CHECK_EVERY, FLAG_LZ4, FLAG_RESUME, MAX_DATA, MAX_PAYLOAD, Record, Resume, StreamHeader,
+    VERSION,
+};
 pub use token::ResumeToken;
 
 #[cfg(test)]

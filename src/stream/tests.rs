@@ -12,6 +12,7 @@ fn header(base: Option<Identity>) -> StreamHeader {
         base_id: base,
         size: 1 << 20,
         block_size: 4096,
+        resume: None,
     }
 }
 
@@ -305,11 +306,95 @@ fn bad_compressed_payloads_are_refused_with_a_clear_message() {
     // Unknown header flags.
     let m = refused(&framed_as(
         StreamHeader {
-            flags: 2,
+            flags: 4,
             ..lz4_header()
         },
         &[],
         1,
     ));
-    assert!(m.contains("unknown flags 0x2"), "{m}");
+    assert!(m.contains("unknown flags 0x4"), "{m}");
+}
+
+/// A stream of `mib` MiB of data in 1 MiB records, from `from` on.
+fn long_stream(mib: u64, resume: Option<Resume>) -> Vec<u8> {
+    let from = resume.as_ref().map_or(0, |r| r.offset);
+    let mut h = header(None);
+    h.size = 64 << 20;
+    if resume.is_some() {
+        h.flags |= FLAG_RESUME;
+    }
+    h.resume = resume;
+    let mut e = Encoder::new(Vec::new(), h).unwrap();
+    for i in 0..mib {
+        e.data(from + (i << 20), &vec![i as u8; 1 << 20]).unwrap();
+    }
+    e.finish().unwrap().0
+}
+
+#[test]
+fn checkpoints_come_every_8_mib_and_are_checked() {
+    let s = long_stream(20, None);
+    let (_, v) = decode_all(&s).unwrap();
+    let checks: Vec<u64> = v
+        .iter()
+        .filter_map(|r| match r {
+            Record::Check { upto } => Some(*upto),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(checks, vec![8 << 20, 16 << 20]);
+    // The first checkpoint's digest, changed (checksums made right again):
+    // refused as a digest mismatch at the checkpoint.
+    let at = format::PREAMBLE
+        + format::REC_HEADER
+        + header(None).encode().len()
+        + 8 * (format::REC_HEADER + (1 << 20));
+    let mut b = s.clone();
+    let hb: [u8; format::REC_HEADER] = b[at..at + format::REC_HEADER].try_into().unwrap();
+    let mut h = format::RecHeader::decode(&hb, "t").unwrap();
+    assert_eq!(h.kind, format::T_CHECK);
+    let p = at + format::REC_HEADER;
+    b[p] ^= 1;
+    h.payload_crc = crc32c::crc32c(&b[p..p + 32]);
+    b[at..at + format::REC_HEADER].copy_from_slice(&h.encode());
+    let m = refused(&b);
+    assert!(m.contains("does not match the checkpoint"), "{m}");
+    // A checkpoint that claims another offset.
+    let mut b = s.clone();
+    h.payload_crc = crc32c::crc32c(&b[p..p + 32]);
+    h.offset += 4096;
+    b[at..at + format::REC_HEADER].copy_from_slice(&h.encode());
+    let m = refused(&b);
+    assert!(m.contains("checkpoint at"), "{m}");
+}
+
+#[test]
+fn a_resuming_stream_starts_at_its_offset() {
+    let r = Resume {
+        offset: 16 << 20,
+        token: "thinfs-resume-01ab".into(),
+    };
+    let s = long_stream(3, Some(r.clone()));
+    let (h, v) = decode_all(&s).unwrap();
+    assert_eq!(h.resume, Some(r.clone()));
+    assert_eq!(v.len(), 3);
+    // The encoder refuses a range below the offset ...
+    let mut hd = header(None);
+    hd.size = 64 << 20;
+    hd.flags |= FLAG_RESUME;
+    hd.resume = Some(r.clone());
+    let mut e = Encoder::new(Vec::new(), hd.clone()).unwrap();
+    assert!(e.data(0, &[0u8; 4096]).is_err());
+    // ... and so does the decoder.
+    let m = refused(&framed_as(hd, &[(format::T_ZERO, 4096, 4096, vec![])], 1));
+    assert!(m.contains("precedes"), "{m}");
+    // An unaligned resume offset is refused in the header.
+    let mut hd = header(None);
+    hd.flags |= FLAG_RESUME;
+    hd.resume = Some(Resume {
+        offset: 5,
+        token: String::new(),
+    });
+    let m = refused(&framed_as(hd, &[], 1));
+    assert!(m.contains("bad resume offset"), "{m}");
 }
