@@ -161,3 +161,30 @@ fn root_send_receive_cli_between_two_daemons() {
     ok(&format!("{sb} receive again < {}", file.display()));
     assert_eq!(tree(&a.path("base/.snapshots/v1")), tree(&b.path("again")));
 }
+
+/// A received image that is merely mounted stays "unchanged since its
+/// newest snapshot": ext4's background inode-table zeroing (lazyinit, which
+/// a mount of an mkfs'ed-with-lazy_itable_init filesystem starts within
+/// seconds) must not run on thinfs's mounts, or the next incremental
+/// receive is refused ("changed ... at byte 4114", group 0's bg_flags).
+#[test]
+fn root_send_mounted_image_stays_unchanged_for_the_next_incremental() {
+    let a = TestMount::start("lazy-a");
+    let b = TestMount::start("lazy-b");
+    let (sa, sb) = (a.cli_sh(""), b.cli_sh(""));
+    ok(&format!("{sa} create --size 4G base"));
+    fill(&a.path("base"), 1);
+    std::fs::create_dir(a.path("base/.snapshots/v1")).unwrap();
+    ok(&format!("{sa} send -q base@v1 | {sb} receive -q copy"));
+    // Mounted on the receiver and left alone long enough for lazyinit to
+    // start (it waits up to 5 s, then zeroes a group per run).
+    assert!(b.path("copy/f1").exists());
+    std::thread::sleep(std::time::Duration::from_secs(12));
+    fill(&a.path("base"), 2);
+    std::fs::create_dir(a.path("base/.snapshots/v2")).unwrap();
+    let out = ok(&format!(
+        "{sa} send -q -i v1 base@v2 | {sb} receive -q copy"
+    ));
+    assert!(!out.contains("changed"), "{out}");
+    assert_eq!(tree(&a.path("base/.snapshots/v2")), tree(&b.path("copy")));
+}

@@ -279,7 +279,16 @@ impl Engine {
         let (id, dev, fs) = (r.id, r.dev, r.fs.as_str());
         let active = self.backend.activate(dev, r.size, ro)?;
         let census = self.census.enter(dev);
-        let flags: &[&str] = if ro { &[] } else { &["discard"] };
+        // noinit_itable: no background zeroing of inode tables that mkfs
+        // left uninitialised (lazy_itable_init). On a thin device they are
+        // unallocated and read as zeros already, and the zeroing writes
+        // would make a merely mounted image differ from its newest
+        // snapshot (an incremental receive would refuse it).
+        let flags: &[&str] = match (ro, fs) {
+            (true, _) => &[],
+            (false, "ext4") => &["discard", "noinit_itable"],
+            (false, _) => &["discard"],
+        };
         let root = mount::fsmount_detached(fs, active.path(), ro, flags, &[]).ctx(|| {
             format!(
                 "mount {fs} of device {dev} from {}",
