@@ -78,9 +78,12 @@ pub fn import(
         let len = f.metadata().map(|m| m.len()).unwrap_or(0);
         // A plain tarball takes at most about 4 times its length on ext4
         // (small files: 1 KiB in tar, a 4 KiB block and an inode here).
-        let plain = !source
-            .extension()
-            .is_some_and(|e| e == "gz" || e == "tgz" || e == "zst");
+        // Compression is told by the first bytes, as the daemon does.
+        let mut head = [0u8; 4];
+        let got = std::os::unix::fs::FileExt::read_at(&f, &mut head, 0).unwrap_or(0);
+        let head = &head[..got];
+        let plain = !head.starts_with(&crate::service::GZIP_MAGIC)
+            && !head.starts_with(&crate::service::ZSTD_MAGIC);
         if plain {
             hint = Some(len.saturating_mul(4));
         }

@@ -4,9 +4,9 @@
 //! The daemon reads one descriptor: a tarball the CLI opened (as the
 //! user), or a pipe into which the CLI writes a tar stream of a directory
 //! it walks as the user (so the user's read rights apply): one code path.
-//! `.tar.gz` is recognised by its magic bytes and decompressed here;
-//! zstd, xz and bzip2 are recognised and refused with the command to pipe
-//! them through. The unpacking is [`super::untar`]; the crash-safe
+//! gzip and zstd are recognised by their magic bytes (whatever the file
+//! is named, stdin too) and decompressed here; xz and bzip2 are
+//! recognised and refused with the command to pipe them through. The unpacking is [`super::untar`]; the crash-safe
 //! creation is [`crate::engine::Engine::import_image`].
 //!
 //! Rights: root only. An import writes arbitrary owners, setuid files and
@@ -62,6 +62,33 @@ pub fn size_to_fit(hint: u64) -> Bytes {
     Bytes(want.div_ceil(1 << 20) << 20)
 }
 
+/// First bytes of a gzip stream.
+pub const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+/// First bytes of a zstd frame.
+pub const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// A decompressor whose errors name its format (a damaged frame, a cut
+/// stream), keeping their kind: a cut stream stays `UnexpectedEof`.
+struct Labeled<R> {
+    inner: R,
+    format: &'static str,
+}
+
+impl<R: Read> Read for Labeled<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("the {} data ends too early (truncated)", self.format),
+                )
+            } else {
+                std::io::Error::new(e.kind(), format!("damaged {} data: {e}", self.format))
+            }
+        })
+    }
+}
+
 /// Compression of a stream, from its first bytes.
 fn decompressed<'a>(mut r: BufReader<JobReader<'a>>) -> Result<Box<dyn Read + 'a>> {
     let head = r
@@ -73,10 +100,19 @@ fn decompressed<'a>(mut r: BufReader<JobReader<'a>>) -> Result<Box<dyn Read + 'a
             "{tool}-compressed tarballs are not built in: pipe it, e.g. `{tool} -dc FILE | thinfs import NAME -`"
         ))
     };
-    if head.starts_with(&[0x1f, 0x8b]) {
-        Ok(Box::new(flate2::bufread::MultiGzDecoder::new(r)))
-    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Err(pipe("zstd"))
+    if head.starts_with(&GZIP_MAGIC) {
+        Ok(Box::new(Labeled {
+            inner: flate2::bufread::MultiGzDecoder::new(r),
+            format: "gzip",
+        }))
+    } else if head.starts_with(&ZSTD_MAGIC) {
+        // Every frame, one after the other (as `zstd -dc` reads them).
+        let d = zstd::stream::read::Decoder::with_buffer(r)
+            .map_err(|e| Error::io("start the zstd decoder", e))?;
+        Ok(Box::new(Labeled {
+            inner: d,
+            format: "zstd",
+        }))
     } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z']) {
         Err(pipe("xz"))
     } else if head.starts_with(b"BZh") {

@@ -13,8 +13,10 @@
 //! Kept: numeric owners, modes with the special bits (set after the owner,
 //! which clears them), mtimes (PAX `mtime` with nanoseconds), extended
 //! attributes (PAX `SCHILY.xattr.NAME`, ACLs included), symlinks, hard
-//! links, fifos, character and block devices. A directory's mtime is set
-//! at the end, after its content was made.
+//! links, fifos, character and block devices, sparse files (old GNU
+//! `S` entries of up to 4 segments, PAX sparse 1.0) with their holes as
+//! holes. A directory's mtime is set at the end, after its content was
+//! made.
 
 use super::Job;
 use super::tario::*;
@@ -151,12 +153,18 @@ impl<'a> Unpacker<'a> {
         }
         // The tar crate takes an end of input between two entries for the
         // end of the archive: only the end marker (zero blocks) is.
-        if ar.into_inner().eof {
+        let mut rest = ar.into_inner();
+        if rest.eof {
             return Err(Error::BadStream(
                 "the archive ends without its end marker (truncated, or its writer failed); nothing was imported"
                     .into(),
             ));
         }
+        // What follows the end marker (tar's padding) is read to the end
+        // of the input: a compressed stream's end, and its checksum, are
+        // checked there.
+        io::copy(&mut rest, &mut io::sink())
+            .map_err(|e| bad_tar("read the input after the archive's end", e))?;
         for (c, t) in std::mem::take(&mut self.dir_times).into_iter().rev() {
             let h = self.open_handle(&c)?;
             file::utimens(h.as_fd(), &[t, t]).map_err(|e| at(&join(&c), "set times of", e))?;
@@ -207,7 +215,8 @@ impl<'a> Unpacker<'a> {
 
     fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, p: Pending) -> Result<()> {
         let raw_path = p
-            .pax_value(b"path")
+            .pax_value(b"GNU.sparse.name")
+            .or_else(|| p.pax_value(b"path"))
             .or(p.name.clone())
             .unwrap_or_else(|| entry.path_bytes().into_owned());
         let path = Path::new(OsStr::from_bytes(&raw_path)).to_path_buf();
@@ -247,13 +256,8 @@ impl<'a> Unpacker<'a> {
                 self.dir_times.push((comps, meta.mtime));
                 return Ok(());
             }
-            T::GNUSparse => {
-                return Err(Error::BadStream(format!(
-                    "/{} is a GNU sparse entry, which this import does not read: make the tarball without --sparse; nothing was imported",
-                    path.display()
-                )));
-            }
-            T::Regular | T::Continuous => {
+            T::GNUSparse | T::Regular | T::Continuous => {
+                let sparse = self.sparse_map(entry, &p, &raw_path)?;
                 let mut f = self.make(d, name, &path, |d, n| {
                     file::openat(
                         d,
@@ -263,7 +267,11 @@ impl<'a> Unpacker<'a> {
                     )
                     .map(File::from)
                 })?;
-                let n = io::copy(entry, &mut f).map_err(|e| {
+                let n = match &sparse {
+                    Some(map) => write_sparse(entry, &f, map),
+                    None => io::copy(entry, &mut f),
+                }
+                .map_err(|e| {
                     if e.raw_os_error() == Some(libc::ENOSPC) {
                         at(&path, "write", e)
                     } else {
@@ -329,6 +337,47 @@ impl<'a> Unpacker<'a> {
         }
         drop(dir);
         self.apply(&comps, &path, &meta, kind.is_symlink())
+    }
+
+    /// The map of a sparse file entry: an old GNU one (type `S`), or PAX
+    /// sparse 1.0 (`GNU.sparse.major=1`, its map read here from the start
+    /// of the data); none for a plain file. Other PAX sparse versions are
+    /// refused.
+    fn sparse_map<R: Read>(
+        &self,
+        entry: &mut tar::Entry<'_, R>,
+        p: &Pending,
+        path: &[u8],
+    ) -> Result<Option<SparseMap>> {
+        let stored = entry.header().entry_size().unwrap_or(0);
+        if entry.header().entry_type() == tar::EntryType::GNUSparse {
+            return gnu_sparse_map(entry.header(), path).map(Some);
+        }
+        let version = (
+            p.pax_value(b"GNU.sparse.major"),
+            p.pax_value(b"GNU.sparse.minor"),
+        );
+        let old = p.pax_value(b"GNU.sparse.map").is_some()
+            || p.pax_value(b"GNU.sparse.offset").is_some();
+        match version {
+            (None, None) if !old => Ok(None),
+            (Some(ma), Some(mi)) if ma == b"1" && mi == b"0" => {
+                let size = p
+                    .pax_value(b"GNU.sparse.realsize")
+                    .and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse::<u64>().ok())
+                    .ok_or_else(|| {
+                        Error::BadStream(format!(
+                            "sparse entry /{} has no GNU.sparse.realsize; nothing was imported",
+                            String::from_utf8_lossy(path)
+                        ))
+                    })?;
+                pax_sparse_map(entry, stored, size, path).map(Some)
+            }
+            _ => Err(Error::BadStream(format!(
+                "/{} is a PAX sparse entry of a version before 1.0, which this import does not read: make the tarball with `tar --format=pax --sparse` (version 1.0) or without --sparse; nothing was imported",
+                String::from_utf8_lossy(path)
+            ))),
+        }
     }
 
     /// Make `name` in `d` with `mk`; a non-directory already there is
@@ -499,5 +548,24 @@ mod tests {
         assert_eq!(p[0], (b"SCHILY.xattr.a".to_vec(), b"\n\n".to_vec()));
         assert_eq!(p[1], (b"path".to_vec(), b"ab".to_vec()));
         assert!(parse_pax(b"99 path=x\n").is_err());
+    }
+
+    #[test]
+    fn pax_sparse_maps() {
+        let mut data = b"2\n0\n5\n8192\n3\n".to_vec();
+        data.resize(512, 0);
+        data.extend_from_slice(b"hellowor");
+        let mut r = &data[..];
+        let m = pax_sparse_map(&mut r, data.len() as u64, 10000, b"f").unwrap();
+        assert_eq!(m.segments, vec![(0, 5), (8192, 3)]);
+        assert_eq!(r, b"hellowor");
+        // Data that does not add up, overlapping or past the end: refused.
+        assert!(pax_sparse_map(&mut &data[..], 600, 10000, b"f").is_err());
+        assert!(pax_sparse_map(&mut &data[..], data.len() as u64, 8000, b"f").is_err());
+        let mut o = b"2\n0\n5\n3\n3\n".to_vec();
+        o.resize(520, 0);
+        assert!(pax_sparse_map(&mut &o[..], 520, 100, b"f").is_err());
+        // A cut map.
+        assert!(pax_sparse_map(&mut &b"2\n0\n"[..], 4, 100, b"f").is_err());
     }
 }
