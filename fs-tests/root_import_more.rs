@@ -137,6 +137,7 @@ fn root_import_more_zstd_tarballs_in_and_out() {
         let o = m.cli(&["import", tag, p.to_str().unwrap()]);
         assert!(!o.status.success(), "{tag}: must fail");
         let e = err(&o);
+        eprintln!("{tag}: {e}");
         assert!(e.contains("zstd") && e.contains(why), "{tag}: {e}");
         assert!(e.contains("nothing was imported"), "{tag}: {e}");
         assert!(!names(&m).contains(tag), "{tag}: {}", names(&m));
@@ -213,6 +214,7 @@ fn root_import_more_unreadable_source_file_is_named() {
         .unwrap();
     assert!(!o.status.success(), "must fail: {}", err(&o));
     let e = err(&o);
+    eprintln!("unreadable: {e}");
     assert!(e.contains("d/locked"), "the file is not named: {e}");
     assert!(
         e.contains("ermission denied") || e.contains("EACCES"),
@@ -270,6 +272,7 @@ fn root_import_more_full_pool_leaves_nothing() {
     );
     assert!(!o.status.success(), "the import must not fit");
     let e = err(&o);
+    eprintln!("full pool: {e}");
     assert!(e.contains("pool"), "{e}");
     assert!(
         e.contains("No space") || e.contains("full") || e.contains("ENOSPC"),

@@ -9,13 +9,21 @@
 //! recognised and refused with the command to pipe them through. The unpacking is [`super::untar`]; the crash-safe
 //! creation is [`crate::engine::Engine::import_image`].
 //!
+//! A full pool: the image's filesystem is not one the space guard
+//! watches, so the import checks the pool itself every
+//! [`SPACE_CHECK_EVERY`] bytes (after a sync) and stops with ENOSPC,
+//! naming the pool, when less than the guard's margin would be left.
+//!
 //! Rights: root only. An import writes arbitrary owners, setuid files and
 //! device nodes into an image that the mount shows with suid and dev
 //! allowed; the admin group alone would let its members plant a
 //! setuid-root program.
 
 use super::tario::JobReader;
-use super::untar::{Unpacked, Unpacker};
+use super::untar::{SPACE_CHECK_EVERY, Unpacked, Unpacker};
+use crate::engine::{Engine, space};
+use crate::sys::fsio;
+use std::os::fd::BorrowedFd;
 use super::{Caller, Job, Service};
 use crate::error::{Error, Result};
 use crate::types::{Bytes, Name};
@@ -89,6 +97,34 @@ impl<R: Read> Read for Labeled<R> {
     }
 }
 
+/// The pool's free bytes and its description, if its status can be read.
+fn pool_room(engine: &Engine) -> Option<(u64, String)> {
+    engine
+        .backend()
+        .status()
+        .ok()
+        .map(|st| (st.available, st.detail))
+}
+
+/// Whether the pool can take [`SPACE_CHECK_EVERY`] more bytes of the
+/// import and still keep the space guard's margin for the other writers.
+/// The image's filesystem is synced first, so that what it wrote so far
+/// is allocated in the pool and counted.
+fn pool_has_room(engine: &Engine, root: BorrowedFd<'_>, name: &Name) -> Result<()> {
+    fsio::syncfs(root).map_err(|e| Error::io("sync the imported filesystem", e))?;
+    let st = engine.backend().status()?;
+    let need = space::MARGIN + 2 * SPACE_CHECK_EVERY;
+    if st.available < need {
+        return Err(Error::NoSpace(format!(
+            "import of {name}: the pool is full ({}: {} free, {} kept for the images' writers); nothing was imported",
+            st.detail,
+            Bytes(st.available),
+            Bytes(space::MARGIN)
+        )));
+    }
+    Ok(())
+}
+
 /// Compression of a stream, from its first bytes.
 fn decompressed<'a>(mut r: BufReader<JobReader<'a>>) -> Result<Box<dyn Read + 'a>> {
     let head = r
@@ -154,13 +190,30 @@ impl Service {
         let reader = JobReader::new(input, job)?;
         let mut stream = Some(decompressed(BufReader::with_capacity(1 << 20, reader))?);
         let mut counts = Unpacked::default();
-        let made = self.engine.import_image(&name, &snap, size, &mut |root| {
-            let input = stream
-                .take()
-                .ok_or_else(|| Error::Invalid("the import stream was used twice".into()))?;
-            counts = Unpacker::new(root, job).unpack(input)?;
-            Ok(())
-        })?;
+        let engine = &self.engine;
+        let nm = &name;
+        let made = engine
+            .import_image(&name, &snap, size, &mut |root| {
+                let input = stream
+                    .take()
+                    .ok_or_else(|| Error::Invalid("the import stream was used twice".into()))?;
+                counts = Unpacker::new(root, job)
+                    .space_check(Box::new(move || pool_has_room(engine, root, nm)))
+                    .unpack(input)?;
+                Ok(())
+            })
+            .map_err(|e| match e {
+                // The pool filled up between two checks (another writer):
+                // the image's writes failed with EIO.
+                Error::NoSpace(_) => e,
+                e => match pool_room(engine) {
+                    Some((avail, detail)) if avail < space::MARGIN => Error::NoSpace(format!(
+                        "import of {name}: the pool is full ({detail}: {} free): {e}; nothing was imported",
+                        Bytes(avail)
+                    )),
+                    _ => e,
+                },
+            })?;
         Ok(ImportSummary {
             name: made.image.name.to_string(),
             snapshot: format!("{}@{}", made.image.name, made.snapshot.name),

@@ -321,24 +321,3 @@ pub(super) fn pax_sparse_map(
         }
     }
 }
-
-/// Write the data of a sparse entry, read from `r`, into the new file `f`
-/// at its segments' offsets and give it its size: what lies between stays
-/// a hole. Returns the bytes written.
-pub(super) fn write_sparse(r: &mut impl Read, f: &File, map: &SparseMap) -> io::Result<u64> {
-    use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut written = 0;
-    for &(off, len) in &map.segments {
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(buf.len() as u64) as usize;
-            r.read_exact(&mut buf[..n])?;
-            f.write_all_at(&buf[..n], off + done)?;
-            done += n as u64;
-        }
-        written += len;
-    }
-    f.set_len(map.size)?;
-    Ok(written)
-}

@@ -56,7 +56,21 @@ pub struct Unpacker<'a> {
     /// Directories whose mtime is set at the end.
     dir_times: Vec<(Vec<OsString>, libc::timespec)>,
     counts: Unpacked,
+    /// The copy buffer, reused from file to file.
+    buf: Vec<u8>,
+    /// Checks that the pool can take more (see [`Unpacker::space_check`]).
+    space: Option<SpaceCheck<'a>>,
+    /// Bytes written since the last space check.
+    unchecked: u64,
 }
+
+/// A check that the pool has room for more of the import: an error
+/// (typically [`Error::NoSpace`]) stops it.
+pub type SpaceCheck<'a> = Box<dyn FnMut() -> Result<()> + 'a>;
+
+/// Bytes written (file data, and 4 KiB per entry for its inode and name)
+/// between two space checks.
+pub const SPACE_CHECK_EVERY: u64 = 32 << 20;
 
 /// The error of entry `path`.
 fn at(path: &Path, what: &str, e: io::Error) -> Error {
@@ -106,7 +120,19 @@ impl<'a> Unpacker<'a> {
             cached: None,
             dir_times: Vec::new(),
             counts: Unpacked::default(),
+            buf: Vec::new(),
+            space: None,
+            unchecked: 0,
         }
+    }
+
+    /// Run `check` every [`SPACE_CHECK_EVERY`] bytes written: the image's
+    /// filesystem is not one the space guard watches (it is reachable by
+    /// no path and has no record yet), so the import watches the pool
+    /// itself.
+    pub fn space_check(mut self, check: SpaceCheck<'a>) -> Unpacker<'a> {
+        self.space = Some(check);
+        self
     }
 
     /// Unpack every entry of the tar stream `input`.
@@ -147,6 +173,7 @@ impl<'a> Unpacker<'a> {
             } else if t.is_gnu_longlink() {
                 pending.link = Some(trim_nul(read_small(&mut entry)?));
             } else {
+                self.spend(4096)?;
                 self.entry(&mut entry, std::mem::take(&mut pending))?;
                 self.counts.entries += 1;
             }
@@ -258,7 +285,7 @@ impl<'a> Unpacker<'a> {
             }
             T::GNUSparse | T::Regular | T::Continuous => {
                 let sparse = self.sparse_map(entry, &p, &raw_path)?;
-                let mut f = self.make(d, name, &path, |d, n| {
+                let f = self.make(d, name, &path, |d, n| {
                     file::openat(
                         d,
                         n,
@@ -267,17 +294,12 @@ impl<'a> Unpacker<'a> {
                     )
                     .map(File::from)
                 })?;
-                let n = match &sparse {
-                    Some(map) => write_sparse(entry, &f, map),
-                    None => io::copy(entry, &mut f),
-                }
-                .map_err(|e| {
-                    if e.raw_os_error() == Some(libc::ENOSPC) {
-                        at(&path, "write", e)
-                    } else {
-                        bad_tar(&format!("write /{}", path.display()), e)
-                    }
-                })?;
+                let size = entry.header().entry_size().unwrap_or(0);
+                let map = sparse.unwrap_or(SparseMap {
+                    segments: vec![(0, size)],
+                    size,
+                });
+                let n = self.write_data(entry, &f, &map, &path)?;
                 self.counts.file_bytes += n;
             }
             T::Symlink => {
@@ -378,6 +400,53 @@ impl<'a> Unpacker<'a> {
                 String::from_utf8_lossy(path)
             ))),
         }
+    }
+
+    /// Write a file's data, read from `r`, at its segments' offsets in
+    /// the new file `f`, and give it its size: what lies between segments
+    /// stays a hole. Returns the bytes written.
+    fn write_data(
+        &mut self,
+        r: &mut impl Read,
+        f: &File,
+        map: &SparseMap,
+        path: &Path,
+    ) -> Result<u64> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.resize(1 << 20, 0);
+        let mut written = 0;
+        let r = (|| {
+            for &(off, len) in &map.segments {
+                let mut done = 0u64;
+                while done < len {
+                    let n = (len - done).min(buf.len() as u64) as usize;
+                    r.read_exact(&mut buf[..n])
+                        .map_err(|e| bad_tar(&format!("read /{}", path.display()), e))?;
+                    self.spend(n as u64)?;
+                    f.write_all_at(&buf[..n], off + done)
+                        .map_err(|e| at(path, "write", e))?;
+                    done += n as u64;
+                }
+                written += len;
+            }
+            f.set_len(map.size).map_err(|e| at(path, "set the size of", e))
+        })();
+        self.buf = buf;
+        r.map(|()| written)
+    }
+
+    /// Count `n` bytes about to be written into the image; every
+    /// [`SPACE_CHECK_EVERY`] bytes the space check runs.
+    fn spend(&mut self, n: u64) -> Result<()> {
+        self.unchecked += n;
+        if self.unchecked >= SPACE_CHECK_EVERY {
+            self.unchecked = 0;
+            if let Some(check) = &mut self.space {
+                check()?;
+            }
+        }
+        Ok(())
     }
 
     /// Make `name` in `d` with `mk`; a non-directory already there is
