@@ -126,7 +126,10 @@ pub fn import(
     let v = match (r, walked) {
         // The walk's own error says more (e.g. a file it could not read).
         (Err(e), Some(Err(w))) if !matches!(w, Error::Cancelled(_)) => {
-            return Err(Error::Invalid(format!("{w} (the import was undone: {e})")));
+            return Err(Error::Invalid(format!(
+                "reading {}: {w} (the import was undone: {e})",
+                source.display()
+            )));
         }
         (Err(e), _) => return Err(e),
         (Ok(_), Some(Err(w))) => return Err(w),
