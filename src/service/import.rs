@@ -21,15 +21,15 @@
 
 use super::tario::JobReader;
 use super::untar::{SPACE_CHECK_EVERY, Unpacked, Unpacker};
-use crate::engine::{Engine, space};
-use crate::sys::fsio;
-use std::os::fd::BorrowedFd;
 use super::{Caller, Job, Service};
+use crate::engine::{Engine, space};
 use crate::error::{Error, Result};
+use crate::sys::fsio;
 use crate::types::{Bytes, Name};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
+use std::os::fd::BorrowedFd;
 
 /// Name of the snapshot an import ends with.
 pub const IMPORT_SNAPSHOT: &str = "import";

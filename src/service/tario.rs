@@ -224,7 +224,9 @@ impl SparseMap {
         let mut end = 0u64;
         let mut total = 0u64;
         for &(off, len) in &self.segments {
-            let stop = off.checked_add(len).ok_or_else(|| bad("a segment overflows"))?;
+            let stop = off
+                .checked_add(len)
+                .ok_or_else(|| bad("a segment overflows"))?;
             if off < end || stop > self.size {
                 return Err(bad("segments overlap or lie past the end of the file"));
             }

@@ -379,8 +379,8 @@ impl<'a> Unpacker<'a> {
             p.pax_value(b"GNU.sparse.major"),
             p.pax_value(b"GNU.sparse.minor"),
         );
-        let old = p.pax_value(b"GNU.sparse.map").is_some()
-            || p.pax_value(b"GNU.sparse.offset").is_some();
+        let old =
+            p.pax_value(b"GNU.sparse.map").is_some() || p.pax_value(b"GNU.sparse.offset").is_some();
         match version {
             (None, None) if !old => Ok(None),
             (Some(ma), Some(mi)) if ma == b"1" && mi == b"0" => {
@@ -430,7 +430,8 @@ impl<'a> Unpacker<'a> {
                 }
                 written += len;
             }
-            f.set_len(map.size).map_err(|e| at(path, "set the size of", e))
+            f.set_len(map.size)
+                .map_err(|e| at(path, "set the size of", e))
         })();
         self.buf = buf;
         r.map(|()| written)
