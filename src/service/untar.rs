@@ -229,10 +229,15 @@ impl<'a> Unpacker<'a> {
             } else if key == b"gid" {
                 m.gid = pax_num(value, "gid")?;
             } else if key == b"size"
-                && u64::from(pax_num(value, "size").unwrap_or(u32::MAX)) != h.size().unwrap_or(0)
+                && std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    != h.size().ok()
             {
+                // The tar crate's raw reader takes the header's size: one
+                // the header cannot hold (8 GiB and more) is not read.
                 return Err(Error::BadStream(
-                    "a file size in a PAX record (files of 4 GiB and more in PAX form) is not supported; nothing was imported"
+                    "a file size in a PAX record that differs from its header's (a file of 8 GiB or more in PAX form) is not supported; nothing was imported"
                         .into(),
                 ));
             }
