@@ -6,8 +6,9 @@
 //! it walks as the user (so the user's read rights apply): one code path.
 //! gzip and zstd are recognised by their magic bytes (whatever the file
 //! is named, stdin too) and decompressed here; xz and bzip2 are
-//! recognised and refused with the command to pipe them through. The unpacking is [`super::untar`]; the crash-safe
-//! creation is [`crate::engine::Engine::import_image`].
+//! recognised and refused with the command to pipe them through. The
+//! unpacking is [`super::untar`]; the crash-safe creation is
+//! [`crate::engine::Engine::import_image`].
 //!
 //! A full pool: the image's filesystem is not one the space guard
 //! watches, so the import checks the pool itself every
