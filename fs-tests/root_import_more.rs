@@ -300,3 +300,32 @@ fn root_import_more_full_pool_leaves_nothing() {
     ok(&m.cli(&["create", "c", "--size", "1G"]));
     no_hidden_devices(&mut m, 2);
 }
+
+#[test]
+fn root_import_more_many_small_files_fit_the_sized_image() {
+    // 90,000 empty files: a 45 MB tarball. Sized from its length alone
+    // (x 4 x 1.5 + 256M: a 532M image, one inode per 16 KiB) the image
+    // ran out of inodes after about 34,000 of them.
+    let m = TestMount::start("impmany");
+    let s = Scratch::new("impmany-src");
+    let tar = s.path().join("many.tar");
+    let py = format!(
+        "import tarfile\n\
+         t = tarfile.open('{}', 'w', format=tarfile.GNU_FORMAT)\n\
+         for i in range(90000):\n    t.addfile(tarfile.TarInfo(f'd{{i // 1000}}/f{{i % 1000}}'))\n\
+         t.close()\n",
+        tar.display()
+    );
+    let o = Command::new("python3").arg("-c").arg(&py).output().unwrap();
+    assert!(o.status.success(), "{}", err(&o));
+    let o = m.cli(&["import", "many", tar.to_str().unwrap()]);
+    ok(&o);
+    let n: usize = (0..90)
+        .map(|d| {
+            std::fs::read_dir(m.path(&format!("many/d{d}")))
+                .unwrap()
+                .count()
+        })
+        .sum();
+    assert_eq!(n, 90000);
+}
