@@ -106,6 +106,9 @@ enum Cmd {
         /// Output file, created as the calling user; `-` or none: stdout (never a terminal)
         #[arg(short = 'o', long = "output")]
         output: Option<PathBuf>,
+        /// Compress with zstd (implied by an output name ending in .zst)
+        #[arg(long)]
+        zstd: bool,
         /// No progress bar and no summary
         #[arg(short = 'q', long)]
         quiet: bool,
@@ -363,8 +366,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Export {
             target,
             output,
+            zstd,
             quiet,
-        } => export::export(sock, target, output, quiet),
+        } => export::export(sock, target, output, zstd, quiet),
         Cmd::Send {
             target,
             token,

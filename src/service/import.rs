@@ -4,10 +4,16 @@
 //! The daemon reads one descriptor: a tarball the CLI opened (as the
 //! user), or a pipe into which the CLI writes a tar stream of a directory
 //! it walks as the user (so the user's read rights apply): one code path.
-//! `.tar.gz` is recognised by its magic bytes and decompressed here;
-//! zstd, xz and bzip2 are recognised and refused with the command to pipe
-//! them through. The unpacking is [`super::untar`]; the crash-safe
-//! creation is [`crate::engine::Engine::import_image`].
+//! gzip and zstd are recognised by their magic bytes (whatever the file
+//! is named, stdin too) and decompressed here; xz and bzip2 are
+//! recognised and refused with the command to pipe them through. The
+//! unpacking is [`super::untar`]; the crash-safe creation is
+//! [`crate::engine::Engine::import_image`].
+//!
+//! A full pool: the image's filesystem is not one the space guard
+//! watches, so the import checks the pool itself every
+//! [`SPACE_CHECK_EVERY`] bytes (after a sync) and stops with ENOSPC,
+//! naming the pool, when less than the guard's margin would be left.
 //!
 //! Rights: root only. An import writes arbitrary owners, setuid files and
 //! device nodes into an image that the mount shows with suid and dev
@@ -15,13 +21,16 @@
 //! setuid-root program.
 
 use super::tario::JobReader;
-use super::untar::{Unpacked, Unpacker};
+use super::untar::{SPACE_CHECK_EVERY, Unpacked, Unpacker};
 use super::{Caller, Job, Service};
+use crate::engine::{Engine, space};
 use crate::error::{Error, Result};
+use crate::sys::fsio;
 use crate::types::{Bytes, Name};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
+use std::os::fd::BorrowedFd;
 
 /// Name of the snapshot an import ends with.
 pub const IMPORT_SNAPSHOT: &str = "import";
@@ -62,6 +71,61 @@ pub fn size_to_fit(hint: u64) -> Bytes {
     Bytes(want.div_ceil(1 << 20) << 20)
 }
 
+/// First bytes of a gzip stream.
+pub const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+/// First bytes of a zstd frame.
+pub const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// A decompressor whose errors name its format (a damaged frame, a cut
+/// stream), keeping their kind: a cut stream stays `UnexpectedEof`.
+struct Labeled<R> {
+    inner: R,
+    format: &'static str,
+}
+
+impl<R: Read> Read for Labeled<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("the {} data ends too early (truncated)", self.format),
+                )
+            } else {
+                std::io::Error::new(e.kind(), format!("damaged {} data: {e}", self.format))
+            }
+        })
+    }
+}
+
+/// The pool's free bytes and its description, if its status can be read.
+fn pool_room(engine: &Engine) -> Option<(u64, String)> {
+    engine
+        .backend()
+        .status()
+        .ok()
+        .map(|st| (st.available, st.detail))
+}
+
+/// Whether the pool can take [`SPACE_CHECK_EVERY`] more bytes of the
+/// import and still keep the space guard's margin for the other writers.
+/// The image's filesystem is synced first, so that what it wrote so far
+/// is allocated in the pool and counted.
+fn pool_has_room(engine: &Engine, root: BorrowedFd<'_>, name: &Name) -> Result<()> {
+    fsio::syncfs(root).map_err(|e| Error::io("sync the imported filesystem", e))?;
+    let st = engine.backend().status()?;
+    let need = space::MARGIN + 2 * SPACE_CHECK_EVERY;
+    if st.available < need {
+        return Err(Error::NoSpace(format!(
+            "import of {name}: the pool is full ({}: {} free, {} kept for the images' writers); nothing was imported",
+            st.detail,
+            Bytes(st.available),
+            Bytes(space::MARGIN)
+        )));
+    }
+    Ok(())
+}
+
 /// Compression of a stream, from its first bytes.
 fn decompressed<'a>(mut r: BufReader<JobReader<'a>>) -> Result<Box<dyn Read + 'a>> {
     let head = r
@@ -73,10 +137,19 @@ fn decompressed<'a>(mut r: BufReader<JobReader<'a>>) -> Result<Box<dyn Read + 'a
             "{tool}-compressed tarballs are not built in: pipe it, e.g. `{tool} -dc FILE | thinfs import NAME -`"
         ))
     };
-    if head.starts_with(&[0x1f, 0x8b]) {
-        Ok(Box::new(flate2::bufread::MultiGzDecoder::new(r)))
-    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Err(pipe("zstd"))
+    if head.starts_with(&GZIP_MAGIC) {
+        Ok(Box::new(Labeled {
+            inner: flate2::bufread::MultiGzDecoder::new(r),
+            format: "gzip",
+        }))
+    } else if head.starts_with(&ZSTD_MAGIC) {
+        // Every frame, one after the other (as `zstd -dc` reads them).
+        let d = zstd::stream::read::Decoder::with_buffer(r)
+            .map_err(|e| Error::io("start the zstd decoder", e))?;
+        Ok(Box::new(Labeled {
+            inner: d,
+            format: "zstd",
+        }))
     } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z']) {
         Err(pipe("xz"))
     } else if head.starts_with(b"BZh") {
@@ -118,13 +191,30 @@ impl Service {
         let reader = JobReader::new(input, job)?;
         let mut stream = Some(decompressed(BufReader::with_capacity(1 << 20, reader))?);
         let mut counts = Unpacked::default();
-        let made = self.engine.import_image(&name, &snap, size, &mut |root| {
-            let input = stream
-                .take()
-                .ok_or_else(|| Error::Invalid("the import stream was used twice".into()))?;
-            counts = Unpacker::new(root, job).unpack(input)?;
-            Ok(())
-        })?;
+        let engine = &self.engine;
+        let nm = &name;
+        let made = engine
+            .import_image(&name, &snap, size, &mut |root| {
+                let input = stream
+                    .take()
+                    .ok_or_else(|| Error::Invalid("the import stream was used twice".into()))?;
+                counts = Unpacker::new(root, job)
+                    .space_check(Box::new(move || pool_has_room(engine, root, nm)))
+                    .unpack(input)?;
+                Ok(())
+            })
+            .map_err(|e| match e {
+                // The pool filled up between two checks (another writer):
+                // the image's writes failed with EIO.
+                Error::NoSpace(_) => e,
+                e => match pool_room(engine) {
+                    Some((avail, detail)) if avail < space::MARGIN => Error::NoSpace(format!(
+                        "import of {name}: the pool is full ({detail}: {} free): {e}; nothing was imported",
+                        Bytes(avail)
+                    )),
+                    _ => e,
+                },
+            })?;
         Ok(ImportSummary {
             name: made.image.name.to_string(),
             snapshot: format!("{}@{}", made.image.name, made.snapshot.name),

@@ -23,7 +23,10 @@ mod usage;
 pub use backup::{BackupIndex, BackupRequest, RestoreRequest, Section, read_index, verify_file};
 pub use caller::Caller;
 pub use export::{ExportRequest, ExportSummary};
-pub use import::{IMPORT_SNAPSHOT, ImportRequest, ImportSummary, size_to_fit, tar_directory};
+pub use import::{
+    GZIP_MAGIC, IMPORT_SNAPSHOT, ImportRequest, ImportSummary, ZSTD_MAGIC, size_to_fit,
+    tar_directory,
+};
 pub use job::Job;
 pub use stream::{HaveSnapshot, Haves, ReceiveRequest, ReceiveSummary, SendRequest, SendSummary};
 

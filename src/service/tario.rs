@@ -165,9 +165,12 @@ pub(super) fn trim_nul(mut v: Vec<u8>) -> Vec<u8> {
 /// A damaged or cut archive.
 pub(super) fn bad_tar(what: &str, e: io::Error) -> Error {
     if e.kind() == io::ErrorKind::UnexpectedEof {
-        return Error::BadStream(format!(
-            "{what}: the archive ends too early (truncated); nothing was imported"
-        ));
+        // A decompressor's own words say which layer was cut.
+        let why = e
+            .get_ref()
+            .map(|m| m.to_string())
+            .unwrap_or_else(|| "the archive ends too early (truncated)".into());
+        return Error::BadStream(format!("{what}: {why}; nothing was imported"));
     }
     Error::BadStream(format!("{what}: {e}; nothing was imported"))
 }
@@ -198,4 +201,125 @@ pub(super) fn parse_time(v: &[u8]) -> Option<libc::timespec> {
         });
     }
     Some(libc::timespec { tv_sec, tv_nsec })
+}
+
+/// Where a sparse file's data lies: `(offset, length)` segments in order,
+/// and the file's size (the rest are holes).
+#[derive(Debug, PartialEq)]
+pub(super) struct SparseMap {
+    pub(super) segments: Vec<(u64, u64)>,
+    pub(super) size: u64,
+}
+
+impl SparseMap {
+    /// Refuse a map whose segments overlap, go backwards or past the end,
+    /// or do not add up to the `stored` bytes of data in the archive.
+    fn checked(self, path: &[u8], stored: u64) -> Result<SparseMap> {
+        let bad = |why: &str| {
+            Error::BadStream(format!(
+                "sparse entry /{}: {why}; nothing was imported",
+                String::from_utf8_lossy(path)
+            ))
+        };
+        let mut end = 0u64;
+        let mut total = 0u64;
+        for &(off, len) in &self.segments {
+            let stop = off
+                .checked_add(len)
+                .ok_or_else(|| bad("a segment overflows"))?;
+            if off < end || stop > self.size {
+                return Err(bad("segments overlap or lie past the end of the file"));
+            }
+            end = stop;
+            total = total.saturating_add(len);
+        }
+        if total != stored {
+            return Err(bad(&format!(
+                "its map holds {total} bytes of data but the archive {stored}"
+            )));
+        }
+        Ok(self)
+    }
+}
+
+/// The map of an old GNU sparse entry (type `S`, what `tar -S` writes in
+/// GNU format), from its header. The continuation headers of a file of
+/// more than 4 segments come between the header and the data, where the
+/// tar crate's raw reader does not look for them: such a file is refused.
+pub(super) fn gnu_sparse_map(h: &tar::Header, path: &[u8]) -> Result<SparseMap> {
+    let bad = |why: &str| {
+        Error::BadStream(format!(
+            "sparse entry /{}: {why}; nothing was imported",
+            String::from_utf8_lossy(path)
+        ))
+    };
+    let gnu = h
+        .as_gnu()
+        .ok_or_else(|| bad("a sparse type in a header that is not GNU"))?;
+    if gnu.is_extended() {
+        return Err(bad(
+            "an old GNU sparse entry of more than 4 data segments is not read by this import: make the tarball with `tar --format=pax --sparse`",
+        ));
+    }
+    let mut segments = Vec::new();
+    for s in gnu.sparse.iter().filter(|s| !s.is_empty()) {
+        let off = s.offset().map_err(|_| bad("a bad segment offset"))?;
+        let len = s.length().map_err(|_| bad("a bad segment length"))?;
+        segments.push((off, len));
+    }
+    let size = gnu.real_size().map_err(|_| bad("a bad real size"))?;
+    let stored = h.entry_size().map_err(|_| bad("a bad size"))?;
+    SparseMap { segments, size }.checked(path, stored)
+}
+
+/// Most segments a PAX sparse map may list (16 MiB of map at most).
+const MAX_SEGMENTS: u64 = 1 << 20;
+
+/// The map at the start of a PAX sparse 1.0 entry's data (what `tar
+/// --format=pax --sparse` writes: decimal numbers, one a line: the count,
+/// then offset and length of each segment, padded to 512 bytes), read
+/// from `r`; `stored` is the entry's size in the archive, `size` the
+/// file's (`GNU.sparse.realsize`).
+pub(super) fn pax_sparse_map(
+    r: &mut impl Read,
+    stored: u64,
+    size: u64,
+    path: &[u8],
+) -> Result<SparseMap> {
+    let bad = |why: &str| {
+        Error::BadStream(format!(
+            "sparse entry /{}: {why}; nothing was imported",
+            String::from_utf8_lossy(path)
+        ))
+    };
+    let mut text = Vec::new();
+    let mut numbers: Vec<u64> = Vec::new();
+    let mut parsed = 0;
+    loop {
+        let mut block = [0u8; 512];
+        r.read_exact(&mut block)
+            .map_err(|e| bad_tar("read a sparse map", e))?;
+        text.extend_from_slice(&block);
+        while let Some(nl) = text[parsed..].iter().position(|b| *b == b'\n') {
+            let n = std::str::from_utf8(&text[parsed..parsed + nl])
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| bad("a malformed sparse map"))?;
+            numbers.push(n);
+            parsed += nl + 1;
+            if numbers[0] > MAX_SEGMENTS {
+                return Err(bad("too many segments in its sparse map"));
+            }
+            if numbers.len() as u64 == 1 + 2 * numbers[0] {
+                let segments = numbers[1..].chunks(2).map(|p| (p[0], p[1])).collect();
+                let stored = stored
+                    .checked_sub(text.len() as u64)
+                    .ok_or_else(|| bad("its sparse map is longer than the entry"))?;
+                return SparseMap { segments, size }.checked(path, stored);
+            }
+        }
+        if text.len() as u64 > 24 * MAX_SEGMENTS {
+            return Err(bad("its sparse map is too long"));
+        }
+    }
 }

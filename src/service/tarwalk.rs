@@ -49,6 +49,8 @@ pub struct JobWriter<'a> {
     job: &'a Job,
     /// Bytes written (tar headers and padding included).
     pub written: u64,
+    /// The walk failed: nothing more is written (no end marker).
+    failed: bool,
 }
 
 impl<'a> JobWriter<'a> {
@@ -69,6 +71,7 @@ impl<'a> JobWriter<'a> {
                 nonblocking: true,
                 job,
                 written: 0,
+                failed: false,
             });
         }
         Ok(JobWriter {
@@ -76,12 +79,16 @@ impl<'a> JobWriter<'a> {
             nonblocking: false,
             job,
             written: 0,
+            failed: false,
         })
     }
 }
 
 impl Write for JobWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.failed {
+            return Err(io::Error::other("the tarball's walk failed"));
+        }
         loop {
             if self.job.is_cancelled() {
                 return Err(io::Error::other(CANCELLED));
@@ -162,6 +169,17 @@ impl<'a, 'j> Walker<'a, 'j> {
     /// Write the whole tree under the root directory `root`, then the end
     /// of the archive.
     pub fn write_tree(mut self, root: BorrowedFd<'_>) -> Result<Counts> {
+        let r = self.write_all(root);
+        if r.is_err() {
+            // The tar builder writes the end marker when it is dropped: a
+            // failed walk must not look like a whole archive to its reader
+            // (an import would take it, a pipe's reader too).
+            self.tar.get_mut().failed = true;
+        }
+        r
+    }
+
+    fn write_all(&mut self, root: BorrowedFd<'_>) -> Result<Counts> {
         let dir = file::openat(
             root,
             OsStr::new("."),

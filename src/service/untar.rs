@@ -13,8 +13,10 @@
 //! Kept: numeric owners, modes with the special bits (set after the owner,
 //! which clears them), mtimes (PAX `mtime` with nanoseconds), extended
 //! attributes (PAX `SCHILY.xattr.NAME`, ACLs included), symlinks, hard
-//! links, fifos, character and block devices. A directory's mtime is set
-//! at the end, after its content was made.
+//! links, fifos, character and block devices, sparse files (old GNU
+//! `S` entries of up to 4 segments, PAX sparse 1.0) with their holes as
+//! holes. A directory's mtime is set at the end, after its content was
+//! made.
 
 use super::Job;
 use super::tario::*;
@@ -54,7 +56,21 @@ pub struct Unpacker<'a> {
     /// Directories whose mtime is set at the end.
     dir_times: Vec<(Vec<OsString>, libc::timespec)>,
     counts: Unpacked,
+    /// The copy buffer, reused from file to file.
+    buf: Vec<u8>,
+    /// Checks that the pool can take more (see [`Unpacker::space_check`]).
+    space: Option<SpaceCheck<'a>>,
+    /// Bytes written since the last space check.
+    unchecked: u64,
 }
+
+/// A check that the pool has room for more of the import: an error
+/// (typically [`Error::NoSpace`]) stops it.
+pub type SpaceCheck<'a> = Box<dyn FnMut() -> Result<()> + 'a>;
+
+/// Bytes written (file data, and 4 KiB per entry for its inode and name)
+/// between two space checks.
+pub const SPACE_CHECK_EVERY: u64 = 32 << 20;
 
 /// The error of entry `path`.
 fn at(path: &Path, what: &str, e: io::Error) -> Error {
@@ -104,7 +120,19 @@ impl<'a> Unpacker<'a> {
             cached: None,
             dir_times: Vec::new(),
             counts: Unpacked::default(),
+            buf: Vec::new(),
+            space: None,
+            unchecked: 0,
         }
+    }
+
+    /// Run `check` every [`SPACE_CHECK_EVERY`] bytes written: the image's
+    /// filesystem is not one the space guard watches (it is reachable by
+    /// no path and has no record yet), so the import watches the pool
+    /// itself.
+    pub fn space_check(mut self, check: SpaceCheck<'a>) -> Unpacker<'a> {
+        self.space = Some(check);
+        self
     }
 
     /// Unpack every entry of the tar stream `input`.
@@ -145,18 +173,25 @@ impl<'a> Unpacker<'a> {
             } else if t.is_gnu_longlink() {
                 pending.link = Some(trim_nul(read_small(&mut entry)?));
             } else {
+                self.spend(4096)?;
                 self.entry(&mut entry, std::mem::take(&mut pending))?;
                 self.counts.entries += 1;
             }
         }
         // The tar crate takes an end of input between two entries for the
         // end of the archive: only the end marker (zero blocks) is.
-        if ar.into_inner().eof {
+        let mut rest = ar.into_inner();
+        if rest.eof {
             return Err(Error::BadStream(
                 "the archive ends without its end marker (truncated, or its writer failed); nothing was imported"
                     .into(),
             ));
         }
+        // What follows the end marker (tar's padding) is read to the end
+        // of the input: a compressed stream's end, and its checksum, are
+        // checked there.
+        io::copy(&mut rest, &mut io::sink())
+            .map_err(|e| bad_tar("read the input after the archive's end", e))?;
         for (c, t) in std::mem::take(&mut self.dir_times).into_iter().rev() {
             let h = self.open_handle(&c)?;
             file::utimens(h.as_fd(), &[t, t]).map_err(|e| at(&join(&c), "set times of", e))?;
@@ -194,10 +229,15 @@ impl<'a> Unpacker<'a> {
             } else if key == b"gid" {
                 m.gid = pax_num(value, "gid")?;
             } else if key == b"size"
-                && u64::from(pax_num(value, "size").unwrap_or(u32::MAX)) != h.size().unwrap_or(0)
+                && std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    != h.size().ok()
             {
+                // The tar crate's raw reader takes the header's size: one
+                // the header cannot hold (8 GiB and more) is not read.
                 return Err(Error::BadStream(
-                    "a file size in a PAX record (files of 4 GiB and more in PAX form) is not supported; nothing was imported"
+                    "a file size in a PAX record that differs from its header's (a file of 8 GiB or more in PAX form) is not supported; nothing was imported"
                         .into(),
                 ));
             }
@@ -207,7 +247,8 @@ impl<'a> Unpacker<'a> {
 
     fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, p: Pending) -> Result<()> {
         let raw_path = p
-            .pax_value(b"path")
+            .pax_value(b"GNU.sparse.name")
+            .or_else(|| p.pax_value(b"path"))
             .or(p.name.clone())
             .unwrap_or_else(|| entry.path_bytes().into_owned());
         let path = Path::new(OsStr::from_bytes(&raw_path)).to_path_buf();
@@ -247,14 +288,9 @@ impl<'a> Unpacker<'a> {
                 self.dir_times.push((comps, meta.mtime));
                 return Ok(());
             }
-            T::GNUSparse => {
-                return Err(Error::BadStream(format!(
-                    "/{} is a GNU sparse entry, which this import does not read: make the tarball without --sparse; nothing was imported",
-                    path.display()
-                )));
-            }
-            T::Regular | T::Continuous => {
-                let mut f = self.make(d, name, &path, |d, n| {
+            T::GNUSparse | T::Regular | T::Continuous => {
+                let sparse = self.sparse_map(entry, &p, &raw_path)?;
+                let f = self.make(d, name, &path, |d, n| {
                     file::openat(
                         d,
                         n,
@@ -263,13 +299,12 @@ impl<'a> Unpacker<'a> {
                     )
                     .map(File::from)
                 })?;
-                let n = io::copy(entry, &mut f).map_err(|e| {
-                    if e.raw_os_error() == Some(libc::ENOSPC) {
-                        at(&path, "write", e)
-                    } else {
-                        bad_tar(&format!("write /{}", path.display()), e)
-                    }
-                })?;
+                let size = entry.header().entry_size().unwrap_or(0);
+                let map = sparse.unwrap_or(SparseMap {
+                    segments: vec![(0, size)],
+                    size,
+                });
+                let n = self.write_data(entry, &f, &map, &path)?;
                 self.counts.file_bytes += n;
             }
             T::Symlink => {
@@ -329,6 +364,95 @@ impl<'a> Unpacker<'a> {
         }
         drop(dir);
         self.apply(&comps, &path, &meta, kind.is_symlink())
+    }
+
+    /// The map of a sparse file entry: an old GNU one (type `S`), or PAX
+    /// sparse 1.0 (`GNU.sparse.major=1`, its map read here from the start
+    /// of the data); none for a plain file. Other PAX sparse versions are
+    /// refused.
+    fn sparse_map<R: Read>(
+        &self,
+        entry: &mut tar::Entry<'_, R>,
+        p: &Pending,
+        path: &[u8],
+    ) -> Result<Option<SparseMap>> {
+        let stored = entry.header().entry_size().unwrap_or(0);
+        if entry.header().entry_type() == tar::EntryType::GNUSparse {
+            return gnu_sparse_map(entry.header(), path).map(Some);
+        }
+        let version = (
+            p.pax_value(b"GNU.sparse.major"),
+            p.pax_value(b"GNU.sparse.minor"),
+        );
+        let old =
+            p.pax_value(b"GNU.sparse.map").is_some() || p.pax_value(b"GNU.sparse.offset").is_some();
+        match version {
+            (None, None) if !old => Ok(None),
+            (Some(ma), Some(mi)) if ma == b"1" && mi == b"0" => {
+                let size = p
+                    .pax_value(b"GNU.sparse.realsize")
+                    .and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse::<u64>().ok())
+                    .ok_or_else(|| {
+                        Error::BadStream(format!(
+                            "sparse entry /{} has no GNU.sparse.realsize; nothing was imported",
+                            String::from_utf8_lossy(path)
+                        ))
+                    })?;
+                pax_sparse_map(entry, stored, size, path).map(Some)
+            }
+            _ => Err(Error::BadStream(format!(
+                "/{} is a PAX sparse entry of a version before 1.0, which this import does not read: make the tarball with `tar --format=pax --sparse` (version 1.0) or without --sparse; nothing was imported",
+                String::from_utf8_lossy(path)
+            ))),
+        }
+    }
+
+    /// Write a file's data, read from `r`, at its segments' offsets in
+    /// the new file `f`, and give it its size: what lies between segments
+    /// stays a hole. Returns the bytes written.
+    fn write_data(
+        &mut self,
+        r: &mut impl Read,
+        f: &File,
+        map: &SparseMap,
+        path: &Path,
+    ) -> Result<u64> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.resize(1 << 20, 0);
+        let mut written = 0;
+        let r = (|| {
+            for &(off, len) in &map.segments {
+                let mut done = 0u64;
+                while done < len {
+                    let n = (len - done).min(buf.len() as u64) as usize;
+                    r.read_exact(&mut buf[..n])
+                        .map_err(|e| bad_tar(&format!("read /{}", path.display()), e))?;
+                    self.spend(n as u64)?;
+                    f.write_all_at(&buf[..n], off + done)
+                        .map_err(|e| at(path, "write", e))?;
+                    done += n as u64;
+                }
+                written += len;
+            }
+            f.set_len(map.size)
+                .map_err(|e| at(path, "set the size of", e))
+        })();
+        self.buf = buf;
+        r.map(|()| written)
+    }
+
+    /// Count `n` bytes about to be written into the image; every
+    /// [`SPACE_CHECK_EVERY`] bytes the space check runs.
+    fn spend(&mut self, n: u64) -> Result<()> {
+        self.unchecked += n;
+        if self.unchecked >= SPACE_CHECK_EVERY {
+            self.unchecked = 0;
+            if let Some(check) = &mut self.space {
+                check()?;
+            }
+        }
+        Ok(())
     }
 
     /// Make `name` in `d` with `mk`; a non-directory already there is
@@ -499,5 +623,24 @@ mod tests {
         assert_eq!(p[0], (b"SCHILY.xattr.a".to_vec(), b"\n\n".to_vec()));
         assert_eq!(p[1], (b"path".to_vec(), b"ab".to_vec()));
         assert!(parse_pax(b"99 path=x\n").is_err());
+    }
+
+    #[test]
+    fn pax_sparse_maps() {
+        let mut data = b"2\n0\n5\n8192\n3\n".to_vec();
+        data.resize(512, 0);
+        data.extend_from_slice(b"hellowor");
+        let mut r = &data[..];
+        let m = pax_sparse_map(&mut r, data.len() as u64, 10000, b"f").unwrap();
+        assert_eq!(m.segments, vec![(0, 5), (8192, 3)]);
+        assert_eq!(r, b"hellowor");
+        // Data that does not add up, overlapping or past the end: refused.
+        assert!(pax_sparse_map(&mut &data[..], 600, 10000, b"f").is_err());
+        assert!(pax_sparse_map(&mut &data[..], data.len() as u64, 8000, b"f").is_err());
+        let mut o = b"2\n0\n5\n3\n3\n".to_vec();
+        o.resize(520, 0);
+        assert!(pax_sparse_map(&mut &o[..], 520, 100, b"f").is_err());
+        // A cut map.
+        assert!(pax_sparse_map(&mut &b"2\n0\n"[..], 4, 100, b"f").is_err());
     }
 }
