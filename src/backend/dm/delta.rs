@@ -50,9 +50,7 @@ impl<'a> Tag<'a> {
             None => (false, body),
         };
         let body = body.strip_suffix('/').unwrap_or(body).trim_end();
-        let (name, mut rest) = body
-            .split_once(char::is_whitespace)
-            .unwrap_or((body, ""));
+        let (name, mut rest) = body.split_once(char::is_whitespace).unwrap_or((body, ""));
         if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
             return Err(bad(format!("bad element name in <{body}>")));
         }
@@ -179,11 +177,7 @@ fn parse(xml: &str, left: u64, right: u64) -> Result<Vec<(u64, u64, Delta)>> {
 /// The changed ranges from a parsed answer. With a base: `different` and
 /// `right_only` are data, `left_only` reads as zeros now. Without one (the
 /// device against itself): every mapped (`same`) range is data.
-fn to_ranges(
-    v: Vec<(u64, u64, Delta)>,
-    with_base: bool,
-    size: u64,
-) -> Result<Vec<ChangedRange>> {
+fn to_ranges(v: Vec<(u64, u64, Delta)>, with_base: bool, size: u64) -> Result<Vec<ChangedRange>> {
     let mut out = Vec::with_capacity(v.len());
     for (offset, len, d) in v {
         let kind = match (with_base, d) {
@@ -305,8 +299,14 @@ mod tests {
             (good[..good.len() - 20].to_string(), "unterminated"),
             (String::new(), "cut"),
             (answer(1, 3, ""), "asked 1 and 2"),
-            (answer(1, 2, "<moved begin=\"1\" length=\"1\"/>"), "unknown range"),
-            (answer(1, 2, "<same begin=\"x\" length=\"1\"/>"), "not a number"),
+            (
+                answer(1, 2, "<moved begin=\"1\" length=\"1\"/>"),
+                "unknown range",
+            ),
+            (
+                answer(1, 2, "<same begin=\"x\" length=\"1\"/>"),
+                "not a number",
+            ),
             (answer(1, 2, "<same length=\"1\"/>"), "has no begin"),
             (
                 answer(1, 2, "<same begin=\"1\" length=\"99999999999999999\"/>"),
@@ -314,7 +314,10 @@ mod tests {
             ),
             (answer(1, 2, "oops"), "unexpected text"),
             (good.replace("128", "0"), "data_block_size 0"),
-            (good.replace("data_block_size", "block_size"), "no data_block_size"),
+            (
+                good.replace("data_block_size", "block_size"),
+                "no data_block_size",
+            ),
             (format!("{good}<superblock>"), "unexpected <superblock>"),
             (format!("{good}junk"), "unexpected text \"junk\""),
             ("Unable to find mapping tree".to_string(), "unexpected text"),
@@ -339,10 +342,15 @@ mod tests {
     #[test]
     fn thin_delta_of_random_mappings_matches_the_model() {
         let tool = |p: &str| {
-            Tool::ThinDelta.find().map(|d| d.with_file_name(p)).filter(|p| p.is_file())
+            Tool::ThinDelta
+                .find()
+                .map(|d| d.with_file_name(p))
+                .filter(|p| p.is_file())
         };
         let (Some(restore), Some(td)) = (tool("thin_restore"), tool("thin_delta")) else {
-            panic!("thin_restore/thin_delta missing: scripts/install-deps installs thin-provisioning-tools");
+            panic!(
+                "thin_restore/thin_delta missing: scripts/install-deps installs thin-provisioning-tools"
+            );
         };
         let dir = std::env::temp_dir().join(format!("thinfs-delta-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -395,7 +403,9 @@ mod tests {
                     .filter_map(|(i, d)| d.map(|d| format!("<single_mapping origin_block=\"{i}\" data_block=\"{d}\" time=\"0\"/>\n")))
                     .collect();
                 let n = m.iter().flatten().count();
-                format!("<device dev_id=\"{id}\" mapped_blocks=\"{n}\" transaction=\"0\" creation_time=\"0\" snap_time=\"0\">\n{maps}</device>\n")
+                format!(
+                    "<device dev_id=\"{id}\" mapped_blocks=\"{n}\" transaction=\"0\" creation_time=\"0\" snap_time=\"0\">\n{maps}</device>\n"
+                )
             };
             let xml = format!(
                 "<superblock uuid=\"\" time=\"0\" transaction=\"1\" flags=\"0\" version=\"2\" data_block_size=\"128\" nr_data_blocks=\"{}\">\n{}{}</superblock>\n",
@@ -405,9 +415,15 @@ mod tests {
             );
             let (x, meta) = (dir.join("m.xml"), dir.join("meta.bin"));
             std::fs::write(&x, xml).unwrap();
-            std::fs::File::create(&meta).unwrap().set_len(16 << 20).unwrap();
+            std::fs::File::create(&meta)
+                .unwrap()
+                .set_len(16 << 20)
+                .unwrap();
             let o = std::process::Command::new(&restore)
-                .arg("-i").arg(&x).arg("-o").arg(&meta)
+                .arg("-i")
+                .arg(&x)
+                .arg("-o")
+                .arg(&meta)
                 .output()
                 .unwrap();
             assert!(o.status.success(), "thin_restore: {o:?}");
