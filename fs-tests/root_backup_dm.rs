@@ -97,7 +97,9 @@ fn dm_backup_from_reflink_restores_into_dm() {
         .map(|x| x.name.to_string())
         .collect();
     assert!(
-        !names.iter().any(|n| n.contains("restore") || n.contains("backup")),
+        !names
+            .iter()
+            .any(|n| n.contains("restore") || n.contains("backup")),
         "nothing temporary is left: {names:?}"
     );
     for t in ["copy@v1", "copy@v3", "copy"] {
