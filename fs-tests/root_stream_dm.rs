@@ -1,8 +1,10 @@
 //! send/receive across backends: a reflink pool sends to a dm-thin pool and
 //! the dm-thin pool sends back, full and incremental, and every tree
 //! matches; on dm-thin an incremental send costs the change, not the
-//! device, and a metadata snapshot left held never blocks it. Needs device-mapper: `scripts/dm-test` runs it in a QEMU guest
-//! (it is ignored elsewhere).
+//! device, and a metadata snapshot left held never blocks it. The dm tests
+//! need device-mapper: `scripts/dm-test` runs them in a QEMU guest (they
+//! are ignored elsewhere); the check of the whole-device compare against
+//! FIEMAP runs on any host.
 
 mod common;
 
