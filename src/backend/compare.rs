@@ -104,8 +104,14 @@ pub fn compare_by_reading<B: Backend + ?Sized>(
     let s = &s_dev.file;
     let b_dev = base.map(|d| b.open_read(d, size)).transpose()?;
     let bf = b_dev.as_ref().map(|r| &r.file);
-    let base_len = match &bf {
-        Some(f) => f.metadata().map(|m| m.len()).unwrap_or(0),
+    // A block device's st_size is 0: its length is where its end is.
+    let base_len = match bf {
+        Some(f) => {
+            use std::io::{Seek, SeekFrom};
+            let mut f: &std::fs::File = f;
+            f.seek(SeekFrom::End(0))
+                .ctx(|| format!("length of base device {base:?}"))?
+        }
         None => 0,
     };
     const CHUNK: usize = 1 << 20;

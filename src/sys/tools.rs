@@ -21,6 +21,9 @@ pub enum Tool {
     MkfsXfs,
     /// Loads the dm-thin module.
     Modprobe,
+    /// Lists the changed ranges of two dm-thin devices from the pool's
+    /// metadata.
+    ThinDelta,
 }
 
 impl Tool {
@@ -35,6 +38,7 @@ impl Tool {
             Tool::Resize2fs => "resize2fs",
             Tool::MkfsXfs => "mkfs.xfs",
             Tool::Modprobe => "modprobe",
+            Tool::ThinDelta => "thin_delta",
         }
     }
 
@@ -44,6 +48,7 @@ impl Tool {
             Tool::MkfsExt4 | Tool::E2fsck | Tool::Resize2fs => "e2fsprogs",
             Tool::MkfsXfs => "xfsprogs",
             Tool::Modprobe => "kmod",
+            Tool::ThinDelta => "thin-provisioning-tools",
         }
     }
 

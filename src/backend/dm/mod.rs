@@ -12,7 +12,13 @@
 //! dm-thin has no "list devices" message: every device the engine makes is
 //! recorded (intent first) in sled, so recovery never needs to discover
 //! unknown thin ids; `exists` probes by activating.
+//!
+//! Changed ranges (send, and "changed since the snapshot") come from the
+//! pool's metadata (`delta`): a metadata snapshot read by `thin_delta`,
+//! under one pool-wide lock, released at the end or, after a crash, at the
+//! next open. Without `thin_delta` both devices are read whole.
 
+mod delta;
 mod pool;
 mod probe;
 

@@ -1,7 +1,8 @@
 //! The dm-thin pool: set up, recover, thin devices, status.
 
+use super::delta;
 use super::probe::{available, dmerr};
-use crate::backend::{ActiveDevice, Backend, PoolStatus, Usage};
+use crate::backend::{ActiveDevice, Backend, ChangedRange, PoolStatus, Usage, compare_by_reading};
 use crate::error::{Error, IoContext, Result};
 use crate::sys::loopdev::LoopDevice;
 use crate::types::{Bytes, DeviceId};
@@ -14,6 +15,7 @@ use parking_lot::Mutex;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Data block size: 64 KiB.
@@ -28,6 +30,11 @@ struct Shared {
     pool: Mutex<Option<ThinPoolDev>>,
     _loops: Vec<LoopDevice>,
     detail: String,
+    /// Held from `reserve_metadata_snap` to `release_metadata_snap`: the
+    /// pool has one metadata snapshot at most.
+    meta_snap: Mutex<()>,
+    /// The log has said that `thin_delta` is missing.
+    said_no_delta: AtomicBool,
 }
 
 impl Shared {
@@ -202,6 +209,7 @@ impl DmPool {
             )
         }
         .map_err(|e| dmerr("thin-pool", e))?;
+        release_leftover_meta_snap(&dm, &pool)?;
         let detail = format!(
             "dm-thin pool thinfs-{tag}-pool: data {} in {}, metadata {} in {}, 64K blocks",
             Bytes(data_size),
@@ -215,6 +223,8 @@ impl DmPool {
             pool: Mutex::new(Some(pool)),
             _loops: vec![ml, dl],
             detail,
+            meta_snap: Mutex::new(()),
+            said_no_delta: AtomicBool::new(false),
         })))
     }
 
@@ -242,6 +252,27 @@ impl DmPool {
         let _ = t.teardown(&s.dm);
         st.map_err(|e| dmerr("thin status", e))
     }
+}
+
+/// A daemon killed between `reserve_metadata_snap` and its release leaves
+/// the metadata snapshot held (it is in the metadata's superblock), and
+/// every later reserve would fail with EBUSY: release it. The status says
+/// whether one is held; a release with none held would fail (EINVAL).
+fn release_leftover_meta_snap(dm: &DM, pool: &ThinPoolDev) -> Result<()> {
+    let st = pool
+        .status(dm, DmOptions::default())
+        .map_err(|e| dmerr("pool status", e))?;
+    if let ThinPoolStatus::Working(w) = st
+        && let Some(root) = w.held_metadata_root
+    {
+        dm.target_msg(&DevId::Name(pool.name()), None, "release_metadata_snap")
+            .map_err(|e| dmerr("release the metadata snapshot left held", e))?;
+        log::warn!(
+            "recovery: released the pool's metadata snapshot (block {}) left held by an earlier daemon",
+            *root
+        );
+    }
+    Ok(())
 }
 
 /// Tear down dm devices named `thinfs-<tag>-*` left by a killed daemon
@@ -535,6 +566,39 @@ impl Backend for DmPool {
                 reason: format!("{other:?}"),
             }),
         }
+    }
+
+    fn changed_ranges(
+        &self,
+        base: Option<DeviceId>,
+        snap: DeviceId,
+        size: Bytes,
+    ) -> Result<Vec<ChangedRange>> {
+        if !delta::available() {
+            if !self.0.said_no_delta.swap(true, Ordering::Relaxed) {
+                log::warn!(
+                    "thin_delta is not installed (Debian package thin-provisioning-tools): \
+                     changed ranges on dm-thin are found by reading both devices whole"
+                );
+            }
+            return compare_by_reading(self, base, snap, size);
+        }
+        let meta = self.with_pool(|p| Ok(p.meta_dev().devnode()))?;
+        let s = &self.0;
+        let _g = s.meta_snap.lock();
+        // The reserve commits the pool's metadata first, so the snapshot
+        // holds every mapping made so far.
+        if let Err(e) = s.msg("reserve_metadata_snap") {
+            // Held by someone else (a tool run by hand): say so, take it.
+            log::warn!("{e}; releasing the held metadata snapshot and trying again");
+            s.msg("release_metadata_snap")?;
+            s.msg("reserve_metadata_snap")?;
+        }
+        let r = delta::thin_delta(&meta, base, snap, size.0);
+        if let Err(e) = s.msg("release_metadata_snap") {
+            log::error!("{e}: the next reserve releases it");
+        }
+        r
     }
 
     fn trim(&self) -> Result<()> {
