@@ -14,6 +14,7 @@ pub mod containerd;
 mod export;
 mod import;
 mod job;
+mod sparse;
 mod stream;
 mod tario;
 mod tarwalk;

@@ -19,6 +19,7 @@
 //! made.
 
 use super::Job;
+use super::sparse;
 use super::tario::*;
 use crate::error::{Error, Result};
 use crate::sys::file;
@@ -289,7 +290,7 @@ impl<'a> Unpacker<'a> {
                 return Ok(());
             }
             T::GNUSparse | T::Regular | T::Continuous => {
-                let sparse = self.sparse_map(entry, &p, &raw_path)?;
+                let map = sparse::entry_map(entry, &p, &raw_path)?;
                 let f = self.make(d, name, &path, |d, n| {
                     file::openat(
                         d,
@@ -299,12 +300,10 @@ impl<'a> Unpacker<'a> {
                     )
                     .map(File::from)
                 })?;
-                let size = entry.header().entry_size().unwrap_or(0);
-                let map = sparse.unwrap_or(SparseMap {
-                    segments: vec![(0, size)],
-                    size,
-                });
-                let n = self.write_data(entry, &f, &map, &path)?;
+                let mut buf = std::mem::take(&mut self.buf);
+                let n = sparse::write_data(entry, &f, &map, &path, &mut buf, |n| self.spend(n), at);
+                self.buf = buf;
+                let n = n?;
                 self.counts.file_bytes += n;
             }
             T::Symlink => {
@@ -364,82 +363,6 @@ impl<'a> Unpacker<'a> {
         }
         drop(dir);
         self.apply(&comps, &path, &meta, kind.is_symlink())
-    }
-
-    /// The map of a sparse file entry: an old GNU one (type `S`), or PAX
-    /// sparse 1.0 (`GNU.sparse.major=1`, its map read here from the start
-    /// of the data); none for a plain file. Other PAX sparse versions are
-    /// refused.
-    fn sparse_map<R: Read>(
-        &self,
-        entry: &mut tar::Entry<'_, R>,
-        p: &Pending,
-        path: &[u8],
-    ) -> Result<Option<SparseMap>> {
-        let stored = entry.header().entry_size().unwrap_or(0);
-        if entry.header().entry_type() == tar::EntryType::GNUSparse {
-            return gnu_sparse_map(entry.header(), path).map(Some);
-        }
-        let version = (
-            p.pax_value(b"GNU.sparse.major"),
-            p.pax_value(b"GNU.sparse.minor"),
-        );
-        let old =
-            p.pax_value(b"GNU.sparse.map").is_some() || p.pax_value(b"GNU.sparse.offset").is_some();
-        match version {
-            (None, None) if !old => Ok(None),
-            (Some(ma), Some(mi)) if ma == b"1" && mi == b"0" => {
-                let size = p
-                    .pax_value(b"GNU.sparse.realsize")
-                    .and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse::<u64>().ok())
-                    .ok_or_else(|| {
-                        Error::BadStream(format!(
-                            "sparse entry /{} has no GNU.sparse.realsize; nothing was imported",
-                            String::from_utf8_lossy(path)
-                        ))
-                    })?;
-                pax_sparse_map(entry, stored, size, path).map(Some)
-            }
-            _ => Err(Error::BadStream(format!(
-                "/{} is a PAX sparse entry of a version before 1.0, which this import does not read: make the tarball with `tar --format=pax --sparse` (version 1.0) or without --sparse; nothing was imported",
-                String::from_utf8_lossy(path)
-            ))),
-        }
-    }
-
-    /// Write a file's data, read from `r`, at its segments' offsets in
-    /// the new file `f`, and give it its size: what lies between segments
-    /// stays a hole. Returns the bytes written.
-    fn write_data(
-        &mut self,
-        r: &mut impl Read,
-        f: &File,
-        map: &SparseMap,
-        path: &Path,
-    ) -> Result<u64> {
-        use std::os::unix::fs::FileExt;
-        let mut buf = std::mem::take(&mut self.buf);
-        buf.resize(1 << 20, 0);
-        let mut written = 0;
-        let r = (|| {
-            for &(off, len) in &map.segments {
-                let mut done = 0u64;
-                while done < len {
-                    let n = (len - done).min(buf.len() as u64) as usize;
-                    r.read_exact(&mut buf[..n])
-                        .map_err(|e| bad_tar(&format!("read /{}", path.display()), e))?;
-                    self.spend(n as u64)?;
-                    f.write_all_at(&buf[..n], off + done)
-                        .map_err(|e| at(path, "write", e))?;
-                    done += n as u64;
-                }
-                written += len;
-            }
-            f.set_len(map.size)
-                .map_err(|e| at(path, "set the size of", e))
-        })();
-        self.buf = buf;
-        r.map(|()| written)
     }
 
     /// Count `n` bytes about to be written into the image; every
@@ -623,24 +546,5 @@ mod tests {
         assert_eq!(p[0], (b"SCHILY.xattr.a".to_vec(), b"\n\n".to_vec()));
         assert_eq!(p[1], (b"path".to_vec(), b"ab".to_vec()));
         assert!(parse_pax(b"99 path=x\n").is_err());
-    }
-
-    #[test]
-    fn pax_sparse_maps() {
-        let mut data = b"2\n0\n5\n8192\n3\n".to_vec();
-        data.resize(512, 0);
-        data.extend_from_slice(b"hellowor");
-        let mut r = &data[..];
-        let m = pax_sparse_map(&mut r, data.len() as u64, 10000, b"f").unwrap();
-        assert_eq!(m.segments, vec![(0, 5), (8192, 3)]);
-        assert_eq!(r, b"hellowor");
-        // Data that does not add up, overlapping or past the end: refused.
-        assert!(pax_sparse_map(&mut &data[..], 600, 10000, b"f").is_err());
-        assert!(pax_sparse_map(&mut &data[..], data.len() as u64, 8000, b"f").is_err());
-        let mut o = b"2\n0\n5\n3\n3\n".to_vec();
-        o.resize(520, 0);
-        assert!(pax_sparse_map(&mut &o[..], 520, 100, b"f").is_err());
-        // A cut map.
-        assert!(pax_sparse_map(&mut &b"2\n0\n"[..], 4, 100, b"f").is_err());
     }
 }

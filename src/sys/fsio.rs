@@ -106,8 +106,9 @@ struct FiemapBuf {
     ext: [FiemapExtent; BATCH],
 }
 
-/// Extent usage of a file: (bytes mapped, bytes mapped and not shared, extent count).
-pub fn fiemap_usage(fd: impl AsFd) -> io::Result<(u64, u64, u64)> {
+/// Call `each` on every extent of a file, in file order (data flushed
+/// first): the one FIEMAP loop, in batches of [`BATCH`] extents.
+fn fiemap_walk(fd: impl AsFd, mut each: impl FnMut(&FiemapExtent)) -> io::Result<()> {
     let raw = fd.as_fd().as_raw_fd();
     let zero = FiemapExtent {
         fe_logical: 0,
@@ -128,7 +129,6 @@ pub fn fiemap_usage(fd: impl AsFd) -> io::Result<(u64, u64, u64)> {
         },
         ext: [zero; BATCH],
     });
-    let (mut total, mut exclusive, mut count) = (0u64, 0u64, 0u64);
     let mut start = 0u64;
     loop {
         buf.head = FiemapHead {
@@ -148,11 +148,7 @@ pub fn fiemap_usage(fd: impl AsFd) -> io::Result<(u64, u64, u64)> {
         }
         let mut last = false;
         for e in &buf.ext[..n.min(BATCH)] {
-            total += e.fe_length;
-            count += 1;
-            if e.fe_flags & FIEMAP_EXTENT_SHARED == 0 {
-                exclusive += e.fe_length;
-            }
+            each(e);
             start = e.fe_logical + e.fe_length;
             last |= e.fe_flags & FIEMAP_EXTENT_LAST != 0;
         }
@@ -160,6 +156,19 @@ pub fn fiemap_usage(fd: impl AsFd) -> io::Result<(u64, u64, u64)> {
             break;
         }
     }
+    Ok(())
+}
+
+/// Extent usage of a file: (bytes mapped, bytes mapped and not shared, extent count).
+pub fn fiemap_usage(fd: impl AsFd) -> io::Result<(u64, u64, u64)> {
+    let (mut total, mut exclusive, mut count) = (0u64, 0u64, 0u64);
+    fiemap_walk(fd, |e| {
+        total += e.fe_length;
+        count += 1;
+        if e.fe_flags & FIEMAP_EXTENT_SHARED == 0 {
+            exclusive += e.fe_length;
+        }
+    })?;
     Ok((total, exclusive, count))
 }
 
@@ -178,59 +187,15 @@ pub struct Extent {
 
 /// Every extent of a file, in file order (data flushed first).
 pub fn fiemap_extents(fd: impl AsFd) -> io::Result<Vec<Extent>> {
-    let raw = fd.as_fd().as_raw_fd();
-    let zero = FiemapExtent {
-        fe_logical: 0,
-        fe_physical: 0,
-        fe_length: 0,
-        fe_reserved64: [0; 2],
-        fe_flags: 0,
-        fe_reserved: [0; 3],
-    };
-    let mut buf = Box::new(FiemapBuf {
-        head: FiemapHead {
-            fm_start: 0,
-            fm_length: 0,
-            fm_flags: 0,
-            fm_mapped_extents: 0,
-            fm_extent_count: 0,
-            fm_reserved: 0,
-        },
-        ext: [zero; BATCH],
-    });
     let mut out = Vec::new();
-    let mut start = 0u64;
-    loop {
-        buf.head = FiemapHead {
-            fm_start: start,
-            fm_length: u64::MAX - start,
-            fm_flags: FIEMAP_FLAG_SYNC,
-            fm_mapped_extents: 0,
-            fm_extent_count: BATCH as u32,
-            fm_reserved: 0,
-        };
-        // SAFETY: buf is a fiemap header followed by BATCH extents, as
-        // fm_extent_count tells the kernel; it lives across the call.
-        cvt(unsafe { libc::ioctl(raw, FS_IOC_FIEMAP, &mut *buf as *mut FiemapBuf) })?;
-        let n = buf.head.fm_mapped_extents as usize;
-        if n == 0 {
-            break;
-        }
-        let mut last = false;
-        for e in &buf.ext[..n.min(BATCH)] {
-            out.push(Extent {
-                logical: e.fe_logical,
-                physical: e.fe_physical,
-                length: e.fe_length,
-                flags: e.fe_flags,
-            });
-            start = e.fe_logical + e.fe_length;
-            last |= e.fe_flags & FIEMAP_EXTENT_LAST != 0;
-        }
-        if last {
-            break;
-        }
-    }
+    fiemap_walk(fd, |e| {
+        out.push(Extent {
+            logical: e.fe_logical,
+            physical: e.fe_physical,
+            length: e.fe_length,
+            flags: e.fe_flags,
+        })
+    })?;
     Ok(out)
 }
 

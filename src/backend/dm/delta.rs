@@ -3,18 +3,98 @@
 //! (Debian's thin-provisioning-tools), then released, always. Cost:
 //! proportional to the mappings, not to the device.
 //!
-//! This module owns the parsing of `thin_delta`'s XML and the
-//! reserve..release sequence. The caller holds the pool-wide lock around
-//! it (one metadata snapshot per pool at a time). Never used to decide
+//! This module owns the pool's one metadata snapshot ([`MetaSnap`]: the
+//! pool-wide lock, the reserve..`thin_delta`..release sequence, the
+//! fallback to reading both devices when the tool is missing, and the
+//! release at open of a snapshot a killed daemon left held) and the
+//! parsing of `thin_delta`'s XML. It sends pool messages only through the
+//! pool's hands (a closure); it never sets up or tears down a device.
+//! Never used to decide
 //! anything but which ranges to read: a range the tool calls `same` is
 //! shared by both devices (one data block, copied on write), so its bytes
 //! are equal.
 
+use super::probe::dmerr;
 use crate::backend::{ChangedRange, RangeKind, normalize};
 use crate::error::{Error, Result};
 use crate::sys::tools::Tool;
 use crate::types::DeviceId;
-use std::path::Path;
+use devicemapper::{DM, DevId, DmDevice, DmOptions, ThinPoolDev, ThinPoolStatus};
+use parking_lot::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// The pool's metadata snapshot: one at most per pool, taken only under
+/// this lock.
+#[derive(Default)]
+pub(super) struct MetaSnap {
+    /// Held from `reserve_metadata_snap` to `release_metadata_snap`.
+    lock: Mutex<()>,
+    /// The log has said that `thin_delta` is missing.
+    said_no_delta: AtomicBool,
+}
+
+impl MetaSnap {
+    /// The changed ranges of `snap` since `base` (all of its data for
+    /// none): reserve a metadata snapshot with the pool message `msg`, run
+    /// `thin_delta` on the metadata device `meta`, release it. Without
+    /// `thin_delta`, `read_whole` (both devices read whole) answers.
+    pub(super) fn changed(
+        &self,
+        msg: &dyn Fn(&str) -> Result<()>,
+        meta: impl FnOnce() -> Result<PathBuf>,
+        read_whole: impl FnOnce() -> Result<Vec<ChangedRange>>,
+        base: Option<DeviceId>,
+        snap: DeviceId,
+        size: u64,
+    ) -> Result<Vec<ChangedRange>> {
+        if !available() {
+            if !self.said_no_delta.swap(true, Ordering::Relaxed) {
+                log::warn!(
+                    "thin_delta is not installed (Debian package thin-provisioning-tools): \
+                     changed ranges on dm-thin are found by reading both devices whole"
+                );
+            }
+            return read_whole();
+        }
+        let meta = meta()?;
+        let _g = self.lock.lock();
+        // The reserve commits the pool's metadata first, so the snapshot
+        // holds every mapping made so far.
+        if let Err(e) = msg("reserve_metadata_snap") {
+            // Held by someone else (a tool run by hand): say so, take it.
+            log::warn!("{e}; releasing the held metadata snapshot and trying again");
+            msg("release_metadata_snap")?;
+            msg("reserve_metadata_snap")?;
+        }
+        let r = thin_delta(&meta, base, snap, size);
+        if let Err(e) = msg("release_metadata_snap") {
+            log::error!("{e}: the next reserve releases it");
+        }
+        r
+    }
+}
+
+/// A daemon killed between `reserve_metadata_snap` and its release leaves
+/// the metadata snapshot held (it is in the metadata's superblock), and
+/// every later reserve would fail with EBUSY: release it. The status says
+/// whether one is held; a release with none held would fail (EINVAL).
+pub(super) fn release_leftover(dm: &DM, pool: &ThinPoolDev) -> Result<()> {
+    let st = pool
+        .status(dm, DmOptions::default())
+        .map_err(|e| dmerr("pool status", e))?;
+    if let ThinPoolStatus::Working(w) = st
+        && let Some(root) = w.held_metadata_root
+    {
+        dm.target_msg(&DevId::Name(pool.name()), None, "release_metadata_snap")
+            .map_err(|e| dmerr("release the metadata snapshot left held", e))?;
+        log::warn!(
+            "recovery: released the pool's metadata snapshot (block {}) left held by an earlier daemon",
+            *root
+        );
+    }
+    Ok(())
+}
 
 /// One range of `thin_delta`'s answer, in data blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,7 +275,7 @@ fn to_ranges(v: Vec<(u64, u64, Delta)>, with_base: bool, size: u64) -> Result<Ve
 
 /// Run `thin_delta` on the pool's metadata device `meta` (a metadata
 /// snapshot must be held) and parse its answer.
-pub(super) fn thin_delta(
+fn thin_delta(
     meta: &Path,
     base: Option<DeviceId>,
     snap: DeviceId,
@@ -218,7 +298,7 @@ pub(super) fn thin_delta(
 }
 
 /// Is `thin_delta` installed?
-pub(super) fn available() -> bool {
+fn available() -> bool {
     Tool::ThinDelta.find().is_some()
 }
 

@@ -15,7 +15,6 @@ use parking_lot::Mutex;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Data block size: 64 KiB.
@@ -30,11 +29,8 @@ struct Shared {
     pool: Mutex<Option<ThinPoolDev>>,
     _loops: Vec<LoopDevice>,
     detail: String,
-    /// Held from `reserve_metadata_snap` to `release_metadata_snap`: the
-    /// pool has one metadata snapshot at most.
-    meta_snap: Mutex<()>,
-    /// The log has said that `thin_delta` is missing.
-    said_no_delta: AtomicBool,
+    /// The pool's one metadata snapshot, for changed ranges.
+    meta_snap: delta::MetaSnap,
 }
 
 impl Shared {
@@ -209,7 +205,7 @@ impl DmPool {
             )
         }
         .map_err(|e| dmerr("thin-pool", e))?;
-        release_leftover_meta_snap(&dm, &pool)?;
+        delta::release_leftover(&dm, &pool)?;
         let detail = format!(
             "dm-thin pool thinfs-{tag}-pool: data {} in {}, metadata {} in {}, 64K blocks",
             Bytes(data_size),
@@ -223,8 +219,7 @@ impl DmPool {
             pool: Mutex::new(Some(pool)),
             _loops: vec![ml, dl],
             detail,
-            meta_snap: Mutex::new(()),
-            said_no_delta: AtomicBool::new(false),
+            meta_snap: delta::MetaSnap::default(),
         })))
     }
 
@@ -252,27 +247,6 @@ impl DmPool {
         let _ = t.teardown(&s.dm);
         st.map_err(|e| dmerr("thin status", e))
     }
-}
-
-/// A daemon killed between `reserve_metadata_snap` and its release leaves
-/// the metadata snapshot held (it is in the metadata's superblock), and
-/// every later reserve would fail with EBUSY: release it. The status says
-/// whether one is held; a release with none held would fail (EINVAL).
-fn release_leftover_meta_snap(dm: &DM, pool: &ThinPoolDev) -> Result<()> {
-    let st = pool
-        .status(dm, DmOptions::default())
-        .map_err(|e| dmerr("pool status", e))?;
-    if let ThinPoolStatus::Working(w) = st
-        && let Some(root) = w.held_metadata_root
-    {
-        dm.target_msg(&DevId::Name(pool.name()), None, "release_metadata_snap")
-            .map_err(|e| dmerr("release the metadata snapshot left held", e))?;
-        log::warn!(
-            "recovery: released the pool's metadata snapshot (block {}) left held by an earlier daemon",
-            *root
-        );
-    }
-    Ok(())
 }
 
 /// Tear down dm devices named `thinfs-<tag>-*` left by a killed daemon
@@ -574,31 +548,14 @@ impl Backend for DmPool {
         snap: DeviceId,
         size: Bytes,
     ) -> Result<Vec<ChangedRange>> {
-        if !delta::available() {
-            if !self.0.said_no_delta.swap(true, Ordering::Relaxed) {
-                log::warn!(
-                    "thin_delta is not installed (Debian package thin-provisioning-tools): \
-                     changed ranges on dm-thin are found by reading both devices whole"
-                );
-            }
-            return compare_by_reading(self, base, snap, size);
-        }
-        let meta = self.with_pool(|p| Ok(p.meta_dev().devnode()))?;
-        let s = &self.0;
-        let _g = s.meta_snap.lock();
-        // The reserve commits the pool's metadata first, so the snapshot
-        // holds every mapping made so far.
-        if let Err(e) = s.msg("reserve_metadata_snap") {
-            // Held by someone else (a tool run by hand): say so, take it.
-            log::warn!("{e}; releasing the held metadata snapshot and trying again");
-            s.msg("release_metadata_snap")?;
-            s.msg("reserve_metadata_snap")?;
-        }
-        let r = delta::thin_delta(&meta, base, snap, size.0);
-        if let Err(e) = s.msg("release_metadata_snap") {
-            log::error!("{e}: the next reserve releases it");
-        }
-        r
+        self.0.meta_snap.changed(
+            &|m| self.0.msg(m),
+            || self.with_pool(|p| Ok(p.meta_dev().devnode())),
+            || compare_by_reading(self, base, snap, size),
+            base,
+            snap,
+            size.0,
+        )
     }
 
     fn trim(&self) -> Result<()> {

@@ -210,7 +210,7 @@ impl ReflinkPool {
         })
     }
 
-    pub(super) fn open_dev(&self, dev: DeviceId, flags: i32, mode: u32) -> std::io::Result<File> {
+    fn open_dev(&self, dev: DeviceId, flags: i32, mode: u32) -> std::io::Result<File> {
         file::openat(
             self.devices.as_fd(),
             OsStr::new(&dev_name(dev)),
@@ -426,7 +426,7 @@ impl Backend for ReflinkPool {
         snap: DeviceId,
         size: Bytes,
     ) -> Result<Vec<crate::backend::ChangedRange>> {
-        super::ranges::changed(self, base, snap, size)
+        super::ranges::changed(|d| self.open_dev(d, libc::O_RDONLY, 0), base, snap, size)
     }
 
     fn trim(&self) -> Result<()> {

@@ -3,8 +3,10 @@
 //! mapped on one side only, its physical address differs, or the
 //! UNWRITTEN flag differs. Cost: proportional to the extent counts, not to
 //! the device.
+//!
+//! It knows nothing of the pool: the pool hands it a way to open a
+//! device's image file.
 
-use super::pool::ReflinkPool;
 use crate::backend::{ChangedRange, RangeKind, normalize};
 use crate::error::{IoContext, Result};
 use crate::sys::fsio::{self, Extent, FIEMAP_EXTENT_UNWRITTEN};
@@ -66,16 +68,16 @@ pub(super) fn diff(base: &[Extent], snap: &[Extent], size: u64) -> Vec<ChangedRa
     normalize(out, size)
 }
 
+/// The changed ranges of `snap` since `base` (all of its data for none),
+/// reading the image files that `open` opens read-only.
 pub(super) fn changed(
-    pool: &ReflinkPool,
+    open: impl Fn(DeviceId) -> std::io::Result<std::fs::File>,
     base: Option<DeviceId>,
     snap: DeviceId,
     size: Bytes,
 ) -> Result<Vec<ChangedRange>> {
     let extents = |d: DeviceId| -> Result<Vec<Extent>> {
-        let f = pool
-            .open_dev(d, libc::O_RDONLY, 0)
-            .ctx(|| format!("open device {d}"))?;
+        let f = open(d).ctx(|| format!("open device {d}"))?;
         fsio::fiemap_extents(&f).ctx(|| format!("map extents of device {d}"))
     };
     let s = extents(snap)?;
