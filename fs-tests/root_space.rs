@@ -557,6 +557,18 @@ fn full_pool(tag: &str, snapshot: bool) {
     for w in fa.files.iter().chain(&top.files[..1]) {
         std::fs::remove_file(&w.path).unwrap();
     }
+    // With a@mid holding a's first files, deleting a's frees only its later
+    // ones, and whether that lifts the writers' budget over the full mark
+    // depended on how far the fill went (CI: 60 MB, just below 64 MiB).
+    // b gives up all but its first files too, so the pool surely has room.
+    let kept_b = if snapshot {
+        fb.files.len().min(4)
+    } else {
+        fb.files.len()
+    };
+    for w in &fb.files[kept_b..] {
+        std::fs::remove_file(&w.path).unwrap();
+    }
     // Commit ext4's journals now: their discards give the blocks back.
     sync();
     let after = wait_state(&m, if snapshot { &["ok", "low"] } else { &["ok"] }, 30);
@@ -575,7 +587,7 @@ fn full_pool(tag: &str, snapshot: bool) {
     );
     drop_caches();
     verify(&again.files);
-    verify(&fb.files);
+    verify(&fb.files[..kept_b]);
     let log = m.log();
     // "pool full" is logged once per episode: never twice without the pool
     // coming back ("pool no longer full") in between. The last fill can
