@@ -757,3 +757,36 @@ fn dm_snapshot_time_does_not_grow_with_data() {
         println!("dm-latency: {l}");
     }
 }
+
+/// One engine per state directory: a second open is refused (after a short
+/// wait), and a lock released within that wait is taken. The wait covers a
+/// daemon that has just exited and a copy of the lock's descriptor in a
+/// process forked by another thread that has not reached exec yet (the
+/// crash test, run beside others, saw "in use by another thinfs").
+#[test]
+fn root_state_directory_lock_is_exclusive_and_waits_briefly() {
+    let s = Scratch::new("lock");
+    let e = open(s.path());
+    let t = std::time::Instant::now();
+    let err = thinfs::engine::Engine::open_pool(&opts(s.path()))
+        .err()
+        .expect("a second engine on the same state directory must be refused");
+    assert!(matches!(err, Error::Busy(_)), "{err}");
+    assert!(
+        err.to_string().contains("in use by another thinfs"),
+        "{err}"
+    );
+    assert!(
+        t.elapsed() >= std::time::Duration::from_secs(1),
+        "{:?}",
+        t.elapsed()
+    );
+    let holder = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        drop(e);
+    });
+    let e2 = thinfs::engine::Engine::open_pool(&opts(s.path()))
+        .expect("a lock released within the wait is taken");
+    holder.join().unwrap();
+    drop(e2);
+}

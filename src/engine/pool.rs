@@ -67,6 +67,9 @@ impl PoolOptions {
     }
 }
 
+/// How long opening a pool waits for the state directory's lock.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Engine {
     /// Open the pool in `opts.state`, creating it if needed, and recover it.
     /// Takes an exclusive lock on the state directory for the engine's life.
@@ -77,11 +80,27 @@ impl Engine {
             .ctx(|| format!("restrict {}", opts.state.display()))?;
         let lock_path = opts.state.join("lock");
         let lock = File::create(&lock_path).ctx(|| format!("create {}", lock_path.display()))?;
-        if let Err(e) = sys::file::flock(lock.as_fd(), libc::LOCK_EX | libc::LOCK_NB) {
-            return Err(Error::Busy(format!(
-                "state directory {} is in use by another thinfs ({e})",
-                opts.state.display()
-            )));
+        // A lock held for a moment only is waited for: a daemon that has
+        // just exited, or a copy of its descriptor in a process forked by
+        // another thread of the same program that has not reached exec yet
+        // (close-on-exec drops it there; seen in the crash tests under load).
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            match sys::file::flock(lock.as_fd(), libc::LOCK_EX | libc::LOCK_NB) {
+                Ok(()) => break,
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EWOULDBLOCK)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => {
+                    return Err(Error::Busy(format!(
+                        "state directory {} is in use by another thinfs ({e})",
+                        opts.state.display()
+                    )));
+                }
+            }
         }
         let meta = Meta::open(&opts.state.join("meta"))?;
         let existing = meta.pool()?;
