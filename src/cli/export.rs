@@ -131,14 +131,7 @@ pub fn export(
             target: target.clone(),
         }),
         &[fd],
-        |p: Progress| {
-            if let Some(b) = &pb {
-                if let Some(t) = p.total {
-                    b.set_length(t.max(p.done));
-                }
-                b.set_position(p.done);
-            }
-        },
+        |p: Progress| super::progress::show(&pb, p),
     );
     if let Some(b) = &pb {
         b.finish_and_clear();
