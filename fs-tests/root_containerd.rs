@@ -89,7 +89,7 @@ fn root_containerd_import_run_remove_and_kill9() {
         "{out}"
     );
     // The container's snapshot went with it (--rm): its device is freed.
-    wait_until("the container's snapshot is removed", || {
+    gc_wait(&ctd, &m, "the container's snapshot is removed", || {
         layer_count(&m) == 2
     });
     assert_eq!(pool_loops(&m), 0, "the container's device is detached");
@@ -216,7 +216,7 @@ fn root_containerd_import_run_remove_and_kill9() {
     let o = snap(&ctd, &["usage", "v1"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(snap(&ctd, &["rm", "v1"]).status.success());
-    wait_until("the view is removed", || layer_count(&m) == 2);
+    gc_wait(&ctd, &m, "the view is removed", || layer_count(&m) == 2);
 
     // kill -9 of thinfs while containerd runs; restart; run again.
     m.kill9();
@@ -248,9 +248,12 @@ fn root_containerd_import_run_remove_and_kill9() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "from layer two");
-    wait_until("the second container's snapshot is removed", || {
-        layer_count(&m) == 2
-    });
+    gc_wait(
+        &ctd,
+        &m,
+        "the second container's snapshot is removed",
+        || layer_count(&m) == 2,
+    );
 
     // Users see containerd's layers in `list -t all` as their own type; they
     // may snapshot a committed one and clone that snapshot, never change a
@@ -307,7 +310,9 @@ fn root_containerd_import_run_remove_and_kill9() {
     // containerd's GC runs after a removal of its own.
     ctd.ok(&["snapshots", "--snapshotter", "thinfs", "prepare", "gc-kick"]);
     ctd.ok(&["snapshots", "--snapshotter", "thinfs", "rm", "gc-kick"]);
-    wait_until("containerd removed the layers", || layer_count(&m) == 0);
+    gc_wait(&ctd, &m, "containerd removed the layers", || {
+        layer_count(&m) == 0
+    });
     assert_eq!(pool_loops(&m), 0);
     let used_after = pool_used(&m);
     assert!(
@@ -375,9 +380,12 @@ fn root_containerd_crash_at_every_step() {
             calls(m)
         );
         assert!(snap(&ctd, &["rm", "gc-kick"]).status.success(), "{what}");
-        wait_until(&format!("{what}: containerd's GC empties thinfs"), || {
-            layer_count(m) == 1
-        });
+        gc_wait(
+            &ctd,
+            m,
+            &format!("{what}: containerd's GC empties thinfs"),
+            || layer_count(m) == 1,
+        );
         // Every check runs after a restart: the probe is not attached again
         // until containerd asks for its mounts.
         assert_eq!(pool_loops(m), 0, "{what}: no device left attached");
@@ -393,7 +401,7 @@ fn root_containerd_crash_at_every_step() {
         ("containerd.done", 1),
     ] {
         with_failpoint(&mut m, fp);
-        let o = snap(&ctd, &["prepare", "k1"]);
+        let o = snap_once(&ctd, &["prepare", "k1"]);
         assert!(!o.status.success(), "{fp}: the daemon died in Prepare");
         restart(&mut m);
         assert_eq!(layer_count(&m), left + 1, "{fp}");
@@ -437,7 +445,7 @@ fn root_containerd_crash_at_every_step() {
     // then removes the committed device it does not know.
     assert!(snap(&ctd, &["prepare", "k2"]).status.success());
     with_failpoint(&mut m, "containerd.commit");
-    assert!(!snap(&ctd, &["commit", "c2", "k2"]).status.success());
+    assert!(!snap_once(&ctd, &["commit", "c2", "k2"]).status.success());
     restart(&mut m);
     assert_eq!(layer_count(&m), 2, "the committed device and the probe");
     collect(&m, "commit");
@@ -446,7 +454,7 @@ fn root_containerd_crash_at_every_step() {
     // delete: gone after the restart, and its space given back.
     assert!(snap(&ctd, &["prepare", "k4"]).status.success());
     with_failpoint(&mut m, "containerd.remove");
-    let _ = snap(&ctd, &["rm", "k4"]);
+    let _ = snap_once(&ctd, &["rm", "k4"]);
     let pid = m.pid();
     wait_until("the daemon died in Remove", || dead(pid));
     restart(&mut m);
@@ -591,7 +599,7 @@ fn root_containerd_kill9_while_a_container_runs() {
         ctd.ctr(&["tasks", "rm", "long"]).status.success()
     });
     ctd.ok(&["containers", "rm", "long"]);
-    wait_until("the container's snapshot is removed", || {
+    gc_wait(&ctd, &m, "the container's snapshot is removed", || {
         layer_count(&m) == 2
     });
     wait_until("no device is attached", || pool_loops(&m) == 0);

@@ -255,7 +255,7 @@ fn root_containerd_container_filling_the_pool_gets_enospc() {
     // snapshot; the pool leaves full, the user's image takes writes again
     // and fsck finds it clean, and Prepare works again.
     ctd.ok(&["containers", "rm", "fill"]);
-    wait_until("the container's snapshot is removed", || {
+    gc_wait(&ctd, &m, "the container's snapshot is removed", || {
         layer_count(&m) == 2
     });
     wait_until("the pool is no longer full", || pool(&m)["state"] != "full");

@@ -242,6 +242,44 @@ pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     panic!("timed out waiting until {what}");
 }
 
+/// Wait until containerd's garbage collector has done what `done` checks.
+/// containerd 1.6 lets a removal that lands while a collection runs wait
+/// for the next trigger, which may never come in a test: after 5 s without
+/// `done`, a prepare and remove of one more snapshot triggers one. Those
+/// snapshots only add to what thinfs holds until the GC removes them, so a
+/// count that must fall is never reached by a kick.
+pub fn gc_wait(ctd: &Containerd, m: &TestMount, what: &str, mut done: impl FnMut() -> bool) {
+    static KICKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let t = Instant::now();
+    let mut kick = Instant::now();
+    while !done() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "timed out waiting until {what}; containerd calls:\n{}",
+            calls(m)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        if kick.elapsed() > Duration::from_secs(5) {
+            let n = KICKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let k = format!("gc-kick-{n}");
+            let o = snap(ctd, &["prepare", &k]);
+            assert!(
+                o.status.success(),
+                "{what}: prepare {k}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let o = snap(ctd, &["rm", &k]);
+            assert!(
+                o.status.success(),
+                "{what}: rm {k}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            eprintln!("{what}: containerd's GC stalled: kicked it with {k}");
+            kick = Instant::now();
+        }
+    }
+}
+
 /// The snapshotter calls the daemon logged.
 pub fn calls(m: &TestMount) -> String {
     let log = m.log();
@@ -259,21 +297,50 @@ pub fn layer_count(m: &TestMount) -> usize {
 /// with a connection error or on a connection the old daemon closed (it
 /// never reached thinfs) is tried again.
 pub fn snap(ctd: &Containerd, args: &[&str]) -> Output {
-    let mut a = vec!["snapshots", "--snapshotter", "thinfs"];
-    a.extend_from_slice(args);
     let t = Instant::now();
     loop {
-        let o = ctd.ctr(&a);
+        let o = snap_once(ctd, args);
         let err = String::from_utf8_lossy(&o.stderr);
-        let dialing = err.contains("connection error") || err.contains("connection closed");
-        if !dialing || t.elapsed() > Duration::from_secs(20) {
+        if !unreachable(&err) || t.elapsed() > Duration::from_secs(20) {
             return o;
         }
+        eprintln!(
+            "ctr {args:?}: thinfs not reached yet, trying again: {}",
+            err.trim()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
 
-/// Restart the daemon (no failpoint) and wait until containerd reaches it.
+/// One `ctr snapshots` call, not retried: for a call that is meant to
+/// kill the daemon (a failpoint), where retrying would only wait.
+pub fn snap_once(ctd: &Containerd, args: &[&str]) -> Output {
+    let mut a = vec!["snapshots", "--snapshotter", "thinfs"];
+    a.extend_from_slice(args);
+    ctd.ctr(&a)
+}
+
+/// Did containerd fail to reach thinfs at all (gRPC code Unavailable), as
+/// it does for a while after the daemon restarts? containerd's proxy
+/// client does not wait for its connection to be ready: the first call
+/// after a restart may go out on the dead connection ("write: broken
+/// pipe") or while it is dialing again ("connection error"). Those calls
+/// never reached thinfs, so trying again is what a client would do.
+fn unreachable(err: &str) -> bool {
+    [
+        "connection error",
+        "connection closed",
+        "broken pipe",
+        "connection reset",
+        "transport is closing",
+        "unavailable",
+    ]
+    .iter()
+    .any(|w| err.contains(w))
+}
+
+/// Restart the daemon (no failpoint). `snap` waits until containerd
+/// reaches it again.
 pub fn restart(m: &mut TestMount) {
     m.kill9();
     m.wrapper.clear();
