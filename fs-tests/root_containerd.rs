@@ -92,7 +92,7 @@ fn root_containerd_import_run_remove_and_kill9() {
     gc_wait(&ctd, &m, "the container's snapshot is removed", || {
         layer_count(&m) == 2
     });
-    assert_eq!(pool_loops(&m), 0, "the container's device is detached");
+    wait_until("the container's device is detached", || pool_loops(&m) == 0);
 
     // Latency of a container's snapshot: Prepare (a clone of the top
     // layer) + Mounts + Remove, as the daemon times them.
@@ -175,7 +175,7 @@ fn root_containerd_import_run_remove_and_kill9() {
         mean(&p) + mean(&mo) + mean(&r)
     );
     assert_eq!(layer_count(&m), 2);
-    assert_eq!(pool_loops(&m), 0);
+    wait_until("no device is attached", || pool_loops(&m) == 0);
 
     // View: a read-only device with the layer's files, mounted `ro`.
     assert!(snap(&ctd, &["view", "v1", &top_key]).status.success());
@@ -229,10 +229,7 @@ fn root_containerd_import_run_remove_and_kill9() {
         n += 1;
         let o = ctd.run(&format!("c2-{n}"), "cat /etc/added");
         let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        if o.status.success()
-            || !err.contains("unavailable")
-            || t.elapsed() > Duration::from_secs(20)
-        {
+        if o.status.success() || !unreachable(&err) || t.elapsed() > Duration::from_secs(60) {
             break o;
         }
         std::thread::sleep(Duration::from_millis(250));
@@ -313,12 +310,21 @@ fn root_containerd_import_run_remove_and_kill9() {
     gc_wait(&ctd, &m, "containerd removed the layers", || {
         layer_count(&m) == 0
     });
-    assert_eq!(pool_loops(&m), 0);
-    let used_after = pool_used(&m);
-    assert!(
-        used_after <= used_before + (1 << 20),
-        "pool used {used_before} before, {used_after} after"
-    );
+    wait_until("no device is attached", || pool_loops(&m) == 0);
+    // The records go before the files and the trim: the space comes back a
+    // moment after the count drops.
+    let t = Instant::now();
+    loop {
+        let used_after = pool_used(&m);
+        if used_after <= used_before + (1 << 20) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "pool used {used_before} before, {used_after} after"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let t = Instant::now();
     drop(ctd);
     eprintln!("containerd stopped in {:.1} s", t.elapsed().as_secs_f64());
@@ -345,12 +351,21 @@ fn root_containerd_crash_at_every_step() {
     // (Stat), so it tells when containerd is connected again.
     assert!(snap(&ctd, &["prepare", "probe"]).status.success());
     let base = pool_used(&m);
+    // A snapshot's record goes before its file and the trim: the space
+    // comes back a moment after the count drops.
     let near_base = |m: &TestMount, what: &str| {
-        let used = pool_used(m);
-        assert!(
-            used <= base + (1 << 20),
-            "{what}: pool used {used}, {base} at the start"
-        );
+        let t = Instant::now();
+        loop {
+            let used = pool_used(m);
+            if used <= base + (1 << 20) {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "{what}: pool used {used}, {base} at the start"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     };
     let with_failpoint = |m: &mut TestMount, fp: &str| {
         m.stop();
@@ -388,7 +403,9 @@ fn root_containerd_crash_at_every_step() {
         );
         // Every check runs after a restart: the probe is not attached again
         // until containerd asks for its mounts.
-        assert_eq!(pool_loops(m), 0, "{what}: no device left attached");
+        wait_until(&format!("{what}: no device left attached"), || {
+            pool_loops(m) == 0
+        });
         near_base(m, what);
     };
 
@@ -456,7 +473,7 @@ fn root_containerd_crash_at_every_step() {
     with_failpoint(&mut m, "containerd.remove");
     let _ = snap_once(&ctd, &["rm", "k4"]);
     let pid = m.pid();
-    wait_until("the daemon died in Remove", || dead(pid));
+    gc_wait(&ctd, &m, "the daemon died in Remove", || dead(pid));
     restart(&mut m);
     assert_eq!(layer_count(&m), 1, "only the probe");
     collect(&m, "remove");
@@ -581,13 +598,12 @@ fn root_containerd_kill9_while_a_container_runs() {
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "before\nafter");
     // A new container starts.
     let t = Instant::now();
+    let mut n = 0;
     let o = loop {
-        let o = ctd.run("short", "cat /etc/added");
+        n += 1;
+        let o = ctd.run(&format!("short-{n}"), "cat /etc/added");
         let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        if o.status.success()
-            || !err.contains("unavailable")
-            || t.elapsed() > Duration::from_secs(20)
-        {
+        if o.status.success() || !unreachable(&err) || t.elapsed() > Duration::from_secs(60) {
             break o;
         }
         std::thread::sleep(Duration::from_millis(250));

@@ -466,9 +466,11 @@ fn root_mount_idle_devices_are_unmounted_and_come_back() {
     fs::create_dir(m.path("img/.snapshots/s")).unwrap();
     assert_eq!(read(&m.path("img/.snapshots/s/f")), b"data");
     let mounted = |m: &TestMount| pool_json(m)["fuse"]["mounted_devices"].as_u64().unwrap();
-    assert_eq!(mounted(&m), 2);
+    // Both were just used; with a 1 s idle time on a loaded machine one may
+    // already be gone by the time pool.json is read.
+    assert!(mounted(&m) >= 1, "the devices just used are mounted");
     let mut n = 2;
-    for _ in 0..100 {
+    for _ in 0..300 {
         n = mounted(&m);
         if n == 0 {
             break;
@@ -507,7 +509,8 @@ fn root_mount_many_snapshots_do_not_stay_mounted() {
     }
     let mounted = |m: &TestMount| pool_json(m)["fuse"]["mounted_devices"].as_u64().unwrap();
     let mut n = mounted(&m);
-    for _ in 0..100 {
+    // The idle pass runs every 5 s and unmounts one after another: 60 s.
+    for _ in 0..600 {
         n = mounted(&m);
         if n <= 1 {
             break;

@@ -138,7 +138,7 @@ pub fn loops_under(dir: &Path) -> Vec<String> {
 
 /// Wait (up to 10 s) until no loop device is backed by files under `dir`.
 pub fn wait_no_loops(dir: &Path) -> Vec<String> {
-    for _ in 0..200 {
+    for _ in 0..600 {
         let l = loops_under(dir);
         if l.is_empty() {
             return l;
@@ -232,7 +232,9 @@ impl TestMount {
             .spawn()
             .expect("start thinfs mount");
         self.child = Some(child);
-        for _ in 0..200 {
+        // 60 s: a loaded machine or the dm guest's TCG can take a while to
+        // open a pool; a daemon that fails says so at once (exited early).
+        for _ in 0..1200 {
             // Reading (not stat) needs a live daemon: a stale mount may still
             // answer stat from the kernel cache.
             if std::fs::read(self.mnt.join(".thinfs/pool.json")).is_ok() {
@@ -301,7 +303,10 @@ impl TestMount {
             .arg("-TERM")
             .arg(c.id().to_string())
             .status();
-        for _ in 0..200 {
+        // 60 s before SIGKILL: a clean stop syncs and unmounts every image,
+        // which takes long on a loaded machine, and a killed daemon would
+        // leave filesystems that the next checks expect clean.
+        for _ in 0..1200 {
             if let Ok(Some(st)) = c.try_wait() {
                 return Some(st);
             }

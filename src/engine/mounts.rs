@@ -33,8 +33,10 @@ pub const OFFLINE_WAIT: Duration = Duration::from_secs(30);
 /// How long an operation waits for the last users of a mount to let go.
 pub(super) const RELEASE_WAIT: Duration = Duration::from_secs(10);
 /// How long an operation waits for just-closed files (the kernel sends
-/// RELEASE asynchronously after the last close(2)).
-pub(super) const SETTLE_WAIT: Duration = Duration::from_millis(500);
+/// RELEASE asynchronously after the last close(2), and on a loaded machine
+/// it may come well after a `close; rollback` has started). A file that is
+/// really open makes the operation fail with EBUSY after this wait.
+pub(super) const SETTLE_WAIT: Duration = Duration::from_secs(2);
 
 /// Counts live superblocks per device (a mount is counted from the moment
 /// it is made until its last reference is dropped and the kernel let go).
