@@ -515,13 +515,15 @@ fn full_pool(tag: &str, snapshot: bool) {
     let mut targets = vec!["a", "b"];
     if !snapshot {
         // A fresh image mounted on a full pool, written at once at full
-        // speed: its writes race the guard's first look at it.
+        // speed. Its mount waits for the guard's first look, so nothing is
+        // written into it unguarded (before: 43-60 MB of the 128 MiB
+        // margin went in before the guard saw it).
         create(&m, "c");
         let dc = m.path("c");
         let fc = fill(&dc, "f", 4000, false, 32, None);
         report("c (fresh mount on a full pool)", &fc);
-        // How much c had taken before the guard first saw it: the margin
-        // (128M) must cover it.
+        // How much c had taken before the guard first saw it: an empty
+        // ext4 (24 KiB in use here), not the writer's first megabytes.
         let info: Value = serde_json::from_slice(&m.cli(&["info", "c", "--json"]).stdout).unwrap();
         let key = format!("now guarding image id {} (", info["id"]);
         let log = m.log();
@@ -536,7 +538,10 @@ fn full_pool(tag: &str, snapshot: bool) {
             .and_then(|n| n.parse().ok())
             .unwrap();
         println!("c: {unguarded} bytes in use when the guard first saw it");
-        assert!(unguarded < 128 << 20, "{line}");
+        assert!(
+            unguarded < 1 << 20,
+            "written before the guard saw it: {line}"
+        );
         loops.extend(image_loops(&m));
         assert_eq!(
             fc.others(),

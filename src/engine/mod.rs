@@ -71,6 +71,8 @@ pub struct Engine {
     lock_file: Option<std::fs::File>,
     /// Devices kept attached for containerd (see `containerd.rs`).
     layer_devices: containerd::LayerDevices,
+    /// The space guard's heartbeat, which fresh writable mounts wait on.
+    guard_pulse: space::Pulse,
 }
 
 /// A reference to an image or snapshot by name.
@@ -171,6 +173,7 @@ impl Engine {
             lock_file: None,
             last_id: std::sync::atomic::AtomicU32::new(0),
             layer_devices: Default::default(),
+            guard_pulse: Default::default(),
         };
         e.recover()?;
         // Keep the backend's transaction id (dm-thin) in step with sled's.

@@ -273,6 +273,14 @@ impl Engine {
         );
         self.live.lock().insert(id, Arc::downgrade(&m));
         self.pinned.lock().insert(id, m.clone());
+        // Nothing may write into a fresh filesystem on a tight pool before
+        // the space guard has set its reserve.
+        if !ro && !self.guard_pulse.wait_seen() {
+            log::warn!(
+                "space guard did not look at {} within its wait: it runs unguarded until the next tick",
+                self.log_name(&r)
+            );
+        }
         Ok(m)
     }
 

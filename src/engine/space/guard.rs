@@ -27,11 +27,14 @@ impl SpaceGuard {
                     repairs: r,
                     ..Watcher::default()
                 };
+                engine.guard_pulse.set_running(true);
                 while !s.load(Ordering::Relaxed) {
                     w.tick(&engine);
+                    engine.guard_pulse.tick_done(w.tight);
                     w.repair_unmounted(&engine);
                     std::thread::sleep(TICK);
                 }
+                engine.guard_pulse.set_running(false);
             })
             .ctx(|| "start the space guard thread".into())?;
         Ok(SpaceGuard {
@@ -81,6 +84,8 @@ struct Watcher {
     repairs: Arc<parking_lot::Mutex<HashMap<DeviceId, Repair>>>,
     /// Highest warning given: 0 none, 80, 90, 100 (full).
     warned: u8,
+    /// Whether the last plan's budget was below [`TIGHT_BUDGET`].
+    tight: bool,
 }
 
 impl Watcher {
@@ -195,6 +200,7 @@ impl Watcher {
                 self.repairs.lock().entry(s.id).or_insert(Repair::Pending);
             }
         }
+        self.tight = p.budget < TIGHT_BUDGET;
         self.warn(&p, st.total, st.available);
     }
 

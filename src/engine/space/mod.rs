@@ -37,8 +37,11 @@
 //! among the writable images, images that wrote since the last tick
 //! getting four times the share of idle ones. ext4 enforces each share
 //! itself, synchronously, so writers cannot outrun the guard; the tick only
-//! decides how fast a share is rebalanced (and how long a freshly mounted
-//! image runs unguarded, which the margin covers). Not covered: in-place
+//! decides how fast a share is rebalanced. A freshly mounted image is not
+//! guarded until the next tick: with room in the pool the margin covers
+//! that; when the budget is tight its mount waits for the tick ([`Pulse`]).
+//! containerd mounts its devices itself, so for those the margin alone
+//! covers the first tick after containerd's mount. Not covered: in-place
 //! overwrites of data blocks shared with a snapshot (ext4 allocates nothing
 //! for them) beyond the margins.
 
@@ -387,6 +390,59 @@ pub struct SpaceView {
 mod guard;
 
 pub use guard::SpaceGuard;
+
+/// Budget below which a fresh writable mount waits for the guard: more than
+/// a page cache can take in the two ticks the wait saves.
+const TIGHT_BUDGET: i64 = 8 * MARGIN as i64;
+/// The longest a fresh writable mount waits for the guard's look.
+const SEEN_WAIT: Duration = Duration::from_millis(500);
+
+/// The guard's heartbeat. A writable filesystem mounted while the pool is
+/// tight waits here until the guard has looked at it and set its reserve,
+/// so that nothing is written into it unguarded; with room in the pool the
+/// margin covers that first tick and nobody waits.
+#[derive(Debug, Default)]
+pub struct Pulse {
+    ticks: parking_lot::Mutex<u64>,
+    beat: parking_lot::Condvar,
+    running: AtomicBool,
+    tight: AtomicBool,
+}
+
+impl Pulse {
+    /// The guard finished a tick; `tight` is whether its budget was low.
+    fn tick_done(&self, tight: bool) {
+        self.tight.store(tight, Ordering::Relaxed);
+        *self.ticks.lock() += 1;
+        self.beat.notify_all();
+    }
+
+    /// The guard started or stopped.
+    fn set_running(&self, on: bool) {
+        self.running.store(on, Ordering::Relaxed);
+        let _g = self.ticks.lock();
+        self.beat.notify_all();
+    }
+
+    /// Called once a writable mount is in the engine's tables: when the
+    /// pool is tight, wait until a whole tick has run after this call (the
+    /// one under way may have sampled before the mount was entered), at
+    /// most [`SEEN_WAIT`]. Returns false if the guard did not come.
+    pub(super) fn wait_seen(&self) -> bool {
+        if !self.running.load(Ordering::Relaxed) || !self.tight.load(Ordering::Relaxed) {
+            return true;
+        }
+        let deadline = std::time::Instant::now() + SEEN_WAIT;
+        let mut n = self.ticks.lock();
+        let target = *n + 2;
+        while *n < target && self.running.load(Ordering::Relaxed) {
+            if self.beat.wait_until(&mut n, deadline).timed_out() {
+                return *n >= target;
+            }
+        }
+        true
+    }
+}
 
 #[cfg(test)]
 mod tests {
