@@ -47,6 +47,7 @@ impl Core {
                         "reads_in_daemon": self.stats.reads.load(Ordering::Relaxed),
                         "writes_in_daemon": self.stats.writes.load(Ordering::Relaxed),
                         "passthrough_opens": self.stats.passthrough_opens.load(Ordering::Relaxed),
+                        "group_reads": self.stats.group_reads.load(Ordering::Relaxed),
                         "inodes": self.inodes.counts().0,
                         "inode_fds": self.inodes.counts().1,
                         "mounted_devices": self.engine.live_mounts(),

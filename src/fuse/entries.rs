@@ -3,6 +3,7 @@
 //! Every change runs as the calling user; no symlink inside an image is
 //! ever followed, and a create-type request that fails removes what it made.
 
+use super::identity::Need;
 use super::inode::{self, Inode, Node, Real};
 use super::namespace::SNAPDIR;
 use super::{Caller, Core, attr};
@@ -83,11 +84,13 @@ impl Core {
         flags: i32,
     ) -> Result<(Arc<Inode>, FileAttr, File)> {
         self.refuse_snapdir(p, name)?;
-        // A new file in the caller's own directory: no groups needed. If
-        // the name exists (its own permissions count), the full path.
-        let quick = if self.owns(c, p.fd(), mode & libc::S_ISGID != 0) {
+        // A new file where the caller's groups cannot change the outcome
+        // (its own directory, a 0777 one...): none needed. If the name
+        // exists (its own permissions count), the full path.
+        let sgid = mode & libc::S_ISGID != 0;
+        let quick = if self.groups_moot_for(c, p.fd(), Need::DIR_CHANGE, sgid) {
             let excl = (flags | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW) & !libc::O_TRUNC;
-            match self.as_owner(
+            match Self::as_groupless(
                 c,
                 Some(umask),
                 || format!("create {name:?}"),
@@ -167,11 +170,8 @@ impl Core {
         self.refuse_snapdir(p, name)?;
         let what = || format!("mkdir {name:?}");
         let make = || file::mkdirat(p.fd(), name, mode);
-        if self.owns(c, p.fd(), mode & libc::S_ISGID != 0) {
-            self.as_owner(c, Some(umask), what, make)?;
-        } else {
-            self.as_user_umask(c, umask, what, make)?;
-        }
+        let sgid = mode & libc::S_ISGID != 0;
+        self.as_user_on(c, p.fd(), Need::DIR_CHANGE, sgid, Some(umask), what, make)?;
         self.finish_made(p, name, true)
     }
 
@@ -185,9 +185,12 @@ impl Core {
         rdev: u32,
     ) -> Result<(Arc<Inode>, FileAttr)> {
         self.refuse_snapdir(p, name)?;
-        self.as_user_umask(
+        self.as_user_on(
             c,
-            umask,
+            p.fd(),
+            Need::DIR_CHANGE,
+            mode & libc::S_ISGID != 0,
+            Some(umask),
             || format!("mknod {name:?}"),
             || file::mknodat(p.fd(), name, mode, rdev as u64),
         )?;
@@ -202,8 +205,12 @@ impl Core {
         target: &OsStr,
     ) -> Result<(Arc<Inode>, FileAttr)> {
         self.refuse_snapdir(p, name)?;
-        self.as_user(
+        self.as_user_on(
             c,
+            p.fd(),
+            Need::DIR_CHANGE,
+            false,
+            None,
             || format!("symlink {name:?}"),
             || file::symlinkat(target, p.fd(), name),
         )?;
@@ -238,11 +245,7 @@ impl Core {
         // Only the directory's permissions (and, if sticky, owners) count.
         let what = || format!("{} {name:?}", if dir { "rmdir" } else { "unlink" });
         let remove = || file::unlinkat(p.fd(), name, dir);
-        if self.owns(c, p.fd(), false) {
-            self.as_owner(c, None, what, remove)
-        } else {
-            self.as_user(c, what, remove)
-        }
+        self.as_user_on(c, p.fd(), Need::DIR_CHANGE, false, None, what, remove)
     }
 
     pub(super) fn rename_real(

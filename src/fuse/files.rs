@@ -3,6 +3,7 @@
 //! checks permissions or changes a file runs with the caller's full
 //! credentials, passthrough backing files included.
 
+use super::identity::Need;
 use super::inode::{Inode, Real};
 use super::{Caller, Core, Handle, attr};
 use crate::error::{Error, IoContext, Result};
@@ -105,11 +106,7 @@ impl Core {
             .unwrap_or(true);
         let what = || "open".to_string();
         let open = || file::reopen(r.fd(), flags);
-        if self.owns(c, r.fd(), sgid) {
-            self.as_owner(c, None, what, open)
-        } else {
-            self.as_user(c, what, open)
-        }
+        self.as_user_on(c, r.fd(), Need::open(flags), sgid, None, what, open)
     }
 
     /// The passthrough backing id of inode `i`, shared by all its open
@@ -144,11 +141,8 @@ impl Core {
             .map(|st| st.st_mode & libc::S_ISGID != 0)
             .unwrap_or(true);
         let what = || "register passthrough file".to_string();
-        let registered = if self.owns(c, file.as_fd(), sgid) {
-            self.as_owner(c, None, what, || make(file))
-        } else {
-            self.as_user(c, what, || make(file))
-        };
+        let registered =
+            self.as_user_on(c, file.as_fd(), Need::NONE, sgid, None, what, || make(file));
         match registered {
             Ok(id) => {
                 let id = Arc::new(id);

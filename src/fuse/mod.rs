@@ -9,7 +9,7 @@
 //! engine asks of the mount, kernel invalidation, idle expiry), `entries` (lookup,
 //! create, link, rename... inside images), `files` (open, read, write,
 //! setattr, xattrs...), `dirs` (readdir), `control` (`.thinfs` content),
-//! `ops` (the `fuser::Filesystem` trait), `dispatch` (virtual or inner path
+//! `identity` (acting as the caller), `ops` (the `fuser::Filesystem` trait), `dispatch` (virtual or inner path
 //! by the kind of inode), `open` (open and create replies), `reply` (error
 //! to errno).
 
@@ -20,6 +20,7 @@ mod dispatch;
 mod entries;
 mod files;
 mod holders;
+mod identity;
 mod inode;
 mod namespace;
 mod open;
@@ -30,7 +31,6 @@ use crate::engine::{Engine, OpenToken};
 use crate::error::{Error, Result};
 pub use crate::service::Caller;
 use crate::service::Service;
-use crate::sys::creds;
 use crate::types::DeviceId;
 use fuser::{BackingId, Request};
 use parking_lot::Mutex;
@@ -75,6 +75,9 @@ pub struct Stats {
     pub writes: AtomicU64,
     /// Opens answered with kernel passthrough.
     pub passthrough_opens: AtomicU64,
+    /// Requests for which a caller's supplementary groups were read from
+    /// `/proc` (the others did not need them).
+    pub group_reads: AtomicU64,
 }
 
 /// An open file or directory.
@@ -170,95 +173,6 @@ impl Core {
     pub fn stats(&self) -> Arc<Stats> {
         self.stats.clone()
     }
-
-    /// Run `f` as the calling user: fsuid, fsgid and supplementary groups
-    /// (root keeps the daemon's identity, with its fsgid set to the
-    /// caller's), mapping an io error to [`Error::Io`] with `what`.
-    fn as_user<T>(
-        &self,
-        c: &Caller,
-        what: impl FnOnce() -> String,
-        f: impl FnOnce() -> std::io::Result<T>,
-    ) -> Result<T> {
-        self.as_user_in(c, None, what, f)
-    }
-
-    /// [`Core::as_user`] for operations that create: the caller's `umask`
-    /// applies too (the kernel leaves it to us, FUSE_DONT_MASK, so that the
-    /// inner ext4 ignores it under a default ACL as it should).
-    fn as_user_umask<T>(
-        &self,
-        c: &Caller,
-        umask: u32,
-        what: impl FnOnce() -> String,
-        f: impl FnOnce() -> std::io::Result<T>,
-    ) -> Result<T> {
-        self.as_user_in(c, Some(umask), what, f)
-    }
-
-    /// Does the caller own the inode behind `fd`, the only one whose
-    /// permissions the operation checks? ext4 then looks at the owner bits
-    /// alone and supplementary groups cannot change the outcome, unless a
-    /// setgid bit is set or kept (`sgid`: ext4 asks whether the caller is
-    /// in the file's group). Saves reading `/proc` for the hot operations.
-    fn owns(&self, c: &Caller, fd: std::os::fd::BorrowedFd<'_>, sgid: bool) -> bool {
-        c.uid != 0
-            && !sgid
-            && crate::sys::file::fstat(fd)
-                .map(|st| st.st_uid == c.uid)
-                .unwrap_or(false)
-    }
-
-    /// [`Core::as_user_in`] without supplementary groups, for an operation
-    /// [`Core::owns`] cleared; the thread has none of its own, so the
-    /// caller has at most the rights the groups would give.
-    fn as_owner<T>(
-        &self,
-        c: &Caller,
-        umask: Option<u32>,
-        what: impl FnOnce() -> String,
-        f: impl FnOnce() -> std::io::Result<T>,
-    ) -> Result<T> {
-        Self::as_identity(c, None, umask, what, f)
-    }
-
-    fn as_user_in<T>(
-        &self,
-        c: &Caller,
-        umask: Option<u32>,
-        what: impl FnOnce() -> String,
-        f: impl FnOnce() -> std::io::Result<T>,
-    ) -> Result<T> {
-        let groups = if c.uid != 0 {
-            match c.try_groups() {
-                Ok(g) => Some(g),
-                Err(e) => return Err(Error::io(what(), e)),
-            }
-        } else {
-            None
-        };
-        Self::as_identity(c, groups.as_deref(), umask, what, f)
-    }
-
-    /// Run `f` as `c` with exactly these supplementary `groups` (None:
-    /// leave the thread's, which are none) and `umask`.
-    fn as_identity<T>(
-        c: &Caller,
-        groups: Option<&[u32]>,
-        umask: Option<u32>,
-        what: impl FnOnce() -> String,
-        f: impl FnOnce() -> std::io::Result<T>,
-    ) -> Result<T> {
-        creds::become_user(creds::Identity {
-            uid: c.uid,
-            gid: c.gid,
-            groups,
-            umask,
-        })
-        .and_then(|_g| f())
-        .map_err(|e| Error::io(what(), e))
-    }
-
     fn add_handle(&self, h: Handle) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().insert(fh, Arc::new(h));

@@ -324,6 +324,16 @@ pub fn getxattr(fd: BorrowedFd<'_>, name: &OsStr, size: usize) -> io::Result<Vec
     Ok(buf)
 }
 
+/// Does the file behind `fd` carry an access ACL beyond its mode bits? A
+/// filesystem without ACL support has none.
+pub fn has_access_acl(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    match getxattr(fd, OsStr::new("system.posix_acl_access"), 0) {
+        Ok(_) => Ok(true),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENODATA | libc::EOPNOTSUPP)) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// `listxattr`; size 0 asks for the length.
 pub fn listxattr(fd: BorrowedFd<'_>, size: usize) -> io::Result<Vec<u8>> {
     let p = proc_path(fd);
