@@ -187,18 +187,19 @@ impl Engine {
         let rec = self.intent(snap, DeviceKind::Snapshot, Some(image), img.size)?;
         failpoint("snapshot.intent");
         let started = std::time::Instant::now();
-        let made = self.frozen(&img, || self.backend.snapshot(img.dev, rec.dev));
-        if let Err(e) = made {
-            return Err(self.undo(&rec, e));
-        }
+        let frozen_for = match self.frozen(&img, || self.backend.snapshot(img.dev, rec.dev)) {
+            Ok(((), d)) => d,
+            Err(e) => return Err(self.undo(&rec, e)),
+        };
         failpoint("snapshot.backend");
         let rec = self.finish(rec)?;
         failpoint("snapshot.done");
         log::info!(
-            "snapshot {}@{snap} taken (id {}) in {:.1} ms",
+            "snapshot {}@{snap} taken (id {}) in {:.1} ms, image frozen for {:.1} ms",
             img.name,
             rec.id,
-            started.elapsed().as_secs_f64() * 1e3
+            started.elapsed().as_secs_f64() * 1e3,
+            frozen_for.as_secs_f64() * 1e3
         );
         Ok(rec)
     }
@@ -206,20 +207,27 @@ impl Engine {
     /// Run `f` with the filesystem of `img` flushed and frozen, if mounted
     /// (the one live mount users write through); if not, once an earlier
     /// mount has finished going (its last unmount writes the journal).
-    fn frozen<T>(&self, img: &DeviceRecord, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    /// Also returns how long writers of the image were stopped (zero when
+    /// it was not mounted).
+    fn frozen<T>(
+        &self,
+        img: &DeviceRecord,
+        f: impl FnOnce() -> Result<T>,
+    ) -> Result<(T, std::time::Duration)> {
         let id = img.id;
         let Some(m) = self.mounted(id) else {
             self.wait_unmounted(img.dev)?;
-            return f();
+            return f().map(|v| (v, std::time::Duration::ZERO));
         };
         fsio::syncfs(m.root()).ctx(|| format!("flush filesystem of device id {id}"))?;
+        let started = std::time::Instant::now();
         fsio::freeze(m.root()).ctx(|| format!("freeze filesystem of device id {id}"))?;
         failpoint("snapshot.frozen");
         let r = f();
         if let Err(e) = fsio::thaw(m.root()) {
             log::error!("thaw of device id {id} failed: {e}");
         }
-        r
+        r.map(|v| (v, started.elapsed()))
     }
 
     /// Make a writable image `new` from snapshot `src`.
