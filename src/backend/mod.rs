@@ -89,6 +89,12 @@ pub trait Backend: Send + Sync {
     /// Make `new` a point-in-time copy of `origin` sharing its blocks. The
     /// caller keeps `origin`'s filesystem frozen across the call.
     fn snapshot(&self, origin: DeviceId, new: DeviceId) -> Result<()>;
+    /// Before [`Backend::snapshot`] of a device being written: do what can
+    /// be done of the copy without freezing it; `snapshot` then finishes
+    /// it. On error the caller deletes `new`. Default: nothing.
+    fn prepare_snapshot(&self, _origin: DeviceId, _new: DeviceId) -> Result<()> {
+        Ok(())
+    }
     /// Delete a device and free its blocks. Deleting a missing device is Ok.
     fn delete(&self, dev: DeviceId) -> Result<()>;
     /// Does the device exist?

@@ -187,6 +187,12 @@ impl Engine {
         let rec = self.intent(snap, DeviceKind::Snapshot, Some(image), img.size)?;
         failpoint("snapshot.intent");
         let started = std::time::Instant::now();
+        // Most of the copy of a busy image, before it is frozen.
+        if self.mounted(image).is_some()
+            && let Err(e) = self.backend.prepare_snapshot(img.dev, rec.dev)
+        {
+            return Err(self.undo(&rec, e));
+        }
         let frozen_for = match self.frozen(&img, || self.backend.snapshot(img.dev, rec.dev)) {
             Ok(((), d)) => d,
             Err(e) => return Err(self.undo(&rec, e)),

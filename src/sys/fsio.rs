@@ -29,6 +29,38 @@ pub fn ficlone(dst: impl AsFd, src: impl AsFd) -> io::Result<()> {
     Ok(())
 }
 
+/// FICLONERANGE: _IOW(0x94, 13, struct file_clone_range).
+const FICLONERANGE: libc::c_ulong = 0x4020_940d;
+
+#[repr(C)]
+struct FileCloneRange {
+    src_fd: i64,
+    src_offset: u64,
+    src_length: u64,
+    dest_offset: u64,
+}
+
+/// Make `len` bytes of `dst` at `off` share `src`'s blocks at the same
+/// offset (reflink of a range; block-aligned, or reaching `src`'s end).
+pub fn ficlone_range(dst: impl AsFd, src: impl AsFd, off: u64, len: u64) -> io::Result<()> {
+    let arg = FileCloneRange {
+        src_fd: src.as_fd().as_raw_fd() as i64,
+        src_offset: off,
+        src_length: len,
+        dest_offset: off,
+    };
+    // SAFETY: FICLONERANGE reads a file_clone_range that lives on this
+    // stack frame for the whole call.
+    cvt(unsafe {
+        libc::ioctl(
+            dst.as_fd().as_raw_fd(),
+            FICLONERANGE,
+            &arg as *const FileCloneRange,
+        )
+    })?;
+    Ok(())
+}
+
 /// Flush the whole filesystem that `fd` is on.
 pub fn syncfs(fd: impl AsFd) -> io::Result<()> {
     // SAFETY: plain syscall on a valid fd.

@@ -9,7 +9,8 @@
 //! - `devices/NNNNNNNN.img`: one sparse image file per thin device.
 //!
 //! Snapshot = FICLONE of the image file (the engine freezes the origin's
-//! filesystem around it). FICLONE time grows with the file's extent count
+//! filesystem around it); for an image of many extents, most of the clone
+//! is done before the freeze (`twophase`). FICLONE time grows with the file's extent count
 //! (about two extents per scattered write). XFS extent-size hints do not
 //! bound it (written/unwritten boundaries still split extents) and they
 //! allocate whole hint-sized chunks, so they are not used: measured, a
@@ -17,5 +18,6 @@
 
 mod pool;
 mod ranges;
+mod twophase;
 
 pub use pool::ReflinkPool;

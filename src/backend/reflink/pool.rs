@@ -1,10 +1,13 @@
 //! The reflink pool: open/create, device files, loop attachment.
 
+use super::twophase;
 use crate::backend::{ActiveDevice, Backend, PoolStatus, Usage};
 use crate::error::{Error, IoContext, Result};
+use crate::sys::fsio::Extent;
 use crate::sys::tools::Tool;
 use crate::sys::{self, file, fsio, loopdev::LoopDevice, mount};
 use crate::types::{Bytes, DeviceId};
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
@@ -24,6 +27,9 @@ pub struct ReflinkPool {
     /// The loop device under the pool filesystem (kept open while the pool is).
     _pool_loop: Option<LoopDevice>,
     detail: String,
+    /// Snapshots copied before the freeze, waiting for `snapshot` to
+    /// catch up: the extents of their files after the copy.
+    prepared: parking_lot::Mutex<HashMap<DeviceId, Vec<Extent>>>,
 }
 
 impl std::fmt::Debug for ReflinkPool {
@@ -128,6 +134,7 @@ impl ReflinkPool {
                 devices,
                 _pool_mount: None,
                 _pool_loop: None,
+                prepared: Default::default(),
                 detail: format!(
                     "device files in {} (reflink-capable host filesystem)",
                     direct_dir.display()
@@ -207,6 +214,7 @@ impl ReflinkPool {
             ),
             _pool_mount: Some(mnt),
             _pool_loop: Some(lo),
+            prepared: Default::default(),
         })
     }
 
@@ -218,6 +226,15 @@ impl ReflinkPool {
             mode,
         )
         .map(File::from)
+    }
+
+    /// Create the image file of a new device; it must not exist.
+    fn create_dev_file(&self, dev: DeviceId) -> Result<File> {
+        self.open_dev(dev, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, 0o600)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EEXIST) => Error::AlreadyExists(format!("backend device {dev}")),
+                _ => Error::io(format!("create device file {}", dev_name(dev)), e),
+            })
     }
 
     fn sync_dir(&self) -> Result<()> {
@@ -282,12 +299,19 @@ impl Backend for ReflinkPool {
         let src = self
             .open_dev(origin, libc::O_RDONLY, 0)
             .ctx(|| format!("open origin device {origin}"))?;
-        let dst = self
-            .open_dev(new, libc::O_RDWR | libc::O_CREAT | libc::O_EXCL, 0o600)
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::EEXIST) => Error::AlreadyExists(format!("backend device {new}")),
-                _ => Error::io(format!("create device file {}", dev_name(new)), e),
-            })?;
+        let prepared = self.prepared.lock().remove(&new);
+        if let Some(ext) = prepared {
+            let dst = self
+                .open_dev(new, libc::O_RDWR, 0)
+                .ctx(|| format!("open prepared device {new}"))?;
+            let n = twophase::catch_up(&src, &dst, &ext, new)?;
+            log::info!(
+                "snapshot device {new} of {origin}: copied before the freeze, {n} range(s) caught up frozen"
+            );
+            dst.sync_all().ctx(|| format!("sync device {new}"))?;
+            return self.sync_dir();
+        }
+        let dst = self.create_dev_file(new)?;
         fsio::ficlone(&dst, &src).ctx(|| format!("reflink device {origin} to {new}"))?;
         let len = src
             .metadata()
@@ -298,7 +322,23 @@ impl Backend for ReflinkPool {
         self.sync_dir()
     }
 
+    fn prepare_snapshot(&self, origin: DeviceId, new: DeviceId) -> Result<()> {
+        let src = self
+            .open_dev(origin, libc::O_RDONLY, 0)
+            .ctx(|| format!("open origin device {origin}"))?;
+        let create = |len: u64| -> Result<File> {
+            let f = self.create_dev_file(new)?;
+            f.set_len(len).ctx(|| format!("size device {new}"))?;
+            Ok(f)
+        };
+        if let Some(ext) = twophase::prepare(&src, create, new)? {
+            self.prepared.lock().insert(new, ext);
+        }
+        Ok(())
+    }
+
     fn delete(&self, dev: DeviceId) -> Result<()> {
+        self.prepared.lock().remove(&dev);
         match file::unlinkat(self.devices.as_fd(), OsStr::new(&dev_name(dev)), false) {
             Ok(()) => self.sync_dir(),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
