@@ -137,6 +137,9 @@ impl Core {
         if c.uid == 0 || sgid {
             return false;
         }
+        if need == Need::NONE {
+            return true;
+        }
         let Ok(st) = file::fstat(fd) else {
             return false;
         };
@@ -147,9 +150,6 @@ impl Core {
         // The ACL is worth a look only when the bits alone make groups moot.
         if !groups_moot(c.uid, mode, st.st_uid, false, need, sgid) {
             return false;
-        }
-        if need == Need::NONE {
-            return true;
         }
         match file::has_access_acl(fd) {
             Ok(acl) => groups_moot(c.uid, mode, st.st_uid, acl, need, sgid),
