@@ -155,18 +155,45 @@ const BLKGETSIZE64: libc::c_ulong = 0x80081272;
 /// device `st_dev` (as reported in /sys): used by recovery to find leftovers.
 pub fn backing_files() -> Vec<(PathBuf, String)> {
     let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir("/sys/block") {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if !name.starts_with("loop") {
-                continue;
-            }
-            if let Ok(b) = std::fs::read_to_string(e.path().join("loop/backing_file")) {
-                out.push((PathBuf::from(format!("/dev/{name}")), b.trim().to_string()));
-            }
+    for name in loop_names() {
+        let f = format!("/sys/block/{name}/loop/backing_file");
+        if let Ok(b) = std::fs::read_to_string(f) {
+            out.push((PathBuf::from(format!("/dev/{name}")), b.trim().to_string()));
         }
     }
     out
+}
+
+/// Names of the loop devices worth asking about. `/proc/partitions` lists
+/// block devices of non-zero size, so it leaves out the idle loop devices a
+/// machine accumulates (hundreds after a while; a scan of `/sys/block`
+/// paid a failed open for each, on every containerd Mounts). Our devices
+/// are never empty files. Without it, every `/sys/block/loop*`.
+fn loop_names() -> Vec<String> {
+    match std::fs::read_to_string("/proc/partitions") {
+        Ok(s) => loops_in_partitions(&s),
+        Err(_) => std::fs::read_dir("/sys/block")
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with("loop"))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
+
+/// Whole loop devices (`loopN`, not their partitions) in the text of
+/// `/proc/partitions`.
+fn loops_in_partitions(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .filter(|n| {
+            n.strip_prefix("loop")
+                .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .map(String::from)
+        .collect()
 }
 
 const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
@@ -234,4 +261,16 @@ pub fn attached() -> Vec<LoopStatus> {
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::loops_in_partitions;
+
+    #[test]
+    fn only_whole_loop_devices_from_proc_partitions() {
+        let text = "major minor  #blocks  name\n\n 254        0  268435456 vda\n 254        1  268434432 vda1\n   7        0      16384 loop0\n   7       12    1048576 loop12\n 259        0       1024 loop12p1\n";
+        assert_eq!(loops_in_partitions(text), vec!["loop0", "loop12"]);
+        assert!(loops_in_partitions("").is_empty());
+    }
 }
