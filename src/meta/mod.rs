@@ -222,8 +222,11 @@ impl Meta {
                 .mode(sled::Mode::HighThroughput)
                 .open()
             {
+                // sled reports the held lock as ErrorKind::Other with the
+                // lock's own error (EWOULDBLOCK) only in its message.
                 Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock
+                    if (e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.to_string().starts_with("could not acquire lock"))
                         && std::time::Instant::now() < deadline =>
                 {
                     std::thread::sleep(std::time::Duration::from_millis(20));
