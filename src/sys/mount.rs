@@ -119,6 +119,8 @@ pub struct MountEntry {
     pub fstype: String,
     /// Source (`thinfs` for ours).
     pub source: String,
+    /// `major:minor` of the mounted filesystem's device.
+    pub dev: String,
 }
 
 impl MountEntry {
@@ -142,6 +144,7 @@ pub fn mount_table() -> io::Result<Vec<MountEntry>> {
                 point: unescape(fields[4]),
                 fstype: fields[dash + 1].to_string(),
                 source: unescape(fields[dash + 2]),
+                dev: fields[2].to_string(),
             });
         }
     }

@@ -1,5 +1,6 @@
 //! The dm-thin pool: set up, recover, thin devices, status.
 
+use super::adopt;
 use super::delta;
 use super::probe::{available, dmerr};
 use crate::backend::{ActiveDevice, Backend, ChangedRange, PoolStatus, Usage, compare_by_reading};
@@ -15,7 +16,7 @@ use parking_lot::Mutex;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Data block size: 64 KiB.
 const BLOCK_SECTORS: u64 = 128;
@@ -124,7 +125,7 @@ impl DmPool {
         available().map_err(Error::Invalid)?;
         let dm = DM::new().map_err(|e| dmerr("open /dev/mapper/control", e))?;
         let tag = tag_of(state);
-        cleanup_leftovers(&dm, &tag)?;
+        let kept = adopt::leftovers(&dm, &tag)?;
         let meta_path: PathBuf = state.join(META_FILE);
         let data_path: PathBuf = state.join(DATA_FILE);
         let fresh = !data_path.exists();
@@ -158,10 +159,18 @@ impl DmPool {
         };
         let meta_file = open(&meta_path)?;
         let meta_len = meta_file.metadata().ctx(|| "stat meta".into())?.len();
-        let ml = LoopDevice::attach(&meta_file, false, "thinfs-dm-meta")
-            .ctx(|| "attach metadata file".into())?;
-        let dl = LoopDevice::attach(&open(&data_path)?, false, "thinfs-dm-data")
-            .ctx(|| "attach data file".into())?;
+        // A pool kept for a thin device mounted outside thinfs keeps its
+        // loop devices: use them again, never a second one on a file.
+        let attach = |file: &std::fs::File, path: &Path, what: &str| -> Result<LoopDevice> {
+            if !kept.is_empty()
+                && let Some(l) = adopt::existing_loop(path)?
+            {
+                return Ok(l);
+            }
+            LoopDevice::attach(file, false, what).ctx(|| format!("attach {}", path.display()))
+        };
+        let ml = attach(&meta_file, &meta_path, "thinfs-dm-meta")?;
+        let dl = attach(&open(&data_path)?, &data_path, "thinfs-dm-data")?;
         let name =
             |w: &str| DmNameBuf::new(format!("thinfs-{tag}-{w}")).map_err(|e| dmerr("dm name", e));
         let linear = |w: &str, lo: &LoopDevice, len: u64| -> Result<LinearDev> {
@@ -247,55 +256,6 @@ impl DmPool {
         let _ = t.teardown(&s.dm);
         st.map_err(|e| dmerr("thin status", e))
     }
-}
-
-/// Tear down dm devices named `thinfs-<tag>-*` left by a killed daemon
-/// (thin devices first, then the pool, then the linear devices).
-fn cleanup_leftovers(dm: &DM, tag: &str) -> Result<()> {
-    let prefix = format!("thinfs-{tag}-");
-    let list = dm.list_devices().map_err(|e| dmerr("list dm devices", e))?;
-    let mut ours: Vec<String> = list
-        .iter()
-        .map(|(n, ..)| n.to_string())
-        .filter(|n| n.starts_with(&prefix))
-        .collect();
-    if ours.is_empty() {
-        return Ok(());
-    }
-    let rank = |n: &str| match n.strip_prefix(&prefix) {
-        Some("pool") => 1,
-        Some("meta") | Some("data") => 2,
-        _ => 0,
-    };
-    ours.sort_by_key(|n| rank(n));
-    for n in ours {
-        log::warn!("recovery: removing dm device {n} left by an earlier daemon");
-        let name = DmNameBuf::new(n.clone()).map_err(|e| dmerr("dm name", e))?;
-        let id = DevId::Name(&name);
-        if rank(&n) == 0 {
-            // Resume it (a crash may have left it suspended), then thaw a
-            // filesystem a crash may have left frozen on it.
-            let _ = dm.device_suspend(&id, DmOptions::default());
-            if let Ok(info) = dm.device_info(&id) {
-                crate::backend::thaw_leftover(&PathBuf::from(format!(
-                    "/dev/dm-{}",
-                    info.device().minor
-                )));
-            }
-        }
-        let _ = dm.device_suspend(&id, DmOptions::default());
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            match dm.device_remove(&id, DmOptions::default()) {
-                Ok(_) => break,
-                Err(e) if Instant::now() > deadline => {
-                    return Err(Error::Busy(format!("dm device {n} is still in use: {e}")));
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
-    }
-    Ok(())
 }
 
 /// A thin device activated as a block device; removed on drop.
@@ -422,12 +382,24 @@ impl Backend for DmPool {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        let _ = read_only;
-        Ok(Box::new(DmActive {
+        let active = DmActive {
             shared: s.clone(),
             dev: Mutex::new(t),
             path,
-        }))
+        };
+        // Dropped on error: the device is removed again.
+        if read_only {
+            adopt::set_read_only(&s.dm, &name)?;
+        }
+        Ok(Box::new(active))
+    }
+
+    fn live_attachment(&self, dev: DeviceId) -> Option<PathBuf> {
+        // Active before this process started: kept at open because it is
+        // mounted outside thinfs (see `adopt`).
+        let name = self.0.thin_name(dev).ok()?;
+        let info = self.0.dm.device_info(&DevId::Name(&name)).ok()?;
+        Some(PathBuf::from(format!("/dev/dm-{}", info.device().minor)))
     }
 
     fn open_read(&self, dev: DeviceId, size: Bytes) -> Result<crate::backend::DeviceReader> {
