@@ -224,16 +224,7 @@ fn root_containerd_import_run_remove_and_kill9() {
     // containerd redials the proxy with a backoff (about 2 s here): until
     // then its calls fail with "unavailable", nothing else may.
     let t = Instant::now();
-    let mut n = 0;
-    let o = loop {
-        n += 1;
-        let o = ctd.run(&format!("c2-{n}"), "cat /etc/added");
-        let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        if o.status.success() || !unreachable(&err) || t.elapsed() > Duration::from_secs(60) {
-            break o;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    };
+    let (o, n) = ctd.run_when_reachable("c2", "cat /etc/added", Duration::from_secs(60));
     eprintln!(
         "ctr run works again {:.1} s after the restart ({n} tries)",
         t.elapsed().as_secs_f64()
@@ -597,17 +588,7 @@ fn root_containerd_kill9_while_a_container_runs() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "before\nafter");
     // A new container starts.
-    let t = Instant::now();
-    let mut n = 0;
-    let o = loop {
-        n += 1;
-        let o = ctd.run(&format!("short-{n}"), "cat /etc/added");
-        let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        if o.status.success() || !unreachable(&err) || t.elapsed() > Duration::from_secs(60) {
-            break o;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    };
+    let (o, _) = ctd.run_when_reachable("short", "cat /etc/added", Duration::from_secs(60));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // The first container ends; its snapshot goes, nothing stays attached.
     let _ = ctd.ctr(&["tasks", "kill", "-s", "KILL", "long"]);

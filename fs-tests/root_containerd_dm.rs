@@ -144,16 +144,7 @@ fn dm_containerd_import_run_view_remove_and_kill9() {
     m.kill9();
     m.spawn();
     let t = Instant::now();
-    let mut n = 0;
-    let o = loop {
-        n += 1;
-        let o = ctd.run(&format!("d2-{n}"), "cat /etc/added");
-        let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        if o.status.success() || !unreachable(&err) || t.elapsed() > Duration::from_secs(120) {
-            break o;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    };
+    let (o, n) = ctd.run_when_reachable("d2", "cat /etc/added", Duration::from_secs(120));
     eprintln!(
         "ctr run on dm works again {:.1} s after the restart ({n} tries)",
         t.elapsed().as_secs_f64()
@@ -287,17 +278,7 @@ fn dm_containerd_kill9_while_a_container_runs() {
             "still the one device"
         );
         // A new container starts while the first one runs.
-        let t = Instant::now();
-        let mut n = 0;
-        let o = loop {
-            n += 1;
-            let o = ctd.run(&format!("short-{n}"), "cat /etc/added");
-            let err = String::from_utf8_lossy(&o.stderr).into_owned();
-            if o.status.success() || !unreachable(&err) || t.elapsed() > Duration::from_secs(120) {
-                break o;
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        };
+        let (o, _) = ctd.run_when_reachable("short", "cat /etc/added", Duration::from_secs(120));
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "from layer two");
         h.join().expect("the long container's thread")

@@ -148,6 +148,26 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     }
 }
 
+impl Containerd {
+    /// [`Containerd::run`] with ids `PREFIX-N`, tried again while containerd
+    /// has not reached thinfs yet ([`unreachable`]: it redials a restarted
+    /// proxy with a backoff), for up to `limit`. The last output and the
+    /// number of tries.
+    pub fn run_when_reachable(&self, prefix: &str, cmd: &str, limit: Duration) -> (Output, usize) {
+        let t = Instant::now();
+        let mut n = 0;
+        loop {
+            n += 1;
+            let o = self.run(&format!("{prefix}-{n}"), cmd);
+            let err = String::from_utf8_lossy(&o.stderr);
+            if o.status.success() || !unreachable(&err) || t.elapsed() > limit {
+                return (o, n);
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
 impl Drop for Containerd {
     fn drop(&mut self) {
         // Its tasks' processes (by pid, as `ctr tasks ls` shows them), then
