@@ -232,10 +232,15 @@ impl Layers {
 
     /// The snapshot with containerd key `key`.
     pub fn find(&self, key: &str) -> Result<Option<DeviceRecord>> {
-        Ok(self
-            .all()?
-            .into_iter()
-            .find(|r| r.containerd.as_ref().is_some_and(|c| c.key == key)))
+        let meta = &self.engine.meta;
+        let Some(id) = meta.containerd_id(key)? else {
+            return Ok(None);
+        };
+        Ok(meta.get(id)?.filter(|r| {
+            r.kind == DeviceKind::Containerd
+                && r.state != DeviceState::Creating
+                && r.containerd.as_ref().is_some_and(|c| c.key == key)
+        }))
     }
 
     /// The snapshot with key `key`, or NotFound.

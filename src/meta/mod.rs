@@ -2,7 +2,10 @@
 //!
 //! Trees:
 //! - `devices`: device id (4 bytes, big-endian) -> [`DeviceRecord`] (JSON)
-//! - `names`:   `i` + image name, or `s` + image id + snapshot name -> id
+//! - `names`:   `i` + image name, or `s` + image id + snapshot name -> id;
+//!   `c` + name of one of containerd's devices (`ctd-N`) -> id; `k` +
+//!   containerd's key of it -> id (so a call by key reads one record, not
+//!   all of them; rebuilt from the records at every open)
 //! - `children`: parent id + child id -> empty
 //! - `gc`:      backend device id -> empty: devices whose record is gone
 //!   and whose blocks must still be freed (finished at the next open)
@@ -62,6 +65,14 @@ fn name_key(kind: DeviceKind, image: Option<DeviceId>, name: &str) -> Vec<u8> {
         _ => k.push(b'i'),
     }
     k.extend_from_slice(name.as_bytes());
+    k
+}
+
+/// `k` + containerd's key: the index of containerd's keys in `names`.
+fn ctd_key(key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len() + 1);
+    k.push(b'k');
+    k.extend_from_slice(key.as_bytes());
     k
 }
 
@@ -138,6 +149,16 @@ impl Txn<'_> {
             }
         }
         self.names.insert(nk, &rec.id.key())?;
+        let ck = rec.containerd.as_ref().map(|c| ctd_key(&c.key));
+        if let Some(oc) = old.as_ref().and_then(|o| o.containerd.as_ref()) {
+            let ok = ctd_key(&oc.key);
+            if Some(&ok) != ck.as_ref() {
+                self.drop_ctd_key(&ok, rec.id)?;
+            }
+        }
+        if let Some(k) = ck {
+            self.names.insert(k, &rec.id.key())?;
+        }
         if let Some(p) = rec.parent {
             self.children.insert(&child_key(p, rec.id), &[])?;
         }
@@ -152,11 +173,22 @@ impl Txn<'_> {
             return Ok(None);
         };
         self.names.remove(rec_name_key(&old))?;
+        if let Some(c) = &old.containerd {
+            self.drop_ctd_key(&ctd_key(&c.key), id)?;
+        }
         if let Some(p) = old.parent {
             self.children.remove(&child_key(p, id))?;
         }
         self.devices.remove(&id.key())?;
         Ok(Some(old))
+    }
+
+    /// Drop containerd's key `k` from the index if it still names `id`.
+    fn drop_ctd_key(&self, k: &[u8], id: DeviceId) -> TxResult<()> {
+        if self.names.get(k)?.is_some_and(|v| v.as_ref() == id.key()) {
+            self.names.remove(k)?;
+        }
+        Ok(())
     }
 
     /// Queue a backend device for deletion.
@@ -250,9 +282,17 @@ impl Meta {
         Ok(m)
     }
 
-    /// Schema 1 -> 2: every snapshot gets an identity.
+    /// Schema 1 -> 2: every snapshot gets an identity. The index of
+    /// containerd's keys is rebuilt from the records (a store written
+    /// before it existed has none).
     fn upgrade(&self) -> Result<()> {
+        for k in self.names.scan_prefix([b'k']).keys() {
+            self.names.remove(k?)?;
+        }
         for mut r in self.list()? {
+            if let Some(c) = &r.containerd {
+                self.names.insert(ctd_key(&c.key), &r.id.key())?;
+            }
             if r.kind == DeviceKind::Snapshot && r.identity.is_none() {
                 r.identity =
                     Some(Identity::random().map_err(|e| Error::io("read /dev/urandom", e))?);
@@ -449,6 +489,11 @@ impl Meta {
         self.id_by_key(&name_key(DeviceKind::Snapshot, Some(image), name.as_str()))
     }
 
+    /// The device whose containerd key is `key`.
+    pub fn containerd_id(&self, key: &str) -> Result<Option<DeviceId>> {
+        self.id_by_key(&ctd_key(key))
+    }
+
     fn id_by_key(&self, k: &[u8]) -> Result<Option<DeviceId>> {
         match self.names.get(k)? {
             Some(v) => DeviceId::from_key(&v).map(Some),
@@ -499,5 +544,77 @@ impl Meta {
             s.insert(p.dev.get());
         }
         Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{Bytes, ContainerdInfo, ContainerdKind};
+
+    fn layer(id: u32, key: &str) -> DeviceRecord {
+        let dev = DeviceId::new(id).unwrap();
+        DeviceRecord {
+            id: dev,
+            dev,
+            name: Name::new(&format!("ctd-{id}")).unwrap(),
+            kind: DeviceKind::Containerd,
+            parent: None,
+            size: Bytes(1 << 30),
+            fs: "ext4".into(),
+            state: DeviceState::Ready,
+            pending_dev: None,
+            error: None,
+            created: 0,
+            seq: 0,
+            labels: Default::default(),
+            containerd: Some(ContainerdInfo {
+                key: key.into(),
+                kind: ContainerdKind::Active,
+                updated: 0,
+            }),
+            identity: None,
+        }
+    }
+
+    /// containerd's key index follows every put (a Commit changes the
+    /// key), remove, and is rebuilt at open from the records.
+    #[test]
+    fn containerd_keys_are_indexed_through_every_change() {
+        let dir = std::env::temp_dir().join(format!("thinfs-ctdkeys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let id = |n| DeviceId::new(n).unwrap();
+        {
+            let m = Meta::open(&dir).unwrap();
+            m.set_pool(&PoolRecord {
+                schema: SCHEMA_VERSION,
+                backend: "reflink".into(),
+                size: Bytes(1 << 30),
+                reserve: Bytes(0),
+                default_image_size: Bytes(1 << 30),
+                transaction_id: 0,
+            })
+            .unwrap();
+            m.txn(|t| t.put(&layer(1, "default/1/extract-a"))).unwrap();
+            m.txn(|t| t.put(&layer(2, "default/3/extract-b"))).unwrap();
+            assert_eq!(m.containerd_id("default/1/extract-a").unwrap(), Some(id(1)));
+            // Commit: the same record under its new key.
+            let mut r = layer(1, "default/2/sha256:aa");
+            r.containerd.as_mut().unwrap().kind = ContainerdKind::Committed;
+            m.txn(|t| t.put(&r)).unwrap();
+            assert_eq!(m.containerd_id("default/1/extract-a").unwrap(), None);
+            assert_eq!(m.containerd_id("default/2/sha256:aa").unwrap(), Some(id(1)));
+            m.txn(|t| t.remove(id(2))).unwrap();
+            assert_eq!(m.containerd_id("default/3/extract-b").unwrap(), None);
+            // A store written before the index existed: none for its keys.
+            m.names.remove(ctd_key("default/2/sha256:aa")).unwrap();
+            m.names.insert(ctd_key("stale"), &id(9).key()).unwrap();
+            assert_eq!(m.containerd_id("default/2/sha256:aa").unwrap(), None);
+        }
+        let m = Meta::open(&dir).unwrap();
+        assert_eq!(m.containerd_id("default/2/sha256:aa").unwrap(), Some(id(1)));
+        assert_eq!(m.containerd_id("stale").unwrap(), None);
+        drop(m);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
