@@ -106,9 +106,9 @@ fn root_containerd_import_run_remove_and_kill9() {
         .expect("the top layer's key");
     for i in 0..10 {
         let k = format!("lat-{i}");
-        assert!(snap(&ctd, &["prepare", &k, &top_key]).status.success());
-        assert!(snap(&ctd, &["mounts", "/x", &k]).status.success());
-        assert!(snap(&ctd, &["rm", &k]).status.success());
+        snap_ok(&ctd, &["prepare", &k, &top_key]);
+        snap_ok(&ctd, &["mounts", "/x", &k]);
+        snap_ok(&ctd, &["rm", &k]);
     }
     let log = m.log();
     let ms = |op: &str| -> Vec<f64> {
@@ -139,8 +139,8 @@ fn root_containerd_import_run_remove_and_kill9() {
         } else if since.elapsed() > Duration::from_secs(5) {
             pokes += 1;
             let k = format!("gc-poke-{pokes}");
-            assert!(snap(&ctd, &["prepare", &k, &top_key]).status.success());
-            assert!(snap(&ctd, &["rm", &k]).status.success());
+            snap_ok(&ctd, &["prepare", &k, &top_key]);
+            snap_ok(&ctd, &["rm", &k]);
             since = Instant::now();
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -178,7 +178,7 @@ fn root_containerd_import_run_remove_and_kill9() {
     wait_until("no device is attached", || pool_loops(&m) == 0);
 
     // View: a read-only device with the layer's files, mounted `ro`.
-    assert!(snap(&ctd, &["view", "v1", &top_key]).status.success());
+    snap_ok(&ctd, &["view", "v1", &top_key]);
     let o = snap(&ctd, &["mounts", "/x", "v1"]);
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(
@@ -206,16 +206,12 @@ fn root_containerd_import_run_remove_and_kill9() {
         "a view's block device is read-only"
     );
     // Update (labels) and Usage reach thinfs.
-    assert!(
-        snap(&ctd, &["label", "v1", "thinfs.test/k=v"])
-            .status
-            .success()
-    );
+    snap_ok(&ctd, &["label", "v1", "thinfs.test/k=v"]);
     let info = snap(&ctd, &["info", "v1"]);
     assert!(String::from_utf8_lossy(&info.stdout).contains("\"thinfs.test/k\": \"v\""));
     let o = snap(&ctd, &["usage", "v1"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(snap(&ctd, &["rm", "v1"]).status.success());
+    snap_ok(&ctd, &["rm", "v1"]);
     gc_wait(&ctd, &m, "the view is removed", || layer_count(&m) == 2);
 
     // kill -9 of thinfs while containerd runs; restart; run again.
@@ -340,7 +336,7 @@ fn root_containerd_crash_at_every_step() {
     let ctd = Containerd::start(&dir.path().join("containerd"), &snap_sock);
     // A snapshot kept for the whole test: `info probe` reaches thinfs
     // (Stat), so it tells when containerd is connected again.
-    assert!(snap(&ctd, &["prepare", "probe"]).status.success());
+    snap_ok(&ctd, &["prepare", "probe"]);
     let base = pool_used(&m);
     // A snapshot's record goes before its file and the trim: the space
     // comes back a moment after the count drops.
@@ -423,7 +419,7 @@ fn root_containerd_crash_at_every_step() {
 
     // An active snapshot survives a kill -9 and is attached again when
     // containerd asks for its mounts; its filesystem is sound.
-    assert!(snap(&ctd, &["prepare", "k3"]).status.success());
+    snap_ok(&ctd, &["prepare", "k3"]);
     m.kill9();
     restart(&mut m);
     let o = snap(&ctd, &["mounts", "/x", "k3"]);
@@ -451,7 +447,7 @@ fn root_containerd_crash_at_every_step() {
     // Commit, killed once thinfs wrote it: containerd's transaction failed,
     // so it still has the active key and not the committed one; its GC
     // then removes the committed device it does not know.
-    assert!(snap(&ctd, &["prepare", "k2"]).status.success());
+    snap_ok(&ctd, &["prepare", "k2"]);
     with_failpoint(&mut m, "containerd.commit");
     assert!(!snap_once(&ctd, &["commit", "c2", "k2"]).status.success());
     restart(&mut m);
@@ -460,7 +456,7 @@ fn root_containerd_crash_at_every_step() {
 
     // Remove (containerd's GC calls it), killed between the record and the
     // delete: gone after the restart, and its space given back.
-    assert!(snap(&ctd, &["prepare", "k4"]).status.success());
+    snap_ok(&ctd, &["prepare", "k4"]);
     with_failpoint(&mut m, "containerd.remove");
     let _ = snap_once(&ctd, &["rm", "k4"]);
     let pid = m.pid();

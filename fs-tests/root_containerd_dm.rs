@@ -104,7 +104,7 @@ fn dm_containerd_import_run_view_remove_and_kill9() {
             String::from_utf8_lossy(&o.stdout).contains("\"Parent\"")
         })
         .expect("the top layer's key");
-    assert!(snap(&ctd, &["view", "v1", &top_key]).status.success());
+    snap_ok(&ctd, &["view", "v1", &top_key]);
     let o = snap(&ctd, &["mounts", "/x", "v1"]);
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(
@@ -137,7 +137,7 @@ fn dm_containerd_import_run_view_remove_and_kill9() {
         std::fs::read_to_string(dir.path().join("view.out")).expect("view read"),
         "from layer two\n"
     );
-    assert!(snap(&ctd, &["rm", "v1"]).status.success());
+    snap_ok(&ctd, &["rm", "v1"]);
     gc_wait(&ctd, &m, "the view is removed", || layer_count(&m) == 2);
 
     // kill -9 of thinfs while containerd runs; restart; run again.

@@ -336,6 +336,18 @@ pub fn snap(ctd: &Containerd, args: &[&str]) -> Output {
     }
 }
 
+/// [`snap`], which must succeed: a failure shows what ctr said.
+pub fn snap_ok(ctd: &Containerd, args: &[&str]) -> Output {
+    let o = snap(ctd, args);
+    assert!(
+        o.status.success(),
+        "ctr snapshots {args:?} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
 /// One `ctr snapshots` call, not retried: for a call that is meant to
 /// kill the daemon (a failpoint), where retrying would only wait.
 pub fn snap_once(ctd: &Containerd, args: &[&str]) -> Output {
