@@ -178,7 +178,7 @@ fn root_containerd_import_run_remove_and_kill9() {
     wait_until("no device is attached", || pool_loops(&m) == 0);
 
     // View: a read-only device with the layer's files, mounted `ro`.
-    snap_ok(&ctd, &["view", "v1", &top_key]);
+    view_kept(&ctd, "v1", &top_key);
     let o = snap(&ctd, &["mounts", "/x", "v1"]);
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(

@@ -348,6 +348,18 @@ pub fn snap_ok(ctd: &Containerd, args: &[&str]) -> Output {
     o
 }
 
+/// `ctr snapshots view KEY PARENT`, kept from containerd's garbage
+/// collector. ctr labels what it prepares or commits as a GC root, but not
+/// a view: the next collection removes it (the device went away under a
+/// test's own mount of it, once in about 15 runs, right after the many
+/// removals that schedule collections). A collection is run first, so none
+/// is due between the view and its root label.
+pub fn view_kept(ctd: &Containerd, key: &str, parent: &str) {
+    gc_kick(ctd);
+    snap_ok(ctd, &["view", key, parent]);
+    snap_ok(ctd, &["label", key, "containerd.io/gc.root=thinfs-test"]);
+}
+
 /// One `ctr snapshots` call, not retried: for a call that is meant to
 /// kill the daemon (a failpoint), where retrying would only wait.
 pub fn snap_once(ctd: &Containerd, args: &[&str]) -> Output {
