@@ -51,6 +51,16 @@ impl Shared {
         self.name(&dev.get().to_string())
     }
 
+    /// The block device node (`/dev/dm-N`) of active thin device `dev`.
+    fn active_node(&self, dev: DeviceId) -> Result<PathBuf> {
+        let name = self.thin_name(dev)?;
+        let info = self
+            .dm
+            .device_info(&DevId::Name(&name))
+            .map_err(|e| dmerr(format!("look up active thin device {dev}"), e))?;
+        Ok(PathBuf::from(format!("/dev/dm-{}", info.device().minor)))
+    }
+
     fn is_active(&self, dev: DeviceId) -> Result<bool> {
         let n = self.thin_name(dev)?;
         devicemapper::device_exists(&self.dm, &n).map_err(|e| dmerr("device lookup", e))
@@ -397,15 +407,12 @@ impl Backend for DmPool {
     fn live_attachment(&self, dev: DeviceId) -> Option<PathBuf> {
         // Active before this process started: kept at open because it is
         // mounted outside thinfs (see `adopt`).
-        let name = self.0.thin_name(dev).ok()?;
-        let info = self.0.dm.device_info(&DevId::Name(&name)).ok()?;
-        Some(PathBuf::from(format!("/dev/dm-{}", info.device().minor)))
+        self.0.active_node(dev).ok()
     }
 
     fn open_read(&self, dev: DeviceId, size: Bytes) -> Result<crate::backend::DeviceReader> {
         use crate::backend::DeviceReader;
         let s = &self.0;
-        let name = s.thin_name(dev)?;
         // One activation per thin device: an active one (a mounted
         // snapshot; its bytes do not change under a read-only mount) is
         // read through its live node. A device being removed by another
@@ -423,15 +430,12 @@ impl Backend for DmPool {
                     Err(e) => return Err(e),
                 }
             } else {
-                match s.dm.device_info(&DevId::Name(&name)) {
-                    Ok(info) => {
-                        let path = PathBuf::from(format!("/dev/dm-{}", info.device().minor));
-                        match std::fs::File::open(&path) {
-                            Ok(f) => return Ok(DeviceReader::new(f, None)),
-                            Err(e) => last = Some(Error::io(format!("open {}", path.display()), e)),
-                        }
-                    }
-                    Err(e) => last = Some(dmerr(format!("look up active thin device {dev}"), e)),
+                match s.active_node(dev) {
+                    Ok(path) => match std::fs::File::open(&path) {
+                        Ok(f) => return Ok(DeviceReader::new(f, None)),
+                        Err(e) => last = Some(Error::io(format!("open {}", path.display()), e)),
+                    },
+                    Err(e) => last = Some(e),
                 }
             }
             std::thread::sleep(Duration::from_millis(20));
