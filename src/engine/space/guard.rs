@@ -163,6 +163,12 @@ impl Watcher {
             if t.written_resv != Some(want) {
                 match std::fs::write(t.sysfs.join("reserved_clusters"), want.to_string()) {
                     Ok(()) => t.written_resv = Some(want),
+                    // Unmounted since the sample (a container that just
+                    // ended): nothing left to guard, nothing to warn of.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => log::debug!(
+                        "space guard: {} went away before its reserve was set",
+                        t.sysfs.display()
+                    ),
                     Err(e) => log::warn!(
                         "space guard: cannot set {}/reserved_clusters to {want}: {e}",
                         t.sysfs.display()
