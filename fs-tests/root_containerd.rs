@@ -38,13 +38,7 @@ fn root_containerd_import_run_remove_and_kill9() {
 
     // Import: two layers, each Prepare + apply + Commit, into thinfs.
     let t = Instant::now();
-    ctd.ok(&[
-        "images",
-        "import",
-        "--snapshotter",
-        "thinfs",
-        &tar.to_string_lossy(),
-    ]);
+    ctd.import(&tar);
     let import_ms = t.elapsed().as_secs_f64() * 1e3;
     eprintln!("import of 2 layers: {import_ms:.0} ms");
     let layers = containerd_rows(&m);
@@ -300,18 +294,7 @@ fn root_containerd_import_run_remove_and_kill9() {
     wait_until("no device is attached", || pool_loops(&m) == 0);
     // The records go before the files and the trim: the space comes back a
     // moment after the count drops.
-    let t = Instant::now();
-    loop {
-        let used_after = pool_used(&m);
-        if used_after <= used_before + (1 << 20) {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "pool used {used_before} before, {used_after} after"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_space_back(&m, used_before, Duration::from_secs(30));
     let t = Instant::now();
     drop(ctd);
     eprintln!("containerd stopped in {:.1} s", t.elapsed().as_secs_f64());
@@ -487,13 +470,7 @@ fn root_containerd_kill9_while_a_container_runs() {
     let mut m = TestMount::start_with("ctdrunfs", &["--config", &cfg]);
     let tar = build_image(dir.path());
     let ctd = Containerd::start(&dir.path().join("containerd"), &snap_sock);
-    ctd.ok(&[
-        "images",
-        "import",
-        "--snapshotter",
-        "thinfs",
-        &tar.to_string_lossy(),
-    ]);
+    ctd.import(&tar);
     let fifo = ctd.dir.join("fifo").to_string_lossy().into_owned();
     let runc = ctd.dir.join("runc").to_string_lossy().into_owned();
     ctd.ok(&[

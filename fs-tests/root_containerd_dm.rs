@@ -57,13 +57,7 @@ fn dm_containerd_import_run_view_remove_and_kill9() {
 
     // Import: two layers, Prepare + apply + Commit each, as thin devices.
     let t = Instant::now();
-    ctd.ok(&[
-        "images",
-        "import",
-        "--snapshotter",
-        "thinfs",
-        &tar.to_string_lossy(),
-    ]);
+    ctd.import(&tar);
     eprintln!("import of 2 layers on dm: {} ms", t.elapsed().as_millis());
     assert_eq!(layer_count(&m), 2, "two committed layers: {}", calls(&m));
     wait_until("committed layers are deactivated", || {
@@ -175,18 +169,7 @@ fn dm_containerd_import_run_view_remove_and_kill9() {
     wait_until("no thin device of containerd's is active", || {
         thin_devices().len() == devs_before
     });
-    let t = Instant::now();
-    loop {
-        let used_after = pool_used(&m);
-        if used_after <= used_before + (1 << 20) {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "pool used {used_before} before, {used_after} after"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_space_back(&m, used_before, Duration::from_secs(60));
     drop(ctd);
     m.stop();
     assert!(
@@ -219,13 +202,7 @@ fn dm_containerd_kill9_while_a_container_runs() {
     );
     let tar = build_image(dir.path());
     let ctd = Containerd::start(&dir.path().join("containerd"), &snap_sock);
-    ctd.ok(&[
-        "images",
-        "import",
-        "--snapshotter",
-        "thinfs",
-        &tar.to_string_lossy(),
-    ]);
+    ctd.import(&tar);
     let devs_before = thin_devices().len();
     // The container writes before the crash, sleeps through it, writes
     // after, and prints its file.

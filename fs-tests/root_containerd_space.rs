@@ -71,16 +71,6 @@ fn run_keep(ctd: &Containerd, id: &str, cmd: &str) -> Output {
         .expect("ctr run")
 }
 
-fn import(ctd: &Containerd, tar: &std::path::Path) {
-    ctd.ok(&[
-        "images",
-        "import",
-        "--snapshotter",
-        "thinfs",
-        &tar.to_string_lossy(),
-    ]);
-}
-
 /// The committed layer that has a parent (the image's top layer).
 fn top_key(ctd: &Containerd) -> String {
     snap_keys(ctd)
@@ -105,7 +95,7 @@ fn root_containerd_info_names_layers() {
     let m = TestMount::start_with("ctdinfofs", &["--containerd-socket", &sock]);
     let tar = build_image(dir.path());
     let ctd = Containerd::start(&dir.path().join("containerd"), &snap_sock);
-    import(&ctd, &tar);
+    ctd.import(&tar);
     let top = top_key(&ctd);
     assert!(
         snap(&ctd, &["prepare", "info-active", &top])
@@ -183,7 +173,7 @@ fn root_containerd_container_filling_the_pool_gets_enospc() {
 
     let tar = build_image(dir.path());
     let ctd = Containerd::start(&dir.path().join("containerd"), &snap_sock);
-    import(&ctd, &tar);
+    ctd.import(&tar);
     let top = top_key(&ctd);
 
     // 4G of zeros into a 4G ext4 on a 2G pool.
@@ -285,7 +275,7 @@ fn root_containerd_concurrent_calls() {
     let m = TestMount::start_with("ctdconcfs", &["--containerd-socket", &sock]);
     let tar = build_image(dir.path());
     let ctd = Containerd::start(&dir.path().join("containerd"), &snap_sock);
-    import(&ctd, &tar);
+    ctd.import(&tar);
     let rows = containerd_rows(&m);
     let top = rows
         .iter()

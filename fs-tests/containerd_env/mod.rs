@@ -149,6 +149,17 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 }
 
 impl Containerd {
+    /// `ctr images import --snapshotter thinfs TAR`, which must succeed.
+    pub fn import(&self, tar: &Path) {
+        self.ok(&[
+            "images",
+            "import",
+            "--snapshotter",
+            "thinfs",
+            &tar.to_string_lossy(),
+        ]);
+    }
+
     /// [`Containerd::run`] with ids `PREFIX-N`, tried again while containerd
     /// has not reached thinfs yet ([`unreachable`]: it redials a restarted
     /// proxy with a backoff), for up to `limit`. The last output and the
@@ -249,6 +260,24 @@ pub fn pool_used(m: &TestMount) -> u64 {
     v["used"]
         .as_u64()
         .unwrap_or_else(|| panic!("no used in {v}"))
+}
+
+/// Wait (up to `limit`) until the pool's `used` is back within 1 MiB of
+/// `before`: thinfs drops a record before it deletes and trims the device,
+/// so the space comes back a moment after the snapshot count drops.
+pub fn wait_space_back(m: &TestMount, before: u64, limit: Duration) {
+    let t = Instant::now();
+    loop {
+        let after = pool_used(m);
+        if after <= before + (1 << 20) {
+            return;
+        }
+        assert!(
+            t.elapsed() < limit,
+            "pool used {before} before, {after} after"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
