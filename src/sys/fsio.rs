@@ -1,5 +1,6 @@
 //! File-system ioctls: FICLONE, FIFREEZE/FITHAW, syncfs, FITRIM, FIEMAP,
-//! EXT4_IOC_RESIZE_FS, statvfs.
+//! EXT4_IOC_RESIZE_FS, statvfs
+//! (of a descriptor, or of a mount of a given block device).
 
 use super::cvt;
 use std::io;
@@ -240,32 +241,26 @@ pub fn statvfs(fd: impl AsFd) -> io::Result<libc::statvfs> {
     Ok(s)
 }
 
-/// Free blocks of the filesystem mounted from block device `rdev`, in any
-/// mount namespace (ustat(2) finds the superblock by device number): how
-/// the space guard reads a filesystem that containerd mounted. EINVAL when
-/// nothing is mounted from it.
-pub fn ustat_free_blocks(rdev: libc::dev_t) -> io::Result<u64> {
-    #[repr(C)]
-    struct Ustat {
-        f_tfree: libc::c_int,
-        f_tinode: libc::c_ulong,
-        f_fname: [libc::c_char; 6],
-        f_fpack: [libc::c_char; 6],
+/// statvfs of the filesystem mounted at `path` if that filesystem lives on
+/// block device `rdev` (ENODEV otherwise: the path is no longer a mount of
+/// it). The path is opened `O_PATH` and closed at once: the mount is held
+/// only for the three calls, as `df` holds it.
+///
+/// This is how the space guard reads a filesystem that containerd mounted
+/// (in any mount namespace, through `/proc/PID/root`). It never asks the
+/// kernel to find a superblock by device number, as ustat(2) does: in the
+/// 6.1 kernel that lookup (`user_get_super`) rescans the superblock list
+/// while a superblock of that device is being set up or torn down.
+pub fn statvfs_at_dev(path: &std::path::Path, rdev: libc::dev_t) -> io::Result<libc::statvfs> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+        .open(path)?;
+    if f.metadata()?.dev() != rdev {
+        return Err(io::Error::from_raw_os_error(libc::ENODEV));
     }
-    let (major, minor) = (libc::major(rdev) as u64, libc::minor(rdev) as u64);
-    // The kernel's `new_decode_dev` encoding.
-    let dev = (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12);
-    let dev =
-        libc::c_uint::try_from(dev).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    let mut u = Ustat {
-        f_tfree: 0,
-        f_tinode: 0,
-        f_fname: [0; 6],
-        f_fpack: [0; 6],
-    };
-    // SAFETY: `u` is a valid `struct ustat` the kernel fills in.
-    crate::sys::cvt_l(unsafe { libc::syscall(libc::SYS_ustat, dev, &mut u as *mut Ustat) })?;
-    Ok(u.f_tfree.max(0) as u64)
+    statvfs(&f)
 }
 
 const EXT4_IOC_RESIZE_FS: libc::c_ulong = 0x4008_6610;

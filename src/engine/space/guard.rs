@@ -79,6 +79,7 @@ enum Repair {
 struct Watcher {
     tracked: HashMap<DeviceId, Tracked>,
     shapes: HashMap<DeviceId, Option<(u64, bool)>>,
+    layer_mounts: LayerMounts,
     last: HashMap<DeviceId, Sample>,
     ticks: u64,
     repairs: Arc<parking_lot::Mutex<HashMap<DeviceId, Repair>>>,
@@ -115,6 +116,7 @@ impl Watcher {
                     .filter(|s| !fresh && s.sysfs == sysfs && s.bfree == bfree)
                     .cloned()
             },
+            &mut self.layer_mounts,
         );
         shapes.retain(|id, _| samples.iter().any(|s| s.id == *id));
         self.last = samples.iter().map(|s| (s.id, s.clone())).collect();

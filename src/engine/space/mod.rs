@@ -12,9 +12,17 @@
 //! The same knob caps containerd's writable devices (active snapshots),
 //! which containerd mounts itself, in its own mount namespaces: the ext4
 //! sysfs directory is per superblock, named after the block device the
-//! engine attached, and ustat(2) gives the free blocks of a superblock by
-//! device number, wherever it is mounted. A container that fills the pool
-//! gets ENOSPC in `write()` like an image's writer.
+//! engine attached, and the free blocks come from statvfs of one of its
+//! mounts, found in the processes' mount tables ([`LayerMounts`]). A
+//! container that fills the pool gets ENOSPC in `write()` like an image's
+//! writer.
+//!
+//! Nothing here asks the kernel for a superblock by device number
+//! (ustat(2), which the guard used before: the 6.1 kernel's lookup
+//! rescans its superblock list while a superblock of that device is set up
+//! or torn down, and a guest locked up with this thread on a CPU while
+//! containerd mounted and unmounted its views). Every call the guard makes
+//! goes through a descriptor or a path of a live mount, or sysfs.
 //!
 //! It owns that sysfs knob, the pool's ok/low/full state, the log
 //! warnings at 80 %, 90 % and full, and the repair of an image whose ext4
@@ -55,7 +63,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How often the guard looks at the pool.
 pub const TICK: Duration = Duration::from_millis(25);
@@ -184,6 +192,116 @@ fn ext4_geometry(dev: &Path) -> Option<(u64, u64)> {
     Some((bsize, (hi << 32) | le32(0x4)))
 }
 
+/// Where containerd's writable devices are mounted: for each device
+/// number, paths of its mounts as `/proc/PID/root/MOUNTPOINT`, read from
+/// the mount table of one process per mount namespace. A path is checked
+/// at every use (it must still be a mount of that device); the tables are
+/// read again only when a mounted device has no working path, at most
+/// every [`RESCAN`].
+#[derive(Debug, Default)]
+pub(super) struct LayerMounts {
+    paths: HashMap<u64, Vec<PathBuf>>,
+    scanned: Option<Instant>,
+}
+
+/// How often [`LayerMounts`] may read the mount tables (a few namespaces,
+/// about a millisecond).
+const RESCAN: Duration = Duration::from_millis(200);
+
+impl LayerMounts {
+    /// Free blocks of the filesystem on device `rdev`, through a path of
+    /// one of its mounts; None when no mount of it is known now.
+    fn free_blocks(&mut self, rdev: u64) -> Option<u64> {
+        let paths = self.paths.get_mut(&rdev)?;
+        while let Some(p) = paths.first() {
+            match crate::sys::fsio::statvfs_at_dev(p, rdev) {
+                Ok(st) => return Some(st.f_bfree),
+                Err(_) => {
+                    paths.remove(0);
+                }
+            }
+        }
+        None
+    }
+
+    /// Keep paths of the devices in `want` only; look for those with no
+    /// path in the mount tables (at most every [`RESCAN`]).
+    fn refresh(&mut self, want: &[u64]) {
+        self.paths.retain(|d, p| want.contains(d) && !p.is_empty());
+        if want.iter().all(|d| self.paths.contains_key(d))
+            || self.scanned.is_some_and(|t| t.elapsed() < RESCAN)
+        {
+            return;
+        }
+        self.scanned = Some(Instant::now());
+        let Ok(rd) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        let mut namespaces = std::collections::HashSet::new();
+        for e in rd.flatten() {
+            let pid = e.file_name();
+            let Some(pid) = pid
+                .to_str()
+                .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+            else {
+                continue;
+            };
+            let Ok(ns) = std::fs::read_link(format!("/proc/{pid}/ns/mnt")) else {
+                continue;
+            };
+            if !namespaces.insert(ns) {
+                continue;
+            }
+            let Ok(table) = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")) else {
+                continue;
+            };
+            for (dev, mp) in table.lines().filter_map(mountinfo_line) {
+                if want.contains(&dev) {
+                    let p = Path::new("/proc")
+                        .join(pid)
+                        .join("root")
+                        .join(mp.strip_prefix('/').unwrap_or(&mp));
+                    let v = self.paths.entry(dev).or_default();
+                    if v.len() < 8 {
+                        v.push(p);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The device number and mount point of one `/proc/PID/mountinfo` line
+/// (the mount point unescaped: `\040` is a space).
+fn mountinfo_line(l: &str) -> Option<(u64, String)> {
+    let mut f = l.split(' ');
+    let (_, _, mm, _, mp) = (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+    let (ma, mi) = mm.split_once(':')?;
+    let dev = libc::makedev(ma.parse().ok()?, mi.parse().ok()?);
+    let b = mp.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let oct = b
+            .get(i + 1..i + 4)
+            .filter(|o| o.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], oct) {
+            (b'\\', Some(o)) => {
+                out.push(
+                    o.iter()
+                        .fold(0u8, |a, c| a.wrapping_mul(8).wrapping_add(c - b'0')),
+                );
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    Some((dev, String::from_utf8(out).ok()?))
+}
+
 /// Full when the guard can give writers less than this.
 const FULL_BELOW: i64 = 64 << 20;
 
@@ -258,6 +376,7 @@ impl Engine {
         &self,
         mut shape: impl FnMut(DeviceId) -> Option<(u64, bool)>,
         cached: impl Fn(DeviceId, &Path, u64) -> Option<Sample>,
+        layer_mounts: &mut LayerMounts,
     ) -> Vec<Sample> {
         let mut v = Vec::new();
         for m in self.live_mounts_all() {
@@ -297,6 +416,7 @@ impl Engine {
                 layer: false,
             });
         }
+        let mut layers = Vec::new();
         for w in self.layer_writables() {
             let Some(sysfs) = ext4_sysfs(&w.path) else {
                 // Not mounted by containerd (yet): nothing can write.
@@ -305,7 +425,13 @@ impl Engine {
             let Ok(rdev) = std::fs::metadata(&w.path).map(|m| m.rdev()) else {
                 continue;
             };
-            let Ok(bfree) = crate::sys::fsio::ustat_free_blocks(rdev) else {
+            layers.push((w, sysfs, rdev));
+        }
+        layer_mounts.refresh(&layers.iter().map(|l| l.2).collect::<Vec<_>>());
+        for (w, sysfs, rdev) in layers {
+            let Some(bfree) = layer_mounts.free_blocks(rdev) else {
+                // Mounted where no process's mount table shows it (or
+                // unmounted since): nothing to read now.
                 continue;
             };
             if let Some(prev) = cached(w.id, &sysfs, bfree) {
@@ -345,7 +471,11 @@ impl Engine {
     /// writeback in flight is not counted), with the overcommit.
     pub fn space_view(&self) -> Result<SpaceView> {
         let st = self.backend.status()?;
-        let samples = self.space_samples(|id| self.space_shape(id), |_, _, _| None);
+        let samples = self.space_samples(
+            |id| self.space_shape(id),
+            |_, _, _| None,
+            &mut LayerMounts::default(),
+        );
         let p = plan(st.total, st.available, &samples, |_| None, |_, _| true);
         let virtual_size: u64 = self
             .meta
@@ -461,6 +591,28 @@ mod tests {
             errors: 0,
             layer: false,
         }
+    }
+
+    #[test]
+    fn mountinfo_lines_give_device_and_unescaped_mount_point() {
+        let l = "36 35 253:7 / /run/x\\040y\\134z rw,noatime shared:1 - ext4 /dev/dm-7 rw";
+        assert_eq!(
+            mountinfo_line(l),
+            Some((libc::makedev(253, 7), "/run/x y\\z".to_string()))
+        );
+        assert_eq!(mountinfo_line("garbage"), None);
+    }
+
+    #[test]
+    fn layer_mounts_find_a_mount_by_device_and_forget_it() {
+        // /proc is mounted in this process's namespace: found through
+        // /proc/PID/root, read with statvfs, dropped when not wanted.
+        let dev = std::fs::metadata("/proc").unwrap().dev();
+        let mut lm = LayerMounts::default();
+        lm.refresh(&[dev]);
+        assert!(lm.free_blocks(dev).is_some(), "{lm:?}");
+        lm.refresh(&[]);
+        assert_eq!(lm.free_blocks(dev), None);
     }
 
     #[test]
