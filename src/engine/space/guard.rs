@@ -9,8 +9,18 @@ use super::*;
 #[derive(Debug)]
 pub struct SpaceGuard {
     stop: Arc<AtomicBool>,
+    counts: Arc<Counts>,
     repairs: Arc<parking_lot::Mutex<HashMap<DeviceId, Repair>>>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What the guard's thread has done, for tests.
+#[derive(Debug, Default)]
+struct Counts {
+    /// Ticks run.
+    ticks: AtomicU64,
+    /// Ticks that sampled at least one containerd device.
+    layer_ticks: AtomicU64,
 }
 
 impl SpaceGuard {
@@ -18,6 +28,8 @@ impl SpaceGuard {
     pub fn start(engine: Arc<Engine>) -> Result<SpaceGuard> {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
+        let counts = Arc::new(Counts::default());
+        let c = counts.clone();
         let repairs: Arc<parking_lot::Mutex<HashMap<DeviceId, Repair>>> = Arc::default();
         let r = repairs.clone();
         let thread = std::thread::Builder::new()
@@ -29,7 +41,10 @@ impl SpaceGuard {
                 };
                 engine.guard_pulse.set_running(true);
                 while !s.load(Ordering::Relaxed) {
-                    w.tick(&engine);
+                    if w.tick(&engine) {
+                        c.layer_ticks.fetch_add(1, Ordering::Relaxed);
+                    }
+                    c.ticks.fetch_add(1, Ordering::Relaxed);
                     engine.guard_pulse.tick_done(w.tight);
                     w.repair_unmounted(&engine);
                     std::thread::sleep(TICK);
@@ -39,9 +54,22 @@ impl SpaceGuard {
             .ctx(|| "start the space guard thread".into())?;
         Ok(SpaceGuard {
             stop,
+            counts,
             repairs,
             thread: Some(thread),
         })
+    }
+
+    /// Ticks the guard has run: it advances every [`TICK`] unless the
+    /// thread is stuck.
+    pub fn ticks(&self) -> u64 {
+        self.counts.ticks.load(Ordering::Relaxed)
+    }
+
+    /// Ticks that sampled at least one of containerd's devices (mounted
+    /// by someone else, found in the mount tables).
+    pub fn layer_ticks(&self) -> u64 {
+        self.counts.layer_ticks.load(Ordering::Relaxed)
     }
 
     /// Stop the thread and wait for it, and for repairs under way (up to
@@ -90,12 +118,13 @@ struct Watcher {
 }
 
 impl Watcher {
-    fn tick(&mut self, engine: &Engine) {
+    /// One look at the pool; true if it sampled a containerd device.
+    fn tick(&mut self, engine: &Engine) -> bool {
         let st = match engine.backend.status() {
             Ok(s) => s,
             Err(e) => {
                 log::debug!("space guard: pool status: {e}");
-                return;
+                return false;
             }
         };
         // Records change rarely: read them once a second (the margin
@@ -210,6 +239,7 @@ impl Watcher {
         }
         self.tight = p.budget < TIGHT_BUDGET;
         self.warn(&p, st.total, st.available);
+        samples.iter().any(|s| s.layer)
     }
 
     /// Start `e2fsck -fy` on images that reported errors and are no longer
