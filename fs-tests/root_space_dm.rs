@@ -84,7 +84,8 @@ fn drop_caches(ms: &[&thinfs::engine::Mounted]) {
 }
 
 fn wait_state(e: &Engine, want: &[&str]) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // Generous: the deadline only ends a hang (TCG on a loaded host).
+    let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let s = e.pool_info().unwrap().space.state.to_string();
         if want.contains(&s.as_str()) || Instant::now() > deadline {
