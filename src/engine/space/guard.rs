@@ -196,10 +196,18 @@ impl Watcher {
                     Ok(()) => t.written_resv = Some(want),
                     // Unmounted since the sample (a container that just
                     // ended): nothing left to guard, nothing to warn of.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => log::debug!(
-                        "space guard: {} went away before its reserve was set",
-                        t.sysfs.display()
-                    ),
+                    // ENOENT if the directory went before the open, ENODEV
+                    // if it went between the open and the write (sysfs
+                    // neither waits for nor retries a removed attribute).
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::NotFound
+                            || e.raw_os_error() == Some(libc::ENODEV) =>
+                    {
+                        log::debug!(
+                            "space guard: {} went away before its reserve was set",
+                            t.sysfs.display()
+                        )
+                    }
                     Err(e) => log::warn!(
                         "space guard: cannot set {}/reserved_clusters to {want}: {e}",
                         t.sysfs.display()

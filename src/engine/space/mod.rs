@@ -19,10 +19,11 @@
 //!
 //! Nothing here asks the kernel for a superblock by device number
 //! (ustat(2), which the guard used before: the 6.1 kernel's lookup
-//! rescans its superblock list while a superblock of that device is set up
-//! or torn down, and a guest locked up with this thread on a CPU while
-//! containerd mounted and unmounted its views). Every call the guard makes
-//! goes through a descriptor or a path of a live mount, or sysfs.
+//! rescans its superblock list when it meets a superblock of that device
+//! being set up or torn down; it was the suspect, not confirmed, when a dm
+//! guest locked up with this thread on a CPU while containerd mounted and
+//! unmounted its views). Every call the guard makes goes through a
+//! descriptor or a path of a live mount, or sysfs.
 //!
 //! It owns that sysfs knob, the pool's ok/low/full state, the log
 //! warnings at 80 %, 90 % and full, and the repair of an image whose ext4
