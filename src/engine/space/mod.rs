@@ -195,10 +195,12 @@ fn ext4_geometry(dev: &Path) -> Option<(u64, u64)> {
 
 /// Where containerd's writable devices are mounted: for each device
 /// number, paths of its mounts as `/proc/PID/root/MOUNTPOINT`, read from
-/// the mount table of one process per mount namespace. A path is checked
-/// at every use (it must still be a mount of that device); the tables are
-/// read again only when a mounted device has no working path, at most
-/// every [`RESCAN`].
+/// the mount table of one root process per mount namespace (containerd,
+/// its shims and runc's containers run as root; a user's namespace, where
+/// a path could lead through the user's own FUSE mount and stall the
+/// guard, is never walked). A path is checked at every use (it must still
+/// be a mount of that device); the tables are read again only when a
+/// mounted device has no working path, at most every [`RESCAN`].
 #[derive(Debug, Default)]
 pub(super) struct LayerMounts {
     paths: HashMap<u64, Vec<PathBuf>>,
@@ -247,6 +249,9 @@ impl LayerMounts {
             else {
                 continue;
             };
+            if !runs_as_root(pid) {
+                continue;
+            }
             let Ok(ns) = std::fs::read_link(format!("/proc/{pid}/ns/mnt")) else {
                 continue;
             };
@@ -270,6 +275,19 @@ impl LayerMounts {
             }
         }
     }
+}
+
+/// Are process `pid`'s real and effective uids 0 (`/proc/PID/status`;
+/// the owner of `/proc/PID` is root for any non-dumpable process)?
+fn runs_as_root(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|st| {
+            let l = st.lines().find(|l| l.starts_with("Uid:"))?;
+            let mut ids = l.split_whitespace().skip(1);
+            Some(ids.next()? == "0" && ids.next()? == "0")
+        })
+        .unwrap_or(false)
 }
 
 /// The device number and mount point of one `/proc/PID/mountinfo` line
@@ -607,13 +625,28 @@ mod tests {
     #[test]
     fn layer_mounts_find_a_mount_by_device_and_forget_it() {
         // /proc is mounted in this process's namespace: found through
-        // /proc/PID/root, read with statvfs, dropped when not wanted.
+        // /proc/PID/root of a root process, read with statvfs, dropped
+        // when not wanted. (Not as a user: root's tables are not theirs.)
         let dev = std::fs::metadata("/proc").unwrap().dev();
         let mut lm = LayerMounts::default();
         lm.refresh(&[dev]);
-        assert!(lm.free_blocks(dev).is_some(), "{lm:?}");
+        assert_eq!(lm.free_blocks(dev).is_some(), euid_is_root(), "{lm:?}");
         lm.refresh(&[]);
         assert_eq!(lm.free_blocks(dev), None);
+    }
+
+    #[test]
+    fn only_root_processes_mount_tables_are_read() {
+        // pid 1 runs as root; this process does when the tests run as root.
+        assert!(runs_as_root("1"));
+        let me = std::process::id().to_string();
+        assert_eq!(runs_as_root(&me), euid_is_root());
+        assert!(!runs_as_root("not-a-pid"));
+    }
+
+    /// Whether this process runs as root, from /proc (no libc call).
+    fn euid_is_root() -> bool {
+        std::fs::metadata("/proc/self/status").is_ok_and(|m| m.uid() == 0)
     }
 
     #[test]
