@@ -191,6 +191,17 @@ fn root_space_guard_keeps_sampling_while_layers_mount_and_unmount() {
         std::thread::sleep(Duration::from_millis(20));
     }
     drop(clean);
+    // A mount namespace's mounts go away after its last process: wait for
+    // the superblocks to be gone before the devices are removed.
+    for dev in [&a, &b] {
+        let name = std::fs::canonicalize(dev).unwrap();
+        let sysfs = Path::new("/sys/fs/ext4").join(name.file_name().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while sysfs.exists() {
+            assert!(Instant::now() < deadline, "{} still mounted", dev.display());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     drop(guard);
     layers.remove("churn-a").unwrap();
     layers.remove("churn-b").unwrap();
