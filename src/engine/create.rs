@@ -17,6 +17,19 @@ use std::collections::BTreeMap;
 /// Filesystem put in new images.
 pub const DEFAULT_FS: &str = "ext4";
 
+/// The smallest device an image may have.
+pub const MIN_DEVICE: u64 = 16 << 20;
+/// The largest device thinfs makes or accepts from a stream: the largest
+/// ext4 with 4 KiB blocks (2^48 blocks).
+pub const MAX_DEVICE: u64 = 1 << 60;
+
+/// Metadata an ext4 of `size` bytes holds at least, as mkfs.ext4 writes
+/// it: about 16 MiB per TiB (bitmaps, group descriptors, journal), and
+/// 4 MiB at least (measured: 57 MiB for 4T, 1 GiB for 64T).
+pub(super) fn ext4_metadata(size: u64) -> u64 {
+    (4 << 20) + size / 65536
+}
+
 /// A new device record as every creator writes it (create's intent,
 /// receive's and import's publish): `Ready`, made now, no parent, labels
 /// or error; the caller sets what differs.
@@ -97,10 +110,12 @@ impl Engine {
         e
     }
 
-    /// Create an empty image with an ext4 filesystem.
-    pub fn create_image(&self, name: &Name, size: Option<Bytes>) -> Result<DeviceRecord> {
-        let size = size.unwrap_or(self.config.default_image_size);
-        if size.0 < 16 << 20 {
+    /// Refuse the size of a new device that no image may have, or whose
+    /// ext4 metadata alone the pool could not hold above its reserve (the
+    /// one size rule of create, import and receive; the pool is thin, so
+    /// nothing else bounds a virtual size). `what` says what is refused.
+    pub(super) fn check_new_size(&self, size: Bytes, what: &str) -> Result<()> {
+        if size.0 < MIN_DEVICE {
             return Err(Error::InvalidSize {
                 input: size.human(),
                 why: "an image must be at least 16M",
@@ -112,23 +127,36 @@ impl Engine {
                 why: "an image size must be a multiple of 4 KiB",
             });
         }
-        if self.meta.image_id(name)?.is_some() {
-            return Err(Error::AlreadyExists(format!("image {name}")));
-        }
-        self.check_reserve(&format!("create image {name}"))?;
-        // mkfs.ext4 writes about 16 MiB of metadata per TiB of image, and
-        // 4 MiB at least (measured: 57 MiB for 4T, 1 GiB for 64T): that
-        // must fit above the reserve too.
-        let mkfs_meta = (4 << 20) + size.0 / 65536;
-        let st = self.backend.status()?;
-        if st.available < self.config.reserve.0.saturating_add(mkfs_meta) {
+        if size.0 > MAX_DEVICE {
             return Err(Error::NoSpace(format!(
-                "cannot create image {name}: mkfs of {size} writes about {} of metadata; the pool has {} free, and {} of reserve must stay",
-                Bytes(mkfs_meta).approx(),
+                "cannot {what}: a device of {} ({} bytes) is larger than the largest ext4, {} ({} bytes)",
+                size.approx(),
+                size.0,
+                Bytes(MAX_DEVICE).approx(),
+                MAX_DEVICE
+            )));
+        }
+        self.check_reserve(what)?;
+        let meta = ext4_metadata(size.0);
+        let st = self.backend.status()?;
+        if st.available < self.config.reserve.0.saturating_add(meta) {
+            return Err(Error::NoSpace(format!(
+                "cannot {what}: mkfs of {size} writes about {} of metadata, which an ext4 of that size holds; the pool has {} free, and {} of reserve must stay",
+                Bytes(meta).approx(),
                 Bytes(st.available).approx(),
                 self.config.reserve
             )));
         }
+        Ok(())
+    }
+
+    /// Create an empty image with an ext4 filesystem.
+    pub fn create_image(&self, name: &Name, size: Option<Bytes>) -> Result<DeviceRecord> {
+        let size = size.unwrap_or(self.config.default_image_size);
+        if self.meta.image_id(name)?.is_some() {
+            return Err(Error::AlreadyExists(format!("image {name}")));
+        }
+        self.check_new_size(size, &format!("create image {name}"))?;
         let rec = self.intent(name, DeviceKind::Image, None, size)?;
         failpoint("create.intent");
         let made = self.backend.create(rec.dev, size).and_then(|_| {

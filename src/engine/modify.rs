@@ -19,6 +19,19 @@ impl Engine {
     /// released).
     pub fn rename(&self, target: &Target, new: &Name) -> Result<()> {
         let rec = self.resolve(target)?;
+        // An image the daemon made under a name no request can give (a
+        // restore) is published by this rename: its snapshots' names came
+        // from outside and must be names a request could give.
+        if rec.kind == DeviceKind::Image
+            && rec.name.as_str().starts_with('-')
+            && !new.as_str().starts_with('-')
+        {
+            for s in self.snapshots_of(rec.id)? {
+                Name::fresh(s.name.as_str()).map_err(|e| {
+                    Error::BadStream(format!("snapshot name of {}: {e}", target.image))
+                })?;
+            }
+        }
         let before = super::DeviceEntry::from(&rec);
         {
             let lock = self.lock_of(rec.id);
