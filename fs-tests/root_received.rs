@@ -407,3 +407,35 @@ fn root_received_into_a_full_pool_stops_with_enospc() {
     assert!(m.contains("nothing was received"), "{m}");
     refused(&e, &before, used0, "full pool");
 }
+
+#[test]
+fn root_received_containerd_mounts_carry_the_errors_option() {
+    use std::collections::BTreeMap;
+    use thinfs::engine::containerd::Layers;
+    let s = Scratch::new("ctd-errors");
+    let layers = Layers::new(std::sync::Arc::new(open(s.path())));
+    let active = layers
+        .prepare("ns/1/active", "", BTreeMap::new(), false)
+        .unwrap();
+    assert_eq!(active.options, ["errors=remount-ro"]);
+    assert_eq!(layers.mounts("ns/1/active").unwrap(), active);
+    layers
+        .commit("ns/1/layer", "ns/1/active", BTreeMap::new())
+        .unwrap();
+    let view = layers
+        .prepare("ns/1/view", "ns/1/layer", BTreeMap::new(), true)
+        .unwrap();
+    assert_eq!(view.options, ["ro", "errors=remount-ro"]);
+    // The kernel takes them as containerd passes them (mount(2) data).
+    let dir = s.path().join("mnt");
+    std::fs::create_dir(&dir).unwrap();
+    run(Command::new("mount")
+        .args(["-t", &view.fs, "-o", &view.options.join(",")])
+        .arg(&view.source)
+        .arg(&dir));
+    let opts = ext4_options(&view.source);
+    run(Command::new("umount").arg(&dir));
+    assert_eq!(errors_option(&opts), Some("errors=remount-ro"), "{opts}");
+    layers.remove("ns/1/view").unwrap();
+    layers.remove("ns/1/layer").unwrap();
+}
