@@ -254,6 +254,25 @@ fn caller() -> thinfs::service::Caller {
     }
 }
 
+/// Copy backup file `from` to `to` with its index changed by `edit` (and
+/// the trailer's length and hash made to match), as a forger would.
+fn rewrite_index(from: &Path, to: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let data = std::fs::read(from).unwrap();
+    let end = b"THINFS-BACKUP-END\n".len();
+    let tail = 8 + 32 + end;
+    let ilen = u64::from_le_bytes(data[data.len() - tail..][..8].try_into().unwrap()) as usize;
+    let at = data.len() - tail - ilen;
+    let mut idx: serde_json::Value = serde_json::from_slice(&data[at..at + ilen]).unwrap();
+    edit(&mut idx);
+    let json = serde_json::to_vec(&idx).unwrap();
+    let mut out = data[..at].to_vec();
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(blake3::hash(&json).as_bytes());
+    out.extend_from_slice(&data[data.len() - end..]);
+    std::fs::write(to, out).unwrap();
+}
+
 #[test]
 fn root_received_backup_names_follow_the_new_name_rules() {
     use thinfs::service::{BackupRequest, Job, RestoreRequest, Service};
@@ -316,6 +335,28 @@ fn root_received_backup_names_follow_the_new_name_rules() {
         &Job::new(),
     )
     .unwrap();
+    // Labels of the index pass the rules of a label request: a backup
+    // file whose index was rewritten (its trailer hash too) with a label
+    // key holding '=' is refused, and leaves nothing.
+    let bad_path = sa.path().join("bad-label.backup");
+    rewrite_index(&path, &bad_path, |idx| {
+        idx["labels"]["k=v"] = serde_json::json!("x");
+    });
+    let (before, used0) = (pool_state(b.engine()), used(b.engine()));
+    let req = RestoreRequest {
+        name: Some("labelled".into()),
+    };
+    let err = b
+        .restore(
+            &caller(),
+            &req,
+            std::fs::File::open(&bad_path).unwrap(),
+            &Job::new(),
+        )
+        .unwrap_err();
+    assert_eq!(err.errno(), libc::EINVAL, "{err}");
+    assert!(err.to_string().contains("bad label key"), "{err}");
+    refused(b.engine(), &before, used0, "label key");
     let req = RestoreRequest {
         name: Some("copy".into()),
     };

@@ -13,6 +13,9 @@ use crate::meta::{DeviceKind, DeviceState};
 use crate::sys::tools::Tool;
 use crate::types::{Bytes, Name};
 
+/// The longest label value (containerd's own limit).
+pub const MAX_LABEL_VALUE: usize = 4096;
+
 impl Engine {
     /// Rename an image, or a snapshot within its image.
     /// The layers above are told to forget the old name (after the lock is
@@ -282,8 +285,25 @@ impl Engine {
         )
     }
 
-    /// Set (`Some`) or remove (`None`) a label.
+    /// Set (`Some`) or remove (`None`) a label. The key is 1-255 bytes
+    /// without `=` or NUL, a value at most [`MAX_LABEL_VALUE`] bytes
+    /// without NUL, whoever sets it (a request, or a restore from a backup
+    /// file's index).
     pub fn set_label(&self, target: &Target, key: &str, value: Option<&str>) -> Result<()> {
+        if key.is_empty() || key.len() > 255 || key.contains('=') || key.contains('\0') {
+            return Err(Error::Invalid(format!(
+                "bad label key {:?} (1-255 bytes, no '=' or NUL)",
+                crate::types::cut(key, crate::types::MAX_SHOWN)
+            )));
+        }
+        if let Some(v) = value
+            && (v.len() > MAX_LABEL_VALUE || v.contains('\0'))
+        {
+            return Err(Error::Invalid(format!(
+                "bad value of label {key:?}: {} bytes (at most {MAX_LABEL_VALUE}, no NUL)",
+                v.len()
+            )));
+        }
         let rec = self.resolve(target)?;
         let lock = self.lock_of(rec.id);
         let _g = lock.lock();
