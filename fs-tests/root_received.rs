@@ -145,10 +145,7 @@ fn root_received_panic_ext4_is_mounted_errors_remount_ro() {
     // option, never the superblock's.
     for id in [r.image.id, r.snapshot.id] {
         let m = e.mount(id).unwrap();
-        assert_eq!(
-            read_file(m.root(), "hello").unwrap(),
-            b"hello from outside"
-        );
+        assert_eq!(read_file(m.root(), "hello").unwrap(), b"hello from outside");
         let opts = ext4_options(m.device().path());
         assert_eq!(
             errors_option(&opts),
@@ -220,7 +217,13 @@ fn root_received_names_follow_the_new_name_rules() {
     let e = open(s.path());
     let good = ext4_file(s.path(), "good", false);
     let (before, used0) = (pool_state(&e), used(&e));
-    for bad in ["-thinfs-backup-head-1", "-x", "red\x1b[31m", "two\nlines", "c1\u{9b}"] {
+    for bad in [
+        "-thinfs-backup-head-1",
+        "-x",
+        "red\x1b[31m",
+        "two\nlines",
+        "c1\u{9b}",
+    ] {
         let err = receive(&e, "img", false, &stream_of(&good, bad, None, None)).unwrap_err();
         let m = err.to_string();
         assert_eq!(err.errno(), libc::EBADMSG, "{bad:?}: {m}");
@@ -238,7 +241,12 @@ fn root_received_names_follow_the_new_name_rules() {
         &e,
         "img",
         false,
-        &stream_of(&good, "-thinfs-backup-head-2", r.snapshot.identity, Some(&[][..])),
+        &stream_of(
+            &good,
+            "-thinfs-backup-head-2",
+            r.snapshot.identity,
+            Some(&[][..]),
+        ),
     )
     .unwrap_err();
     assert_eq!(err.errno(), libc::EBADMSG, "{err}");
@@ -285,7 +293,10 @@ fn root_received_backup_names_follow_the_new_name_rules() {
         .unwrap();
     // Names an older version (or a hand-made backup) may carry: the
     // engine takes them from its caller; a request could not make them.
-    for (i, bad) in ["-thinfs-backup-head-7", "esc\x1b]0;x\x07"].iter().enumerate() {
+    for (i, bad) in ["-thinfs-backup-head-7", "esc\x1b]0;x\x07"]
+        .iter()
+        .enumerate()
+    {
         let snap = a
             .engine()
             .snapshot(img.id, &Name::new(bad).unwrap())

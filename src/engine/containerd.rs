@@ -621,3 +621,15 @@ impl Engine {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::layer_options;
+
+    #[test]
+    fn layer_mounts_take_thinfs_errors_option() {
+        assert_eq!(layer_options("ext4", false), ["errors=remount-ro"]);
+        assert_eq!(layer_options("ext4", true), ["ro", "errors=remount-ro"]);
+        assert_eq!(layer_options("xfs", true), ["ro"]);
+    }
+}

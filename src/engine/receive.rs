@@ -572,3 +572,57 @@ fn zero_range(f: &std::fs::File, offset: u64, len: u64) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(s: &str) -> Name {
+        Name::new(s).unwrap()
+    }
+
+    #[test]
+    fn arriving_names_follow_the_new_name_rules() {
+        assert_eq!(arriving_name(&name("img"), "s1").unwrap().as_str(), "s1");
+        for bad in [
+            "-x",
+            "-thinfs-backup-head-1",
+            "a\x1bb",
+            "a\nb",
+            "c1\u{9b}",
+            ".x",
+            "a@b",
+        ] {
+            let e = arriving_name(&name("img"), bad).unwrap_err();
+            assert_eq!(e.errno(), libc::EBADMSG, "{bad:?}");
+            assert!(!e.to_string().chars().any(char::is_control), "{e}");
+        }
+        // A restore's own image takes a backup's head carrier, nothing else
+        // with a leading '-'.
+        let restore = name("-thinfs-restore-1-0");
+        assert!(arriving_name(&restore, "-thinfs-backup-head-42").is_ok());
+        for bad in [
+            "-thinfs-backup-head-",
+            "-thinfs-backup-head-4x",
+            "-y",
+            "a\x07",
+        ] {
+            assert!(arriving_name(&restore, bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn e2fsck_findings_skip_the_banner_and_escape() {
+        use std::os::unix::process::ExitStatusExt;
+        let out = std::process::Output {
+            status: std::process::ExitStatus::from_raw(4 << 8),
+            stdout: b"Pass 1: Checking inodes\nPass 2: Checking directory structure\nDirectory inode 12, block #0, offset 0: directory corrupted\nSalvage? no\n\x1b[31m\n".to_vec(),
+            stderr: b"e2fsck 1.47.0 (5-Feb-2023)\n".to_vec(),
+        };
+        let f = e2fsck_findings(&out);
+        assert_eq!(
+            f,
+            "Directory inode 12, block #0, offset 0: directory corrupted / Salvage? no / \\x1b[31m"
+        );
+    }
+}

@@ -199,7 +199,9 @@ impl Service {
             })
             // The pool filled up between two checks (another writer): the
             // image's writes failed with EIO.
-            .map_err(|e| nothing_imported(engine.full_pool_error(&format!("import of {name}"), e)))?;
+            .map_err(|e| {
+                nothing_imported(engine.full_pool_error(&format!("import of {name}"), e))
+            })?;
         Ok(ImportSummary {
             name: made.image.name.to_string(),
             snapshot: format!("{}@{}", made.image.name, made.snapshot.name),
