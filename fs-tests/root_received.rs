@@ -491,3 +491,77 @@ fn root_received_containerd_mounts_carry_the_errors_option() {
     layers.remove("ns/1/view").unwrap();
     layers.remove("ns/1/layer").unwrap();
 }
+
+#[test]
+fn root_received_temporaries_carry_a_mark_no_one_else_can_set() {
+    use thinfs::engine::{TEMPORARY_LABEL, is_temporary};
+    use thinfs::service::{BackupRequest, Job, RestoreRequest, Service};
+    let (sa, sb) = (Scratch::new("tmp-mark-a"), Scratch::new("tmp-mark-b"));
+    let a = Service::new(std::sync::Arc::new(open(sa.path())), None);
+    let b = Service::new(std::sync::Arc::new(open(sb.path())), None);
+    let e = a.engine();
+    let img = e.create_image(&n("src"), Some(Bytes(64 << 20))).unwrap();
+    // The daemon's own temporary snapshot: marked when it is made.
+    let t = e
+        .snapshot_temporary(img.id, &n("carrier"), "backup-head")
+        .unwrap();
+    assert!(is_temporary(&t, "backup-head"));
+    assert!(is_temporary(&snap(e, "src@carrier"), "backup-head"));
+    assert!(!is_temporary(&snap(e, "src@carrier"), "restore"));
+    e.destroy_id(t.id).unwrap();
+    // A user's snapshot cannot be given the mark.
+    e.snapshot(img.id, &n("mine")).unwrap();
+    let err = e
+        .set_label(
+            &Target::parse("src@mine").unwrap(),
+            TEMPORARY_LABEL,
+            Some("backup-head"),
+        )
+        .unwrap_err();
+    assert_eq!(err.errno(), libc::EINVAL, "{err}");
+    assert!(!is_temporary(&snap(e, "src@mine"), "backup-head"));
+    // An image received under a daemon's name (a restore) is marked until
+    // the rename that publishes it.
+    let good = ext4_file(sa.path(), "good", false);
+    let stream = stream_of(&good, "s1", None, None);
+    receive(b.engine(), "-thinfs-restore-1-0", false, &stream).unwrap();
+    assert!(is_temporary(
+        &snap(b.engine(), "-thinfs-restore-1-0"),
+        "restore"
+    ));
+    b.engine()
+        .rename(&Target::parse("-thinfs-restore-1-0").unwrap(), &n("done"))
+        .unwrap();
+    assert!(!is_temporary(&snap(b.engine(), "done"), "restore"));
+    // A backup whose index carries the mark is refused, and leaves nothing.
+    let path = sa.path().join("b.backup");
+    let req = BackupRequest {
+        name: "src".into(),
+        snapshots: true,
+    };
+    a.backup(
+        &caller(),
+        &req,
+        std::fs::File::create(&path).unwrap(),
+        &Job::new(),
+    )
+    .unwrap();
+    let forged = sa.path().join("forged.backup");
+    rewrite_index(&path, &forged, |idx| {
+        idx["labels"][TEMPORARY_LABEL] = serde_json::json!("restore");
+    });
+    let (before, used0) = (pool_state(b.engine()), used(b.engine()));
+    let req = RestoreRequest {
+        name: Some("copy".into()),
+    };
+    let err = b
+        .restore(
+            &caller(),
+            &req,
+            std::fs::File::open(&forged).unwrap(),
+            &Job::new(),
+        )
+        .unwrap_err();
+    assert_eq!(err.errno(), libc::EINVAL, "{err}");
+    refused(b.engine(), &before, used0, "forged mark");
+}

@@ -17,6 +17,15 @@ use std::collections::BTreeMap;
 /// Filesystem put in new images.
 pub const DEFAULT_FS: &str = "ext4";
 
+/// The label the daemon marks its own temporary devices with (see
+/// [`Engine::snapshot_temporary`]); its value says which kind.
+pub const TEMPORARY_LABEL: &str = "thinfs.temporary";
+
+/// Is `rec` a temporary of kind `what` that a daemon made itself?
+pub fn is_temporary(rec: &DeviceRecord, what: &str) -> bool {
+    rec.labels.get(TEMPORARY_LABEL).map(String::as_str) == Some(what)
+}
+
 /// The smallest device an image may have.
 pub const MIN_DEVICE: u64 = 16 << 20;
 /// The largest device thinfs makes or accepts from a stream: the largest
@@ -194,6 +203,30 @@ impl Engine {
     /// Take a consistent snapshot `snap` of image `image`: the image's
     /// filesystem (if mounted) is flushed and frozen for the clone.
     pub fn snapshot(&self, image: DeviceId, snap: &Name) -> Result<DeviceRecord> {
+        self.snapshot_with(image, snap, None)
+    }
+
+    /// A snapshot the daemon takes for its own use (a backup's head
+    /// carrier, an export's source): marked with [`TEMPORARY_LABEL`] =
+    /// `what` in the transaction that makes it ready, a mark no request
+    /// and no restore can set ([`Engine::set_label`] refuses the key), so
+    /// that a sweep at start takes only what a daemon made
+    /// ([`is_temporary`]).
+    pub fn snapshot_temporary(
+        &self,
+        image: DeviceId,
+        snap: &Name,
+        what: &str,
+    ) -> Result<DeviceRecord> {
+        self.snapshot_with(image, snap, Some(what))
+    }
+
+    fn snapshot_with(
+        &self,
+        image: DeviceId,
+        snap: &Name,
+        temporary: Option<&str>,
+    ) -> Result<DeviceRecord> {
         let lock = self.lock_of(image);
         let _g = lock.lock();
         let img = self.ready(image)?;
@@ -226,6 +259,11 @@ impl Engine {
             Err(e) => return Err(self.undo(&rec, e)),
         };
         failpoint("snapshot.backend");
+        let mut rec = rec;
+        if let Some(what) = temporary {
+            rec.labels
+                .insert(TEMPORARY_LABEL.to_string(), what.to_string());
+        }
         let rec = self.finish(rec)?;
         failpoint("snapshot.done");
         log::info!(

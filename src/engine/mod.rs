@@ -22,6 +22,7 @@ mod send;
 pub mod space;
 mod unchanged;
 
+pub use create::{TEMPORARY_LABEL, is_temporary};
 pub use import::Imported;
 pub use inspect::{DeviceInfo, PoolInfo};
 pub use mounts::{Mounted, OFFLINE_WAIT, OpenToken};

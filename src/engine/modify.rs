@@ -44,6 +44,11 @@ impl Engine {
                 return Ok(());
             }
             let old = self.log_name(&rec);
+            // Published under a name a request could give: no longer the
+            // daemon's temporary (a restore's image, see `receive.rs`).
+            if rec.name.as_str().starts_with('-') && !new.as_str().starts_with('-') {
+                rec.labels.remove(super::TEMPORARY_LABEL);
+            }
             rec.name = new.clone();
             self.meta.txn(|t| t.put(&rec)).map_err(|e| match e {
                 Error::AlreadyExists(_) => {
@@ -294,6 +299,11 @@ impl Engine {
             return Err(Error::Invalid(format!(
                 "bad label key {:?} (1-255 bytes, no '=' or NUL)",
                 crate::types::cut(key, crate::types::MAX_SHOWN)
+            )));
+        }
+        if key == super::TEMPORARY_LABEL {
+            return Err(Error::Invalid(format!(
+                "bad label key {key:?}: the daemon's own mark of its temporaries"
             )));
         }
         if let Some(v) = value

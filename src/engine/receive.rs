@@ -333,7 +333,7 @@ impl Engine {
         let image = match &plan.image {
             None => {
                 snap.seq = self.meta.pool()?.map(|p| p.transaction_id + 1).unwrap_or(0);
-                let img = DeviceRecord {
+                let mut img = DeviceRecord {
                     id: head_dev,
                     dev: head_dev,
                     name: name.clone(),
@@ -341,6 +341,12 @@ impl Engine {
                     identity: None,
                     ..snap.clone()
                 };
+                // An image the daemon makes under a name no request can
+                // give (a restore) is its temporary until renamed.
+                if name.as_str().starts_with('-') {
+                    img.labels
+                        .insert(super::TEMPORARY_LABEL.to_string(), "restore".to_string());
+                }
                 snap.parent = Some(img.id);
                 self.meta.txn(|t| {
                     t.receiving_done(snap_dev)?;
