@@ -565,3 +565,35 @@ fn root_received_temporaries_carry_a_mark_no_one_else_can_set() {
     assert_eq!(err.errno(), libc::EINVAL, "{err}");
     refused(b.engine(), &before, used0, "forged mark");
 }
+
+#[test]
+fn root_received_snapshot_with_open_deleted_files_passes_the_check() {
+    // A snapshot taken while files were open but deleted carries them on
+    // ext4's orphan list: e2fsck -fn must not take that for damage.
+    let (sa, sb) = (Scratch::new("orphan-a"), Scratch::new("orphan-b"));
+    let (a, b) = (open(sa.path()), open(sb.path()));
+    let img = a.create_image(&n("src"), Some(Bytes(64 << 20))).unwrap();
+    let m = a.mount(img.id).unwrap();
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let name = format!("gone{i}");
+        write_file(m.root(), &name, &pattern(1 << 20, i));
+        let p = proc_path(m.root()).join(&name);
+        held.push(std::fs::File::open(&p).unwrap());
+        std::fs::remove_file(&p).unwrap();
+    }
+    write_file(m.root(), "kept", b"kept");
+    a.snapshot(img.id, &n("s1")).unwrap();
+    let full = send(&a, "src@s1", None);
+    receive(&b, "copy", false, &full).unwrap();
+    // And an incremental with more of them.
+    write_file(m.root(), "gone9", &pattern(1 << 20, 9));
+    let p = proc_path(m.root()).join("gone9");
+    held.push(std::fs::File::open(&p).unwrap());
+    std::fs::remove_file(&p).unwrap();
+    a.snapshot(img.id, &n("s2")).unwrap();
+    let inc = send(&a, "src@s2", Some("src@s1"));
+    receive(&b, "copy", false, &inc).unwrap();
+    drop(held);
+    assert_same_tree(&a, "src@s2", &b, "copy@s2");
+}
