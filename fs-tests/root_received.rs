@@ -93,8 +93,14 @@ fn header(name: &str, base: Option<Identity>, size: u64) -> StreamHeader {
 /// A stream of the blocks `blocks` (all non-zero ones if None) of the
 /// device image `img`, as snapshot `name` (incremental from `base`).
 fn stream_of(img: &Path, name: &str, base: Option<Identity>, blocks: Option<&[u64]>) -> Vec<u8> {
+    let size = std::fs::metadata(img).unwrap().len();
+    stream_with(img, header(name, base, size), blocks)
+}
+
+/// The same with header `h`.
+fn stream_with(img: &Path, h: StreamHeader, blocks: Option<&[u64]>) -> Vec<u8> {
     let data = std::fs::read(img).unwrap();
-    let mut e = Encoder::new(Vec::new(), header(name, base, data.len() as u64)).unwrap();
+    let mut e = Encoder::new(Vec::new(), h).unwrap();
     for (i, b) in data.chunks(BLOCK).enumerate() {
         let keep = match blocks {
             Some(list) => list.contains(&(i as u64)),
@@ -198,6 +204,40 @@ fn root_received_damaged_ext4_is_refused_and_leaves_nothing() {
     check(err, "full, -s");
     assert!(e.partial_receives().unwrap().is_empty());
     refused(&e, &before, used0, "full, -s");
+
+    // A resumed receive (`receive -s`, cut, then `send -t`): refused
+    // when complete, and its partial receive goes too.
+    let h = header("s1", None, FS_SIZE);
+    let stream = stream_with(&bad, h.clone(), None);
+    let mut cut: &[u8] = &stream[..stream.len() / 2];
+    e.receive_stream_with(&n("bad"), false, true, &mut cut, &Quiet)
+        .unwrap_err();
+    let p = e.partial_receives().unwrap();
+    assert_eq!(p.len(), 1, "the cut -s receive keeps its partial state");
+    let resumed = StreamHeader {
+        flags: thinfs::stream::FLAG_RESUME,
+        resume: Some(thinfs::stream::Resume {
+            offset: p[0].received,
+            token: p[0].receive_resume_token.clone(),
+        }),
+        ..h
+    };
+    let blocks: Vec<u64> = {
+        let data = std::fs::read(&bad).unwrap();
+        data.chunks(BLOCK)
+            .enumerate()
+            .filter(|(i, b)| (*i * BLOCK) as u64 >= p[0].received && b.iter().any(|&x| x != 0))
+            .map(|(i, _)| i as u64)
+            .collect()
+    };
+    let rest = stream_with(&bad, resumed, Some(&blocks));
+    let mut input: &[u8] = &rest;
+    let err = e
+        .receive_stream(&n("bad"), false, &mut input, &Quiet)
+        .unwrap_err();
+    check(err, "resumed");
+    assert!(e.partial_receives().unwrap().is_empty());
+    refused(&e, &before, used0, "resumed");
 
     // An incremental stream onto a good image: only the damaged block.
     let r = receive(&e, "img", false, &stream_of(&good, "s1", None, None)).unwrap();
