@@ -637,3 +637,67 @@ fn root_received_snapshot_with_open_deleted_files_passes_the_check() {
     drop(held);
     assert_same_tree(&a, "src@s2", &b, "copy@s2");
 }
+
+#[test]
+fn root_received_restore_into_a_full_pool_stops_with_enospc() {
+    use std::io::Write;
+    use thinfs::service::{BackupRequest, Job, RestoreRequest, Service};
+    let (sa, sb) = (
+        Scratch::new("restore-full-a"),
+        Scratch::new("restore-full-b"),
+    );
+    let a = Service::new(std::sync::Arc::new(open(sa.path())), None);
+    let mut o = opts(sb.path());
+    o.pool_size = Bytes(512 << 20);
+    o.reserve = Some(Bytes(16 << 20));
+    let b = Service::new(
+        std::sync::Arc::new(Engine::open_pool(&o).expect("open a 512M pool")),
+        None,
+    );
+    let free = b.engine().backend().status().unwrap().available;
+    // An image holding more data than the small pool has free.
+    let img = a
+        .engine()
+        .create_image(&n("src"), Some(Bytes(1 << 30)))
+        .unwrap();
+    {
+        let m = a.engine().mount(img.id).unwrap();
+        let mut f = std::fs::File::create(proc_path(m.root()).join("big")).unwrap();
+        let chunk = pattern(1 << 20, 5);
+        for _ in 0..(free >> 20) + 64 {
+            f.write_all(&chunk).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    let path = sa.path().join("big.backup");
+    let req = BackupRequest {
+        name: "src".into(),
+        snapshots: false,
+    };
+    a.backup(
+        &caller(),
+        &req,
+        std::fs::File::create(&path).unwrap(),
+        &Job::new(),
+    )
+    .unwrap();
+    let (before, used0) = (pool_state(b.engine()), used(b.engine()));
+    let req = RestoreRequest {
+        name: Some("copy".into()),
+    };
+    let err = b
+        .restore(
+            &caller(),
+            &req,
+            std::fs::File::open(&path).unwrap(),
+            &Job::new(),
+        )
+        .unwrap_err();
+    let m = err.to_string();
+    assert_eq!(err.errno(), libc::ENOSPC, "{m}");
+    assert!(
+        m.contains("the pool is full (") && m.contains(" free"),
+        "the message names the pool and what is free: {m}"
+    );
+    refused(b.engine(), &before, used0, "restore into a full pool");
+}
