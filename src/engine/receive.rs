@@ -52,9 +52,12 @@ pub const ROOM_EVERY: u64 = 32 << 20;
 
 /// Name prefix of the temporary snapshot a backup carries an image's head
 /// in (see `service::backup`): the one name with a leading `-` that a
-/// receive may bring, and only into an image the daemon itself is making
-/// (a restore: its name starts with `-`, which no request can give).
+/// receive may bring, and only into an image a restore is making
+/// ([`RESTORING`]).
 const HEAD_CARRIER: &str = "-thinfs-backup-head-";
+/// Name prefix of the image a restore makes (see `service::backup`): a
+/// leading `-`, which no request can give.
+const RESTORING: &str = "-thinfs-restore-";
 
 /// The name of a snapshot that arrives in a stream, checked as every new
 /// name is ([`Name::fresh`]: no control character, no leading `-`). The
@@ -63,7 +66,7 @@ pub(super) fn arriving_name(image: &Name, s: &str) -> Result<Name> {
     let carrier = s
         .strip_prefix(HEAD_CARRIER)
         .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-    let r = if carrier && image.as_str().starts_with('-') {
+    let r = if carrier && image.as_str().starts_with(RESTORING) {
         Name::new(s)
     } else {
         Name::fresh(s)
@@ -343,7 +346,7 @@ impl Engine {
                 };
                 // An image the daemon makes under a name no request can
                 // give (a restore) is its temporary until renamed.
-                if name.as_str().starts_with('-') {
+                if name.as_str().starts_with(RESTORING) {
                     img.labels
                         .insert(super::TEMPORARY_LABEL.to_string(), "restore".to_string());
                 }
@@ -630,6 +633,8 @@ mod tests {
         }
         // A restore's own image takes a backup's head carrier, nothing else
         // with a leading '-'.
+        // Not into another image with an odd name (an older version's).
+        assert!(arriving_name(&name("-old"), "-thinfs-backup-head-42").is_err());
         let restore = name("-thinfs-restore-1-0");
         assert!(arriving_name(&restore, "-thinfs-backup-head-42").is_ok());
         for bad in [
