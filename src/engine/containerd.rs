@@ -31,6 +31,7 @@ use super::{Engine, failpoint, now_secs};
 use crate::backend::ActiveDevice;
 use crate::error::{Error, Result};
 use crate::meta::{DeviceKind, DeviceRecord, DeviceState};
+use crate::sys::mount;
 use crate::types::{Bytes, ContainerdInfo, ContainerdKind, DeviceId, Name};
 use crate::types::{MAX_SHOWN, cut, escape};
 use parking_lot::{Condvar, Mutex, RwLock};
@@ -47,6 +48,22 @@ pub struct LayerMount {
     pub fs: String,
     /// Mount options (`ro` for a view).
     pub options: Vec<String>,
+}
+
+/// The options containerd mounts a device with: `ro` for a view, and for
+/// an ext4 thinfs's own `errors=` (see [`mount::EXT4_ERRORS`]), so that a
+/// layer's superblock cannot choose `errors=panic` for the host. No
+/// `nosuid,nodev`: a container's root file system must run its setuid
+/// programs, and containerd's runtime makes the container's `/dev`.
+pub fn layer_options(fs: &str, ro: bool) -> Vec<String> {
+    let mut o = Vec::new();
+    if ro {
+        o.push("ro".to_string());
+    }
+    if fs == "ext4" {
+        o.push(format!("errors={}", mount::EXT4_ERRORS));
+    }
+    o
 }
 
 /// One containerd snapshot as its front end shows it.
@@ -415,7 +432,7 @@ impl Layers {
         Ok(LayerMount {
             source,
             fs: rec.fs.clone(),
-            options: if ro { vec!["ro".into()] } else { Vec::new() },
+            options: layer_options(&rec.fs, ro),
         })
     }
 
@@ -602,5 +619,17 @@ impl Engine {
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::layer_options;
+
+    #[test]
+    fn layer_mounts_take_thinfs_errors_option() {
+        assert_eq!(layer_options("ext4", false), ["errors=remount-ro"]);
+        assert_eq!(layer_options("ext4", true), ["ro", "errors=remount-ro"]);
+        assert_eq!(layer_options("xfs", true), ["ro"]);
     }
 }

@@ -17,6 +17,28 @@ use std::collections::BTreeMap;
 /// Filesystem put in new images.
 pub const DEFAULT_FS: &str = "ext4";
 
+/// The label the daemon marks its own temporary devices with (see
+/// [`Engine::snapshot_temporary`]); its value says which kind.
+pub const TEMPORARY_LABEL: &str = "thinfs.temporary";
+
+/// Is `rec` a temporary of kind `what` that a daemon made itself?
+pub fn is_temporary(rec: &DeviceRecord, what: &str) -> bool {
+    rec.labels.get(TEMPORARY_LABEL).map(String::as_str) == Some(what)
+}
+
+/// The smallest device an image may have.
+pub const MIN_DEVICE: u64 = 16 << 20;
+/// The largest device thinfs makes or accepts from a stream: the largest
+/// ext4 with 4 KiB blocks (2^48 blocks).
+pub const MAX_DEVICE: u64 = 1 << 60;
+
+/// Metadata an ext4 of `size` bytes holds at least, as mkfs.ext4 writes
+/// it: about 16 MiB per TiB (bitmaps, group descriptors, journal), and
+/// 4 MiB at least (measured: 57 MiB for 4T, 1 GiB for 64T).
+pub(super) fn ext4_metadata(size: u64) -> u64 {
+    (4 << 20) + size / 65536
+}
+
 /// A new device record as every creator writes it (create's intent,
 /// receive's and import's publish): `Ready`, made now, no parent, labels
 /// or error; the caller sets what differs.
@@ -97,10 +119,12 @@ impl Engine {
         e
     }
 
-    /// Create an empty image with an ext4 filesystem.
-    pub fn create_image(&self, name: &Name, size: Option<Bytes>) -> Result<DeviceRecord> {
-        let size = size.unwrap_or(self.config.default_image_size);
-        if size.0 < 16 << 20 {
+    /// Refuse the size of a new device that no image may have, or whose
+    /// ext4 metadata alone the pool could not hold above its reserve (the
+    /// one size rule of create, import and receive; the pool is thin, so
+    /// nothing else bounds a virtual size). `what` says what is refused.
+    pub(super) fn check_new_size(&self, size: Bytes, what: &str) -> Result<()> {
+        if size.0 < MIN_DEVICE {
             return Err(Error::InvalidSize {
                 input: size.human(),
                 why: "an image must be at least 16M",
@@ -112,23 +136,36 @@ impl Engine {
                 why: "an image size must be a multiple of 4 KiB",
             });
         }
-        if self.meta.image_id(name)?.is_some() {
-            return Err(Error::AlreadyExists(format!("image {name}")));
-        }
-        self.check_reserve(&format!("create image {name}"))?;
-        // mkfs.ext4 writes about 16 MiB of metadata per TiB of image, and
-        // 4 MiB at least (measured: 57 MiB for 4T, 1 GiB for 64T): that
-        // must fit above the reserve too.
-        let mkfs_meta = (4 << 20) + size.0 / 65536;
-        let st = self.backend.status()?;
-        if st.available < self.config.reserve.0.saturating_add(mkfs_meta) {
+        if size.0 > MAX_DEVICE {
             return Err(Error::NoSpace(format!(
-                "cannot create image {name}: mkfs of {size} writes about {} of metadata; the pool has {} free, and {} of reserve must stay",
-                Bytes(mkfs_meta).approx(),
+                "cannot {what}: a device of {} ({} bytes) is larger than the largest ext4, {} ({} bytes)",
+                size.approx(),
+                size.0,
+                Bytes(MAX_DEVICE).approx(),
+                MAX_DEVICE
+            )));
+        }
+        self.check_reserve(what)?;
+        let meta = ext4_metadata(size.0);
+        let st = self.backend.status()?;
+        if st.available < self.config.reserve.0.saturating_add(meta) {
+            return Err(Error::NoSpace(format!(
+                "cannot {what}: mkfs of {size} writes about {} of metadata, which an ext4 of that size holds; the pool has {} free, and {} of reserve must stay",
+                Bytes(meta).approx(),
                 Bytes(st.available).approx(),
                 self.config.reserve
             )));
         }
+        Ok(())
+    }
+
+    /// Create an empty image with an ext4 filesystem.
+    pub fn create_image(&self, name: &Name, size: Option<Bytes>) -> Result<DeviceRecord> {
+        let size = size.unwrap_or(self.config.default_image_size);
+        if self.meta.image_id(name)?.is_some() {
+            return Err(Error::AlreadyExists(format!("image {name}")));
+        }
+        self.check_new_size(size, &format!("create image {name}"))?;
         let rec = self.intent(name, DeviceKind::Image, None, size)?;
         failpoint("create.intent");
         let made = self.backend.create(rec.dev, size).and_then(|_| {
@@ -166,6 +203,30 @@ impl Engine {
     /// Take a consistent snapshot `snap` of image `image`: the image's
     /// filesystem (if mounted) is flushed and frozen for the clone.
     pub fn snapshot(&self, image: DeviceId, snap: &Name) -> Result<DeviceRecord> {
+        self.snapshot_with(image, snap, None)
+    }
+
+    /// A snapshot the daemon takes for its own use (a backup's head
+    /// carrier, an export's source): marked with [`TEMPORARY_LABEL`] =
+    /// `what` in the transaction that makes it ready, a mark no request
+    /// and no restore can set ([`Engine::set_label`] refuses the key), so
+    /// that a sweep at start takes only what a daemon made
+    /// ([`is_temporary`]).
+    pub fn snapshot_temporary(
+        &self,
+        image: DeviceId,
+        snap: &Name,
+        what: &str,
+    ) -> Result<DeviceRecord> {
+        self.snapshot_with(image, snap, Some(what))
+    }
+
+    fn snapshot_with(
+        &self,
+        image: DeviceId,
+        snap: &Name,
+        temporary: Option<&str>,
+    ) -> Result<DeviceRecord> {
         let lock = self.lock_of(image);
         let _g = lock.lock();
         let img = self.ready(image)?;
@@ -198,6 +259,11 @@ impl Engine {
             Err(e) => return Err(self.undo(&rec, e)),
         };
         failpoint("snapshot.backend");
+        let mut rec = rec;
+        if let Some(what) = temporary {
+            rec.labels
+                .insert(TEMPORARY_LABEL.to_string(), what.to_string());
+        }
         let rec = self.finish(rec)?;
         failpoint("snapshot.done");
         log::info!(

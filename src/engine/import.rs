@@ -41,16 +41,10 @@ impl Engine {
         size: Bytes,
         fill: &mut dyn FnMut(BorrowedFd<'_>) -> Result<()>,
     ) -> Result<Imported> {
-        if size.0 < 16 << 20 || !size.0.is_multiple_of(4096) {
-            return Err(Error::InvalidSize {
-                input: size.human(),
-                why: "an image must be at least 16M and a multiple of 4 KiB",
-            });
-        }
         if self.meta.image_id(name)?.is_some() {
             return Err(Error::AlreadyExists(format!("image {name}")));
         }
-        self.check_reserve(&format!("import image {name}"))?;
+        self.check_new_size(size, &format!("import image {name}"))?;
         let mut hidden = Hidden::new(self);
         let dev = hidden.make(None, size)?;
         failpoint("import.hidden");

@@ -22,6 +22,7 @@ mod send;
 pub mod space;
 mod unchanged;
 
+pub use create::{TEMPORARY_LABEL, is_temporary};
 pub use import::Imported;
 pub use inspect::{DeviceInfo, PoolInfo};
 pub use mounts::{Mounted, OFFLINE_WAIT, OpenToken};
@@ -301,6 +302,43 @@ impl Engine {
             .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(v)
+    }
+
+    /// Whether the pool can take `step` more bytes of a writer the space
+    /// guard does not watch (an import's or a receive's hidden device,
+    /// reachable by no path) and still keep the guard's margin for the
+    /// images' writers; else ENOSPC naming the pool and what is free. The
+    /// caller syncs what it wrote first, so that it is counted.
+    pub fn pool_has_room(&self, what: &str, step: u64) -> Result<()> {
+        let st = self.backend.status()?;
+        let need = space::MARGIN.saturating_add(step.saturating_mul(2));
+        if st.available < need {
+            return Err(Error::NoSpace(format!(
+                "{what}: the pool is full ({}: {} free, {} kept for the images' writers)",
+                st.detail,
+                Bytes(st.available),
+                Bytes(space::MARGIN)
+            )));
+        }
+        Ok(())
+    }
+
+    /// `e` of a writer the guard does not watch, as ENOSPC naming the
+    /// pool when the pool is what ran out (another writer filled it
+    /// between two [`Engine::pool_has_room`] checks: the device's writes
+    /// failed with EIO); else `e` unchanged.
+    pub fn full_pool_error(&self, what: &str, e: Error) -> Error {
+        if matches!(e, Error::NoSpace(_)) {
+            return e;
+        }
+        match self.backend.status() {
+            Ok(st) if st.available < space::MARGIN => Error::NoSpace(format!(
+                "{what}: the pool is full ({}: {} free): {e}",
+                st.detail,
+                Bytes(st.available)
+            )),
+            _ => e,
+        }
     }
 
     /// Refuse new devices when the pool is below its reserve.

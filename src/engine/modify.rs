@@ -13,12 +13,28 @@ use crate::meta::{DeviceKind, DeviceState};
 use crate::sys::tools::Tool;
 use crate::types::{Bytes, Name};
 
+/// The longest label value (containerd's own limit).
+pub const MAX_LABEL_VALUE: usize = 4096;
+
 impl Engine {
     /// Rename an image, or a snapshot within its image.
     /// The layers above are told to forget the old name (after the lock is
     /// released).
     pub fn rename(&self, target: &Target, new: &Name) -> Result<()> {
         let rec = self.resolve(target)?;
+        // An image the daemon made under a name no request can give (a
+        // restore) is published by this rename: its snapshots' names came
+        // from outside and must be names a request could give.
+        if rec.kind == DeviceKind::Image
+            && rec.name.as_str().starts_with('-')
+            && !new.as_str().starts_with('-')
+        {
+            for s in self.snapshots_of(rec.id)? {
+                Name::fresh(s.name.as_str()).map_err(|e| {
+                    Error::BadStream(format!("snapshot name of {}: {e}", target.image))
+                })?;
+            }
+        }
         let before = super::DeviceEntry::from(&rec);
         {
             let lock = self.lock_of(rec.id);
@@ -28,6 +44,11 @@ impl Engine {
                 return Ok(());
             }
             let old = self.log_name(&rec);
+            // Published under a name a request could give: no longer the
+            // daemon's temporary (a restore's image, see `receive.rs`).
+            if rec.name.as_str().starts_with('-') && !new.as_str().starts_with('-') {
+                rec.labels.remove(super::TEMPORARY_LABEL);
+            }
             rec.name = new.clone();
             self.meta.txn(|t| t.put(&rec)).map_err(|e| match e {
                 Error::AlreadyExists(_) => {
@@ -269,8 +290,30 @@ impl Engine {
         )
     }
 
-    /// Set (`Some`) or remove (`None`) a label.
+    /// Set (`Some`) or remove (`None`) a label. The key is 1-255 bytes
+    /// without `=` or NUL, a value at most [`MAX_LABEL_VALUE`] bytes
+    /// without NUL, whoever sets it (a request, or a restore from a backup
+    /// file's index).
     pub fn set_label(&self, target: &Target, key: &str, value: Option<&str>) -> Result<()> {
+        if key.is_empty() || key.len() > 255 || key.contains('=') || key.contains('\0') {
+            return Err(Error::Invalid(format!(
+                "bad label key {:?} (1-255 bytes, no '=' or NUL)",
+                crate::types::cut(key, crate::types::MAX_SHOWN)
+            )));
+        }
+        if key == super::TEMPORARY_LABEL {
+            return Err(Error::Invalid(format!(
+                "bad label key {key:?}: the daemon's own mark of its temporaries"
+            )));
+        }
+        if let Some(v) = value
+            && (v.len() > MAX_LABEL_VALUE || v.contains('\0'))
+        {
+            return Err(Error::Invalid(format!(
+                "bad value of label {key:?}: {} bytes (at most {MAX_LABEL_VALUE}, no NUL)",
+                v.len()
+            )));
+        }
         let rec = self.resolve(target)?;
         let lock = self.lock_of(rec.id);
         let _g = lock.lock();

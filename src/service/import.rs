@@ -23,7 +23,7 @@
 use super::tario::JobReader;
 use super::untar::{SPACE_CHECK_EVERY, Unpacked, Unpacker};
 use super::{Caller, Job, Service};
-use crate::engine::{Engine, space};
+use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::sys::fsio;
 use crate::types::{Bytes, Name};
@@ -98,32 +98,26 @@ impl<R: Read> Read for Labeled<R> {
     }
 }
 
-/// The pool's free bytes and its description, if its status can be read.
-fn pool_room(engine: &Engine) -> Option<(u64, String)> {
-    engine
-        .backend()
-        .status()
-        .ok()
-        .map(|st| (st.available, st.detail))
-}
-
 /// Whether the pool can take [`SPACE_CHECK_EVERY`] more bytes of the
-/// import and still keep the space guard's margin for the other writers.
-/// The image's filesystem is synced first, so that what it wrote so far
-/// is allocated in the pool and counted.
+/// import and still keep the space guard's margin for the other writers
+/// ([`Engine::pool_has_room`], as receive does). The image's filesystem is
+/// synced first, so that what it wrote so far is allocated in the pool and
+/// counted.
 fn pool_has_room(engine: &Engine, root: BorrowedFd<'_>, name: &Name) -> Result<()> {
     fsio::syncfs(root).map_err(|e| Error::io("sync the imported filesystem", e))?;
-    let st = engine.backend().status()?;
-    let need = space::MARGIN + 2 * SPACE_CHECK_EVERY;
-    if st.available < need {
-        return Err(Error::NoSpace(format!(
-            "import of {name}: the pool is full ({}: {} free, {} kept for the images' writers); nothing was imported",
-            st.detail,
-            Bytes(st.available),
-            Bytes(space::MARGIN)
-        )));
+    engine
+        .pool_has_room(&format!("import of {name}"), SPACE_CHECK_EVERY)
+        .map_err(nothing_imported)
+}
+
+/// An error of an import about the pool, saying that nothing is left.
+fn nothing_imported(e: Error) -> Error {
+    match e {
+        Error::NoSpace(m) if !m.contains("nothing was imported") => {
+            Error::NoSpace(m + "; nothing was imported")
+        }
+        e => e,
     }
-    Ok(())
 }
 
 /// Compression of a stream, from its first bytes.
@@ -203,17 +197,10 @@ impl Service {
                     .unpack(input)?;
                 Ok(())
             })
-            .map_err(|e| match e {
-                // The pool filled up between two checks (another writer):
-                // the image's writes failed with EIO.
-                Error::NoSpace(_) => e,
-                e => match pool_room(engine) {
-                    Some((avail, detail)) if avail < space::MARGIN => Error::NoSpace(format!(
-                        "import of {name}: the pool is full ({detail}: {} free): {e}; nothing was imported",
-                        Bytes(avail)
-                    )),
-                    _ => e,
-                },
+            // The pool filled up between two checks (another writer): the
+            // image's writes failed with EIO.
+            .map_err(|e| {
+                nothing_imported(engine.full_pool_error(&format!("import of {name}"), e))
             })?;
         Ok(ImportSummary {
             name: made.image.name.to_string(),
