@@ -1,4 +1,5 @@
-//! Descriptor passing over unix sockets (SCM_RIGHTS), and the small
+//! Descriptor passing over unix sockets (SCM_RIGHTS), with a bound on
+//! what a receive installs, and the small
 //! descriptor checks a streaming front end needs: waiting until a peer
 //! hangs up or a descriptor is writable, and whether one is a terminal.
 
@@ -65,53 +66,83 @@ pub fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) 
     Ok(())
 }
 
-/// Receive into `buf`; descriptors that came with the bytes are appended
-/// to `fds` (close-on-exec). Returns the byte count (0: end of stream).
+/// What one [`recv_with_fds`] brought.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    /// Bytes read (0: end of stream).
+    pub bytes: usize,
+    /// Descriptors came that were not taken (more than `max`, or any
+    /// with `max` 0): the kernel closed them without installing them.
+    pub refused: bool,
+}
+
+/// Receive into `buf`, taking at most `max` descriptors that came with the
+/// bytes (appended to `fds`, close-on-exec). The control buffer has room
+/// for exactly `max` descriptors, so the kernel installs no more than that
+/// and closes the rest itself (MSG_CTRUNC); with `max` 0 there is no
+/// control buffer and none is installed. A sender can thus never make the
+/// receiver hold more than `max` descriptors per call.
 pub fn recv_with_fds(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
-) -> io::Result<usize> {
+    max: usize,
+) -> io::Result<Received> {
+    let max = max.min(MAX_FDS);
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
     };
+    // u64 keeps the control buffer aligned for cmsghdr.
     let mut cbuf = vec![0u64; cmsg_space().div_ceil(8)];
     // SAFETY: a zeroed msghdr is valid; fields are set below.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = (cbuf.len() * 8) as _;
+    if max > 0 {
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        // CMSG_LEN, not CMSG_SPACE: the kernel fits (len - header) / 4
+        // descriptors, and CMSG_SPACE's padding would fit one more.
+        // SAFETY: CMSG_LEN only computes a size.
+        msg.msg_controllen =
+            unsafe { libc::CMSG_LEN((max * std::mem::size_of::<RawFd>()) as u32) } as _;
+    }
     // SAFETY: msg points at valid buffers of the sizes given.
     let r = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: the kernel filled msg_control up to msg_controllen; the
-    // CMSG_* macros walk only within it. Every descriptor it carries is
-    // new in this process and owned by nobody else.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(c).cast::<RawFd>();
-                let bytes = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                for i in 0..bytes / std::mem::size_of::<RawFd>() {
-                    fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
+    let mut taken = 0;
+    let mut refused = msg.msg_flags & libc::MSG_CTRUNC != 0;
+    if max > 0 {
+        // SAFETY: the kernel filled msg_control up to msg_controllen; the
+        // CMSG_* macros walk only within it. Every descriptor it carries
+        // is new in this process and owned by nobody else.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                    let data = libc::CMSG_DATA(c).cast::<RawFd>();
+                    let bytes = ((*c).cmsg_len as usize).saturating_sub(libc::CMSG_LEN(0) as usize);
+                    for i in 0..bytes / std::mem::size_of::<RawFd>() {
+                        let fd = OwnedFd::from_raw_fd(data.add(i).read_unaligned());
+                        if taken < max {
+                            fds.push(fd);
+                            taken += 1;
+                        } else {
+                            // Cannot happen (the buffer fits `max`); closed.
+                            refused = true;
+                        }
+                    }
                 }
+                c = libc::CMSG_NXTHDR(&msg, c);
             }
-            c = libc::CMSG_NXTHDR(&msg, c);
         }
     }
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-        // More descriptors than room: those kept are closed by the caller
-        // when it refuses the request.
-        return Err(io::Error::other(format!(
-            "more than {MAX_FDS} descriptors sent with one request"
-        )));
-    }
-    Ok(r as usize)
+    Ok(Received {
+        bytes: r as usize,
+        refused,
+    })
 }
 
 /// Wait up to `timeout_ms` for `fd` to have input or be hung up. Returns
