@@ -55,6 +55,10 @@ pub struct MountArgs {
     /// Also serve containerd's Snapshotter API on this unix socket
     #[arg(long)]
     containerd_socket: Option<PathBuf>,
+    /// Let setuid programs and device nodes in images work through the
+    /// mount (root decides; default: nosuid,nodev)
+    #[arg(long)]
+    allow_suid_dev: bool,
     /// Detach once the mount is ready (log goes to STATE/thinfs.log)
     #[arg(long)]
     daemon: bool,
@@ -77,6 +81,7 @@ struct FileConfig {
     socket: Option<PathBuf>,
     threads: Option<usize>,
     containerd_socket: Option<PathBuf>,
+    allow_suid_dev: Option<bool>,
 }
 
 fn load_config(path: Option<&Path>) -> Result<FileConfig> {
@@ -168,6 +173,7 @@ fn config(a: &MountArgs) -> Result<MountConfig> {
             .or(f.socket)
             .unwrap_or_else(|| PathBuf::from(proto::DEFAULT_SOCKET)),
         containerd_socket: a.containerd_socket.clone().or(f.containerd_socket),
+        allow_suid_dev: a.allow_suid_dev || f.allow_suid_dev.unwrap_or(false),
     })
 }
 

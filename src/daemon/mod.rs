@@ -34,6 +34,26 @@ pub struct MountConfig {
     pub socket: PathBuf,
     /// Serve containerd's Snapshotter API on this socket.
     pub containerd_socket: Option<PathBuf>,
+    /// Mount the FUSE view `suid,dev` (setuid programs run with their
+    /// owner's rights, device nodes open their devices); default
+    /// `nosuid,nodev`.
+    pub allow_suid_dev: bool,
+}
+
+/// The FUSE mount's options: `nosuid,nodev` unless `allow_suid_dev` (said
+/// explicitly either way, not left to fuser's default).
+fn mount_options(allow_suid_dev: bool) -> Vec<MountOption> {
+    let mut v = vec![
+        MountOption::FSName("thinfs".into()),
+        MountOption::Subtype("thinfs".into()),
+        MountOption::DefaultPermissions,
+    ];
+    if allow_suid_dev {
+        v.extend([MountOption::Suid, MountOption::Dev]);
+    } else {
+        v.extend([MountOption::NoSuid, MountOption::NoDev]);
+    }
+    v
 }
 
 /// Is `p` a FUSE mount whose daemon is gone ("Transport endpoint is not
@@ -91,11 +111,7 @@ pub fn run(cfg: &MountConfig, ready: impl FnOnce()) -> Result<()> {
     let core = fs.core();
     let expirer = core.clone();
     let mut fc = Config::default();
-    fc.mount_options = vec![
-        MountOption::FSName("thinfs".into()),
-        MountOption::Subtype("thinfs".into()),
-        MountOption::DefaultPermissions,
-    ];
+    fc.mount_options = mount_options(cfg.allow_suid_dev);
     fc.acl = SessionACL::All;
     fc.n_threads = Some(cfg.threads.max(1));
     fc.clone_fd = true;
