@@ -25,7 +25,6 @@ use crate::sys::scm;
 use crate::types::{Bytes, MAX_SHOWN, Name, cut, escape};
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -40,25 +39,19 @@ const MAX_LINE: u64 = 64 * 1024;
 pub const MAX_REQUEST_FDS: usize = 1;
 
 /// Bind the socket at `path` (any user may connect; rights are checked per
-/// request). A leftover socket file of a dead daemon is replaced; a live one
-/// is an error.
+/// request), mode 0666 from the start, its missing directories 0755 (see
+/// [`scm::bind_unix`]). A leftover socket file of a dead daemon is
+/// replaced; a live one is an error.
 pub fn bind(path: &Path) -> Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).ctx(|| format!("create {}", dir.display()))?;
+    if path.exists() && UnixStream::connect(path).is_ok() {
+        return Err(Error::Busy(format!(
+            "another thinfs daemon answers on {}",
+            path.display()
+        )));
     }
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(Error::Busy(format!(
-                "another thinfs daemon answers on {}",
-                path.display()
-            )));
-        }
-        std::fs::remove_file(path).ctx(|| format!("remove stale socket {}", path.display()))?;
-    }
-    let l = UnixListener::bind(path).ctx(|| format!("bind control socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
-        .ctx(|| format!("open {} to all users", path.display()))?;
-    Ok(l)
+    // Mode 0666 from the moment it is there, whatever the umask; a stale
+    // socket is replaced by the rename.
+    scm::bind_unix(path, 0o666).ctx(|| format!("bind control socket {}", path.display()))
 }
 
 /// One client connection: its stream, who is at the other end (taken at

@@ -1,11 +1,71 @@
-//! Descriptor passing over unix sockets (SCM_RIGHTS), with a bound on
-//! what a receive installs, and the small
+//! Unix sockets: binding one with its final mode from the moment it
+//! appears ([`bind_unix`]), descriptor passing (SCM_RIGHTS) with a bound
+//! on what a receive installs, and the small
 //! descriptor checks a streaming front end needs: waiting until a peer
 //! hangs up or a descriptor is writable, and whether one is a terminal.
 
 use super::cvt;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Create the missing directories of `dir`, each with mode 0755 exactly
+/// (whatever the umask: with umask 000 `create_dir_all` would make them
+/// 0777, and anyone could replace what is bound in them).
+pub fn create_dirs_0755(dir: &Path) -> io::Result<()> {
+    if dir.as_os_str().is_empty() || dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(p) = dir.parent() {
+        create_dirs_0755(p)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o755).create(dir) {
+        Ok(()) => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// A directory removed (with what is left in it) on drop.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Bind a unix socket at `path` that has `mode` from the moment it is
+/// there, whatever the process's umask (a umask set around bind(2) would
+/// be process-wide, racing every other thread that creates files).
+///
+/// The socket is bound in a new directory of mode 0700 beside `path` (only
+/// root can reach it there), given `mode`, and renamed to `path`, which
+/// replaces atomically whatever was there (a stale socket). Missing parent
+/// directories are created 0755. The directory's name adds 20-odd bytes
+/// to the path, which must still fit a socket address (108 bytes).
+pub fn bind_unix(path: &Path, mode: u32) -> io::Result<UnixListener> {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    create_dirs_0755(dir)?;
+    let tmp = TempDir(dir.join(format!(
+        ".thinfs-bind-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )));
+    std::fs::DirBuilder::new().mode(0o700).create(&tmp.0)?;
+    let inner = tmp.0.join("s");
+    let l = UnixListener::bind(&inner)?;
+    std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(mode))?;
+    std::fs::rename(&inner, path)?;
+    Ok(l)
+}
 
 /// Most descriptors accepted with one message.
 pub const MAX_FDS: usize = 4;
