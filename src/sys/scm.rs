@@ -255,3 +255,75 @@ pub fn is_writable(fd: BorrowedFd<'_>) -> io::Result<bool> {
         libc::O_WRONLY | libc::O_RDWR
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    fn open_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Send one byte carrying `n` copies of stdin's descriptor.
+    fn send_n(s: &UnixStream, n: usize) {
+        let fd = std::io::stdin();
+        let fds: Vec<BorrowedFd<'_>> = (0..n).map(|_| fd.as_fd()).collect();
+        send_with_fds(s.as_fd(), b"x", &fds).unwrap();
+    }
+
+    #[test]
+    fn a_receive_installs_at_most_max_descriptors() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut buf = [0u8; 16];
+        // Within the bound: taken.
+        send_n(&a, 1);
+        let mut fds = Vec::new();
+        let r = recv_with_fds(b.as_fd(), &mut buf, &mut fds, 1).unwrap();
+        assert_eq!((r.bytes, r.refused, fds.len()), (1, false, 1));
+        drop(fds);
+        // Beyond it: the kernel installs `max` and closes the rest.
+        let before = open_fds();
+        send_n(&a, 4);
+        let mut fds = Vec::new();
+        let r = recv_with_fds(b.as_fd(), &mut buf, &mut fds, 1).unwrap();
+        assert_eq!((r.bytes, r.refused, fds.len()), (1, true, 1));
+        drop(fds);
+        // None wanted: none installed.
+        send_n(&a, 3);
+        let mut fds = Vec::new();
+        let r = recv_with_fds(b.as_fd(), &mut buf, &mut fds, 0).unwrap();
+        assert_eq!((r.bytes, r.refused, fds.len()), (1, true, 0));
+        assert_eq!(open_fds(), before, "descriptors left installed");
+        // Plain bytes: nothing refused.
+        send_n(&a, 0);
+        let r = recv_with_fds(b.as_fd(), &mut buf, &mut fds, 0).unwrap();
+        assert_eq!((r.bytes, r.refused), (1, false));
+    }
+
+    #[test]
+    fn bind_unix_gives_the_mode_and_replaces_a_stale_socket() {
+        let d = std::env::temp_dir().join(format!("thinfs-bind-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let p = d.join("a/b/s.sock");
+        let l = bind_unix(&p, 0o600).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&p), 0o600);
+        assert_eq!(mode(&d.join("a")), 0o755);
+        assert_eq!(mode(&d.join("a/b")), 0o755);
+        drop(l);
+        // A stale socket is replaced; nothing else is left beside it.
+        let l = bind_unix(&p, 0o666).unwrap();
+        assert_eq!(mode(&p), 0o666);
+        UnixStream::connect(&p).unwrap();
+        let names: Vec<_> = std::fs::read_dir(d.join("a/b"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("s.sock")]);
+        drop(l);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
