@@ -102,6 +102,7 @@ fn root_socket_mode_final_from_the_start_with_umask_000() {
     assert_eq!(mode(&cd_dir), 0o755);
     assert_eq!(mode(&cd_sock), 0o600);
     assert_eq!(mode(&m.socket()), 0o666);
+    assert_eq!(mode(&m.state), 0o700, "state directory");
     // Again with both directories watched: a restart binds both sockets
     // anew over the stale ones.
     m.stop();

@@ -9,6 +9,7 @@ use crate::types::Bytes;
 use clap::Args;
 use serde::Deserialize;
 use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -214,11 +215,13 @@ pub fn mount(a: MountArgs) -> Result<()> {
 /// Re-run ourselves in the background and wait until the mount is ready.
 fn spawn_daemon(cfg: &MountConfig) -> Result<()> {
     let state = &cfg.pool.state;
-    std::fs::create_dir_all(state).ctx(|| format!("create {}", state.display()))?;
+    crate::sys::scm::create_private_dir(state).ctx(|| format!("create {}", state.display()))?;
     let log_path = state.join("thinfs.log");
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&log_path)
         .ctx(|| format!("open {}", log_path.display()))?;
     let (mut rd, wr) = process::ready_pipe().ctx(|| "make a pipe".into())?;

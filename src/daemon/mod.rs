@@ -88,8 +88,13 @@ fn clean_stale(p: &Path) -> Result<()> {
 /// Mount and serve until stopped. `ready` is called once the mount works.
 pub fn run(cfg: &MountConfig, ready: impl FnOnce()) -> Result<()> {
     clean_stale(&cfg.mountpoint)?;
-    std::fs::create_dir_all(&cfg.mountpoint)
+    // New directories 0755 (the state 0700) whatever the umask: with umask
+    // 000 they would be 0777 for a moment, and any user could plant or
+    // replace what the daemon keeps there.
+    crate::sys::scm::create_dirs_0755(&cfg.mountpoint)
         .ctx(|| format!("create mount point {}", cfg.mountpoint.display()))?;
+    crate::sys::scm::create_private_dir(&cfg.pool.state)
+        .ctx(|| format!("create {}", cfg.pool.state.display()))?;
     signals::block_stop_signals().ctx(|| "block signals".into())?;
     match process::raise_nofile() {
         Ok((old, new)) if old != new => log::info!("open files limit raised from {old} to {new}"),

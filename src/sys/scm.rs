@@ -29,6 +29,21 @@ pub fn create_dirs_0755(dir: &Path) -> io::Result<()> {
     }
 }
 
+/// Create directory `dir` with mode 0700 from the start if it is missing
+/// (its missing parents 0755, see [`create_dirs_0755`]).
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(p) = dir.parent() {
+        create_dirs_0755(p)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        r => r,
+    }
+}
+
 /// A directory removed (with what is left in it) on drop.
 struct TempDir(PathBuf);
 
