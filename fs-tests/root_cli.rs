@@ -265,3 +265,59 @@ fn root_cli_bad_input_and_dead_daemon() {
     m.stop();
     fails(&m.cli(&["list"]), 1, "thinfs is not running");
 }
+
+/// `export -o` and `backup -o` never write through a symbolic link planted
+/// at the output path (with or without --force), and replace an existing
+/// file only with --force.
+#[test]
+fn root_cli_output_files_no_symlinks_no_overwrite_without_force() {
+    let m = TestMount::start("cli-output");
+    ok(&m.cli(&["create", "img"]));
+    fs::write(m.path("img/f"), b"data").unwrap();
+    let dir = m.scratch.path().join("out");
+    fs::create_dir(&dir).unwrap();
+    let secret = dir.join("secret");
+    fs::write(&secret, b"root only").unwrap();
+    for (verb, args) in [
+        ("export", vec!["export", "img", "-q"]),
+        ("backup", vec!["backup", "img", "-q"]),
+    ] {
+        // A symbolic link to another file.
+        let link = dir.join(format!("{verb}-link"));
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        for force in [false, true] {
+            let mut a = args.clone();
+            a.extend(["-o", link.to_str().unwrap()]);
+            if force {
+                a.push("--force");
+            }
+            fails(&m.cli(&a), 1, "symbolic link");
+            assert_eq!(fs::read(&secret).unwrap(), b"root only", "{verb} {force}");
+        }
+        // A dangling link: its target is not created.
+        let dangling = dir.join(format!("{verb}-dangling"));
+        let nowhere = dir.join(format!("{verb}-nowhere"));
+        std::os::unix::fs::symlink(&nowhere, &dangling).unwrap();
+        let mut a = args.clone();
+        a.extend(["-o", dangling.to_str().unwrap()]);
+        fails(&m.cli(&a), 1, "symbolic link");
+        assert!(!nowhere.exists(), "{verb} created the link's target");
+        // An existing file: refused without --force, replaced with it.
+        let file = dir.join(format!("{verb}-file"));
+        fs::write(&file, b"old").unwrap();
+        let mut a = args.clone();
+        a.extend(["-o", file.to_str().unwrap()]);
+        fails(&m.cli(&a), 1, "--force");
+        assert_eq!(fs::read(&file).unwrap(), b"old");
+        a.push("--force");
+        ok(&m.cli(&a));
+        let len = fs::metadata(&file).unwrap().len();
+        assert!(len > 1024, "{verb} --force wrote {len} bytes");
+        // A new file is made as before.
+        let new = dir.join(format!("{verb}-new"));
+        let mut a = args.clone();
+        a.extend(["-o", new.to_str().unwrap()]);
+        ok(&m.cli(&a));
+        assert!(fs::metadata(&new).unwrap().len() > 1024);
+    }
+}

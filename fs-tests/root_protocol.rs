@@ -270,7 +270,8 @@ fn root_protocol_export_by_admin_group_member_into_own_file() {
     assert_eq!((md.uid(), md.gid()), (1234, 1234));
     let list = Command::new("tar").arg("-tf").arg(&out).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&list.stdout), "f\n");
-    // The user's own rights apply to the output: a file it may not write.
+    // The user's own rights apply to the output: a file it may not write
+    // (refused as an existing file, and with --force by its permissions).
     let theirs = s.path().join("root-only.tar");
     std::fs::write(&theirs, b"keep").unwrap();
     let (good, text) = as_user(
@@ -278,6 +279,13 @@ fn root_protocol_export_by_admin_group_member_into_own_file() {
         1234,
         &[100],
         &m.cli_sh(&format!("export img -q -o {}", theirs.display())),
+    );
+    assert!(!good && text.contains("refusing to overwrite"), "{text}");
+    let (good, text) = as_user(
+        1234,
+        1234,
+        &[100],
+        &m.cli_sh(&format!("export img -q --force -o {}", theirs.display())),
     );
     assert!(!good && text.contains("Permission denied"), "{text}");
     assert_eq!(std::fs::read(&theirs).unwrap(), b"keep");

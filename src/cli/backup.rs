@@ -1,16 +1,17 @@
 //! `thinfs backup NAME [--snapshots] -o FILE`, `thinfs backup verify FILE`
 //! (no daemon, no pool: this process reads the file) and `thinfs restore
-//! FILE [NAME]`. The CLI opens the file as the user and passes the
-//! descriptor; the format is in `service::backup`.
+//! FILE [NAME]`. The CLI opens the file as the user ([`Output`]: never
+//! through a symbolic link, an existing file only with `--force`) and
+//! passes the descriptor; the format is in `service::backup`.
 
 use super::client;
+use super::output::Output;
 use super::progress::{bar, show};
 use crate::daemon::proto::Op;
 use crate::error::{Error, Result};
 use crate::service::{BackupRequest, RestoreRequest, verify_file};
 use crate::types::Bytes;
 use std::os::fd::AsFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// Run `thinfs backup NAME -o FILE`.
@@ -19,16 +20,10 @@ pub fn backup(
     name: String,
     snapshots: bool,
     out: PathBuf,
+    force: bool,
     quiet: bool,
 ) -> Result<()> {
-    let existed = std::fs::symlink_metadata(&out).is_ok();
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&out)
-        .map_err(|e| Error::io(format!("open {}", out.display()), e))?;
+    let f = Output::open(&out, 0o600, force)?;
     let pb = bar(quiet);
     let r = client::stream(
         socket,
@@ -36,18 +31,17 @@ pub fn backup(
             name: name.clone(),
             snapshots,
         }),
-        &[f.as_fd()],
+        &[f.file.as_fd()],
         |p| show(&pb, p),
     );
     if let Some(b) = &pb {
         b.finish_and_clear();
     }
-    drop(f);
     match r {
         Ok(v) => {
             if !quiet {
                 let n = v["sections"].as_array().map(|a| a.len()).unwrap_or(0);
-                let len = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+                let len = f.file.metadata().map(|m| m.len()).unwrap_or(0);
                 eprintln!(
                     "backed up {name}: {} snapshot(s) and the head, {}",
                     n.saturating_sub(1),
@@ -57,9 +51,7 @@ pub fn backup(
             Ok(())
         }
         Err(e) => {
-            if !existed {
-                let _ = std::fs::remove_file(&out);
-            }
+            f.discard();
             Err(e)
         }
     }

@@ -1,7 +1,9 @@
 //! `thinfs export NAME[@SNAP] [-o FILE]`: the CLI opens the output itself
 //! (so the user's own rights apply to it), passes the descriptor to the
 //! daemon, and shows progress on stderr when stderr is a terminal. A
-//! tarball is never written to a terminal. Ctrl-C ends this process,
+//! tarball is never written to a terminal; a file is opened as
+//! [`Output`] says (never through a symbolic link, an existing one only
+//! with `--force`). Ctrl-C ends this process,
 //! which closes the connection: the daemon cancels and undoes.
 //!
 //! zstd (`-o FILE.tar.zst`, or `--zstd` for any output) is done here, in
@@ -10,6 +12,7 @@
 //! daemon spends no CPU on it and its protocol is unchanged.
 
 use super::client;
+use super::output::Output;
 use super::progress::bar;
 use crate::daemon::proto::{Op, Progress};
 use crate::error::{Error, Result};
@@ -18,14 +21,7 @@ use crate::sys::scm;
 use crate::types::Bytes;
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-
-/// Where the tarball goes.
-enum Output {
-    Stdout,
-    File { path: PathBuf, created: bool },
-}
 
 /// zstd level of an export: zstd's default, a good ratio at well over
 /// 100 MB/s on one core.
@@ -81,34 +77,19 @@ pub fn export(
     socket: &Path,
     target: String,
     out: Option<PathBuf>,
+    force: bool,
     zstd: bool,
     quiet: bool,
 ) -> Result<()> {
     let out = out.filter(|p| p != Path::new("-"));
     let zstd = check_output(out.as_deref(), scm::is_tty(std::io::stdout()), zstd)?;
-    let (file, dest) = match &out {
-        None => (None, Output::Stdout),
-        Some(p) => {
-            let existed = std::fs::symlink_metadata(p).is_ok();
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o666)
-                .open(p)
-                .map_err(|e| Error::io(format!("open {}", p.display()), e))?;
-            (
-                Some(f),
-                Output::File {
-                    path: p.clone(),
-                    created: !existed,
-                },
-            )
-        }
+    let file = match &out {
+        None => None,
+        Some(p) => Some(Output::open(p, 0o666, force)?),
     };
     let stdout = std::io::stdout();
     let fd = match &file {
-        Some(f) => f.as_fd(),
+        Some(f) => f.file.as_fd(),
         None => stdout.as_fd(),
     };
     // With zstd the daemon gets a pipe's write end instead.
@@ -142,7 +123,6 @@ pub fn export(
         t.join()
             .unwrap_or_else(|_| Err(Error::Invalid("the zstd compressor panicked".into())))
     });
-    drop(file);
     let r = match (r, compressed) {
         // The compressor's own error says more (e.g. the disk is full).
         (Err(e), Some(Err(c))) => Err(Error::Invalid(format!("{c} (the export stopped: {e})"))),
@@ -167,12 +147,8 @@ pub fn export(
         Err(e) => {
             // A tarball cut short is worth nothing: remove a file this
             // command made.
-            if let Output::File {
-                path,
-                created: true,
-            } = &dest
-            {
-                let _ = std::fs::remove_file(path);
+            if let Some(f) = file {
+                f.discard();
             }
             Err(e)
         }

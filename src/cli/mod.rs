@@ -8,6 +8,7 @@ mod client;
 mod export;
 mod import;
 mod mount;
+mod output;
 mod progress;
 mod send;
 mod show;
@@ -103,9 +104,12 @@ enum Cmd {
     Export {
         /// NAME (exported from a temporary snapshot) or NAME@SNAP
         target: String,
-        /// Output file, created as the calling user; `-` or none: stdout (never a terminal)
+        /// Output file, created as the calling user (never through a symbolic link); `-` or none: stdout (never a terminal)
         #[arg(short = 'o', long = "output")]
         output: Option<PathBuf>,
+        /// Replace an existing regular file at the output path
+        #[arg(long)]
+        force: bool,
         /// Compress with zstd (implied by an output name ending in .zst)
         #[arg(long)]
         zstd: bool,
@@ -235,9 +239,12 @@ enum Cmd {
         /// Every snapshot too (oldest full, the others incremental), not only the head
         #[arg(long)]
         snapshots: bool,
-        /// Output file, created as the calling user
+        /// Output file, created as the calling user (never through a symbolic link)
         #[arg(short = 'o', long = "output")]
         output: Option<PathBuf>,
+        /// Replace an existing regular file at the output path
+        #[arg(long)]
+        force: bool,
         /// No progress bar and no summary
         #[arg(short = 'q', long)]
         quiet: bool,
@@ -366,9 +373,10 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Export {
             target,
             output,
+            force,
             zstd,
             quiet,
-        } => export::export(sock, target, output, zstd, quiet),
+        } => export::export(sock, target, output, force, zstd, quiet),
         Cmd::Send {
             target,
             token,
@@ -455,9 +463,10 @@ fn run(cli: Cli) -> Result<()> {
             name,
             snapshots,
             output,
+            force,
             quiet,
         } => match (name, output) {
-            (Some(n), Some(o)) => backup::backup(sock, n, snapshots, o, quiet),
+            (Some(n), Some(o)) => backup::backup(sock, n, snapshots, o, force, quiet),
             _ => Err(crate::error::Error::Invalid(
                 "usage: thinfs backup NAME [--snapshots] -o FILE, or thinfs backup verify FILE"
                     .into(),

@@ -9,6 +9,7 @@ use crate::types::Bytes;
 use clap::Args;
 use serde::Deserialize;
 use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -55,6 +56,10 @@ pub struct MountArgs {
     /// Also serve containerd's Snapshotter API on this unix socket
     #[arg(long)]
     containerd_socket: Option<PathBuf>,
+    /// Let setuid programs and device nodes in images work through the
+    /// mount (root decides; default: nosuid,nodev)
+    #[arg(long)]
+    allow_suid_dev: bool,
     /// Detach once the mount is ready (log goes to STATE/thinfs.log)
     #[arg(long)]
     daemon: bool,
@@ -77,6 +82,7 @@ struct FileConfig {
     socket: Option<PathBuf>,
     threads: Option<usize>,
     containerd_socket: Option<PathBuf>,
+    allow_suid_dev: Option<bool>,
 }
 
 fn load_config(path: Option<&Path>) -> Result<FileConfig> {
@@ -168,6 +174,7 @@ fn config(a: &MountArgs) -> Result<MountConfig> {
             .or(f.socket)
             .unwrap_or_else(|| PathBuf::from(proto::DEFAULT_SOCKET)),
         containerd_socket: a.containerd_socket.clone().or(f.containerd_socket),
+        allow_suid_dev: a.allow_suid_dev || f.allow_suid_dev.unwrap_or(false),
     })
 }
 
@@ -208,11 +215,13 @@ pub fn mount(a: MountArgs) -> Result<()> {
 /// Re-run ourselves in the background and wait until the mount is ready.
 fn spawn_daemon(cfg: &MountConfig) -> Result<()> {
     let state = &cfg.pool.state;
-    std::fs::create_dir_all(state).ctx(|| format!("create {}", state.display()))?;
+    crate::sys::scm::create_private_dir(state).ctx(|| format!("create {}", state.display()))?;
     let log_path = state.join("thinfs.log");
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&log_path)
         .ctx(|| format!("open {}", log_path.display()))?;
     let (mut rd, wr) = process::ready_pipe().ctx(|| "make a pipe".into())?;

@@ -4,8 +4,9 @@
 //! It only decodes gRPC and calls [`service::containerd::Snapshotter`];
 //! tonic and tokio live in this folder alone. The server runs on its own
 //! thread with its own tokio runtime; [`Server::stop`] ends it and joins
-//! the thread. The socket is created owned by root with mode 0600: being
-//! able to connect is the right to change containerd's snapshots.
+//! the thread. The socket is created owned by root with mode 0600 from the
+//! moment it exists (never wider, whatever the umask): being able to
+//! connect is the right to change containerd's snapshots.
 //!
 //! [`service::containerd::Snapshotter`]: crate::service::containerd::Snapshotter
 
@@ -41,21 +42,16 @@ impl Server {
             .enable_all()
             .build()
             .ctx(|| "start the containerd gRPC runtime".into())?;
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).ctx(|| format!("create {}", dir.display()))?;
-        }
-        match std::fs::remove_file(path) {
-            Ok(()) => log::info!("replaced stale socket {}", path.display()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(format!("remove {}", path.display()), e)),
-        }
+        // Mode 0600 from the moment it is there (bound in a 0700 directory,
+        // then renamed over any stale socket): see `scm::bind_unix`.
+        let listener = crate::sys::scm::bind_unix(path, 0o600)
+            .and_then(|l| l.set_nonblocking(true).map(|_| l))
+            .ctx(|| format!("bind {}", path.display()))?;
         let listener = {
             let _g = rt.enter();
-            tokio::net::UnixListener::bind(path).ctx(|| format!("bind {}", path.display()))?
+            tokio::net::UnixListener::from_std(listener)
+                .ctx(|| format!("serve {}", path.display()))?
         };
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .ctx(|| format!("chmod 0600 {}", path.display()))?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let grpc = containerd_snapshots::server(Arc::new(Front {
             service: service.clone(),

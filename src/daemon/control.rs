@@ -2,7 +2,16 @@
 //! of a connection (with the descriptors sent on it), decodes it, calls
 //! the service as the peer (credentials and groups taken at connect),
 //! answers. A malformed request, or one of another protocol version, gets
-//! an error answer, and one log line with the input cut. A streaming
+//! an error answer, and one log line with the input cut.
+//!
+//! Descriptors (SCM_RIGHTS) are taken only with the first bytes of a
+//! request, at most [`MAX_REQUEST_FDS`]; the kernel closes any other
+//! without installing it (no control buffer after the first bytes), and
+//! the connection that sent them is answered with an error, closed and
+//! logged (rate-limited, with the sender's uid and pid). So a connection
+//! holds at most [`MAX_REQUEST_FDS`] received descriptors, only while one
+//! worker reads its request, and [`super::server`] bounds connections per
+//! uid: what one uid makes the daemon hold is bounded. A streaming
 //! request is handed back to the caller to run ([`Served::Stream`], see
 //! [`super::stream`]). Connections and threads are the business of
 //! [`super::server`].
@@ -16,7 +25,6 @@ use crate::sys::scm;
 use crate::types::{Bytes, MAX_SHOWN, Name, cut, escape};
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -24,26 +32,26 @@ use std::time::{Duration, Instant};
 /// Longest request line accepted.
 const MAX_LINE: u64 = 64 * 1024;
 
+/// Most descriptors a request takes: every streaming verb (export, send,
+/// receive, import, backup, restore) takes one, its input or output
+/// ([`Op::fds`]). A connection holds at most this many received
+/// descriptors at any time.
+pub const MAX_REQUEST_FDS: usize = 1;
+
 /// Bind the socket at `path` (any user may connect; rights are checked per
-/// request). A leftover socket file of a dead daemon is replaced; a live one
-/// is an error.
+/// request), mode 0666 from the start, its missing directories 0755 (see
+/// [`scm::bind_unix`]). A leftover socket file of a dead daemon is
+/// replaced; a live one is an error.
 pub fn bind(path: &Path) -> Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).ctx(|| format!("create {}", dir.display()))?;
+    if path.exists() && UnixStream::connect(path).is_ok() {
+        return Err(Error::Busy(format!(
+            "another thinfs daemon answers on {}",
+            path.display()
+        )));
     }
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(Error::Busy(format!(
-                "another thinfs daemon answers on {}",
-                path.display()
-            )));
-        }
-        std::fs::remove_file(path).ctx(|| format!("remove stale socket {}", path.display()))?;
-    }
-    let l = UnixListener::bind(path).ctx(|| format!("bind control socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
-        .ctx(|| format!("open {} to all users", path.display()))?;
-    Ok(l)
+    // Mode 0666 from the moment it is there, whatever the umask; a stale
+    // socket is replaced by the rename.
+    scm::bind_unix(path, 0o666).ctx(|| format!("bind control socket {}", path.display()))
 }
 
 /// One client connection: its stream, who is at the other end (taken at
@@ -53,7 +61,8 @@ pub struct Conn {
     pub(super) stream: UnixStream,
     pub(super) who: Caller,
     buf: Vec<u8>,
-    /// Descriptors received with the bytes in `buf`.
+    /// Descriptors received with the first bytes of the request in `buf`
+    /// (at most [`MAX_REQUEST_FDS`]).
     fds: Vec<OwnedFd>,
     pub(super) since: Instant,
 }
@@ -108,10 +117,28 @@ impl Conn {
             self.stream
                 .set_read_timeout(Some(left))
                 .ctx(|| "control socket timeout".into())?;
-            match scm::recv_with_fds(self.stream.as_fd(), &mut chunk, &mut self.fds) {
-                Ok(0) if self.buf.is_empty() => return Ok(None),
-                Ok(0) => return Err(Error::Invalid("request line without its end".into())),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            // Descriptors are taken only with the first bytes of a request
+            // (the client attaches them to its first byte); the kernel
+            // closes any other without installing it.
+            let max = if self.buf.is_empty() {
+                MAX_REQUEST_FDS.saturating_sub(self.fds.len())
+            } else {
+                0
+            };
+            match scm::recv_with_fds(self.stream.as_fd(), &mut chunk, &mut self.fds, max) {
+                Ok(r) if r.refused => {
+                    self.fds.clear();
+                    return Err(Error::Invalid(format!(
+                        "descriptors sent after the first byte of a request, or more than \
+                         {MAX_REQUEST_FDS} with it (pid {}): closed, with the connection",
+                        self.who.pid
+                    )));
+                }
+                Ok(r) if r.bytes == 0 && self.buf.is_empty() => return Ok(None),
+                Ok(r) if r.bytes == 0 => {
+                    return Err(Error::Invalid("request line without its end".into()));
+                }
+                Ok(r) => self.buf.extend_from_slice(&chunk[..r.bytes]),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e)
                     if matches!(

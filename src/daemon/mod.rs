@@ -34,6 +34,26 @@ pub struct MountConfig {
     pub socket: PathBuf,
     /// Serve containerd's Snapshotter API on this socket.
     pub containerd_socket: Option<PathBuf>,
+    /// Mount the FUSE view `suid,dev` (setuid programs run with their
+    /// owner's rights, device nodes open their devices); default
+    /// `nosuid,nodev`.
+    pub allow_suid_dev: bool,
+}
+
+/// The FUSE mount's options: `nosuid,nodev` unless `allow_suid_dev` (said
+/// explicitly either way, not left to fuser's default).
+fn mount_options(allow_suid_dev: bool) -> Vec<MountOption> {
+    let mut v = vec![
+        MountOption::FSName("thinfs".into()),
+        MountOption::Subtype("thinfs".into()),
+        MountOption::DefaultPermissions,
+    ];
+    if allow_suid_dev {
+        v.extend([MountOption::Suid, MountOption::Dev]);
+    } else {
+        v.extend([MountOption::NoSuid, MountOption::NoDev]);
+    }
+    v
 }
 
 /// Is `p` a FUSE mount whose daemon is gone ("Transport endpoint is not
@@ -68,8 +88,13 @@ fn clean_stale(p: &Path) -> Result<()> {
 /// Mount and serve until stopped. `ready` is called once the mount works.
 pub fn run(cfg: &MountConfig, ready: impl FnOnce()) -> Result<()> {
     clean_stale(&cfg.mountpoint)?;
-    std::fs::create_dir_all(&cfg.mountpoint)
+    // New directories 0755 (the state 0700) whatever the umask: with umask
+    // 000 they would be 0777 for a moment, and any user could plant or
+    // replace what the daemon keeps there.
+    crate::sys::scm::create_dirs_0755(&cfg.mountpoint)
         .ctx(|| format!("create mount point {}", cfg.mountpoint.display()))?;
+    crate::sys::scm::create_private_dir(&cfg.pool.state)
+        .ctx(|| format!("create {}", cfg.pool.state.display()))?;
     signals::block_stop_signals().ctx(|| "block signals".into())?;
     match process::raise_nofile() {
         Ok((old, new)) if old != new => log::info!("open files limit raised from {old} to {new}"),
@@ -91,11 +116,7 @@ pub fn run(cfg: &MountConfig, ready: impl FnOnce()) -> Result<()> {
     let core = fs.core();
     let expirer = core.clone();
     let mut fc = Config::default();
-    fc.mount_options = vec![
-        MountOption::FSName("thinfs".into()),
-        MountOption::Subtype("thinfs".into()),
-        MountOption::DefaultPermissions,
-    ];
+    fc.mount_options = mount_options(cfg.allow_suid_dev);
     fc.acl = SessionACL::All;
     fc.n_threads = Some(cfg.threads.max(1));
     fc.clone_fd = true;

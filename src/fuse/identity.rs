@@ -5,7 +5,11 @@
 //!
 //! Reading a thread's supplementary groups costs a `/proc` read (about
 //! 20 µs, as much as the rest of a CREATE), so it is skipped where the
-//! groups cannot matter: see [`groups_moot`].
+//! groups cannot matter: see [`groups_moot`]. The read trusts no thread
+//! id: it reads only from the thread that still is the request's sender
+//! (same fsuid and fsgid, alive, one `/proc` descriptor throughout; see
+//! [`creds::groups_of`]); otherwise the caller has no supplementary
+//! groups, and no admin rights through them.
 
 use super::Core;
 use crate::error::{Error, Result};
@@ -279,6 +283,70 @@ mod tests {
         assert!(!groups_moot(ME, 0o777, HIM, false, Need::DIR_CHANGE, true));
         assert!(!groups_moot(ME, 0o700, ME, false, Need::DIR_CHANGE, true));
         assert!(!groups_moot(0, 0o777, HIM, false, Need::DIR_CHANGE, false));
+    }
+
+    fn my_tid() -> u32 {
+        let l = std::fs::read_link("/proc/thread-self").unwrap();
+        l.to_string_lossy()
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn groups_are_read_from_the_sender_only() {
+        let (uid, gid) = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
+        let tid = my_tid();
+        assert!(creds::groups_of(tid, uid, gid).is_ok());
+        // Another identity at that id: not the sender.
+        for (u, g) in [(uid + 1, gid), (uid, gid + 1)] {
+            let e = creds::groups_of(tid, u, g).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::ESRCH));
+        }
+    }
+
+    #[test]
+    fn an_exited_thread_or_process_grants_no_groups() {
+        let (uid, gid) = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
+        let tid = std::thread::spawn(my_tid).join().unwrap();
+        assert!(creds::groups_of(tid, uid, gid).is_err());
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        assert!(creds::groups_of(pid, uid, gid).is_err());
+    }
+
+    #[test]
+    fn status_of_a_zombie_or_another_user_is_refused() {
+        let status = |state: &str, uid: &str| {
+            format!(
+                "Name:\tx\nState:\t{state}\nUid:\t{uid}\nGid:\t100\t100\t100\t100\nGroups:\t4 27 1001 \n"
+            )
+        };
+        let ok = status("S (sleeping)", "1000\t1000\t1000\t1000");
+        assert_eq!(
+            creds::check_status(&ok, 1000, 100).unwrap(),
+            vec![4, 27, 1001]
+        );
+        assert!(creds::check_status(&ok, 1001, 100).is_err());
+        assert!(creds::check_status(&ok, 1000, 101).is_err());
+        // The fsuid (fourth) counts, not the real or effective one.
+        let fs = status("S (sleeping)", "0\t0\t0\t1000");
+        assert!(creds::check_status(&fs, 1000, 100).is_ok());
+        assert!(creds::check_status(&fs, 0, 100).is_err());
+        for st in ["Z (zombie)", "X (dead)"] {
+            let z = status(st, "1000\t1000\t1000\t1000");
+            assert!(creds::check_status(&z, 1000, 100).is_err(), "{st}");
+        }
+        assert!(creds::check_status("Name:\tx\n", 1000, 100).is_err());
     }
 
     #[test]

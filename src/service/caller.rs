@@ -16,8 +16,8 @@ pub struct Caller {
     pub pid: u32,
     /// Supplementary groups, when captured with the identity (the control
     /// socket takes them at connect with SO_PEERGROUPS). `None`: read them
-    /// for thread `pid` on every request (its sender is blocked in its
-    /// system call, so the id cannot be reused meanwhile).
+    /// for thread `pid` on every request, from that thread only if it is
+    /// still the sender (see [`creds::groups_of`]).
     pub groups: Option<Arc<[u32]>>,
 }
 
@@ -34,7 +34,7 @@ impl Caller {
     pub fn try_groups(&self) -> std::io::Result<Arc<[u32]>> {
         match &self.groups {
             Some(g) => Ok(g.clone()),
-            None => creds::groups_of(self.pid).map(Arc::from),
+            None => creds::groups_of(self.pid, self.uid, self.gid).map(Arc::from),
         }
     }
 }

@@ -133,14 +133,52 @@ impl Drop for CredGuard {
 
 /// Supplementary groups of thread `tid` (a FUSE request carries the id of
 /// the thread that made the system call; threads may differ in groups, so
-/// the thread's own status is read, not its process's).
-pub fn groups_of(tid: u32) -> io::Result<Vec<libc::gid_t>> {
-    let s = std::fs::read_to_string(format!("/proc/{tid}/task/{tid}/status"))?;
-    let line = s
-        .lines()
-        .find_map(|l| l.strip_prefix("Groups:"))
-        .ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
-    line.split_whitespace()
+/// the thread's own status is read, not its process's), but only from the
+/// thread that sent the request of `uid`/`gid` (its fsuid and fsgid).
+///
+/// A thread id is only a number: once its thread is gone, another process
+/// may get it. The sender of a synchronous request cannot exit before the
+/// answer (the kernel waits it out once the daemon has read the request),
+/// so while the request is served the id names the sender. What is read is
+/// checked all the same: `/proc/TID/task/TID` is opened once and `status`
+/// read through that descriptor, which stays bound to the one thread it
+/// found (a thread that exits makes the read fail; one that reuses the id
+/// later is not reached); a thread that is exiting, or whose fsuid and
+/// fsgid are not the request's, is refused with ESRCH. Refused or
+/// unreadable: no groups, so fewer rights, never more.
+pub fn groups_of(tid: u32, uid: u32, gid: u32) -> io::Result<Vec<libc::gid_t>> {
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    let dir = std::fs::File::open(format!("/proc/{tid}/task/{tid}"))?;
+    let mut status = String::new();
+    std::fs::File::from(super::file::openat(
+        dir.as_fd(),
+        std::ffi::OsStr::new("status"),
+        libc::O_RDONLY | libc::O_CLOEXEC,
+        0,
+    )?)
+    .read_to_string(&mut status)?;
+    check_status(&status, uid, gid)
+}
+
+/// The groups in a `/proc/TID/status` text, if it is of a live thread
+/// whose fsuid and fsgid are `uid` and `gid` (ESRCH otherwise).
+pub fn check_status(status: &str, uid: u32, gid: u32) -> io::Result<Vec<libc::gid_t>> {
+    let not_it = || io::Error::from_raw_os_error(libc::ESRCH);
+    let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name));
+    // Uid:/Gid: are real, effective, saved and filesystem ids.
+    let fs_id =
+        |name: &str| -> Option<u32> { field(name)?.split_whitespace().nth(3)?.parse().ok() };
+    let state = field("State:").map(str::trim).unwrap_or("");
+    if state.starts_with('Z') || state.starts_with('X') {
+        return Err(not_it());
+    }
+    if fs_id("Uid:") != Some(uid) || fs_id("Gid:") != Some(gid) {
+        return Err(not_it());
+    }
+    field("Groups:")
+        .ok_or_else(not_it)?
+        .split_whitespace()
         .map(|x| {
             x.parse()
                 .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
