@@ -95,9 +95,11 @@ impl ThinFs {
                         Ok(v) => v,
                         Err(e) => return reply.error(errno("create", parent.0, &e)),
                     };
+                // One TTL for both: a setuid file's entry goes uncached too.
+                let ttl = super::attr::ttl_for(&attr, self.opts.ttl);
                 match backing {
                     Some(b) => reply.created_passthrough(
-                        &self.opts.ttl,
+                        &ttl,
                         &attr,
                         Generation(0),
                         FileHandle(fh),
@@ -105,7 +107,7 @@ impl ThinFs {
                         &b,
                     ),
                     None => reply.created(
-                        &self.opts.ttl,
+                        &ttl,
                         &attr,
                         Generation(0),
                         FileHandle(fh),
