@@ -138,3 +138,179 @@ fn suid_bits_cleared_by_writes_are_not_shown_stale() {
     }
     assert!(stale.is_empty(), "stale setuid/setgid bits: {stale:?}");
 }
+
+/// Python helper: raises its own descriptor limit, opens each PATH COUNT
+/// times (a directory with O_DIRECTORY), says per path how many opens it
+/// holds and which errno stopped it (0: none), then holds them until its
+/// stdin ends.
+const OPENER: &str = r#"
+import os, resource, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+held, out = [], []
+args = sys.argv[1:]
+for path, count in zip(args[0::2], args[1::2]):
+    flags = os.O_RDONLY | (os.O_DIRECTORY if os.path.isdir(path) else 0)
+    n, err = 0, 0
+    for _ in range(int(count)):
+        try:
+            held.append(os.open(path, flags))
+            n += 1
+        except OSError as e:
+            err = e.errno
+            break
+    out.append("%d:%d" % (n, err))
+print(" ".join(out), flush=True)
+sys.stdin.read()
+"#;
+
+/// (opens held, errno that stopped them) per path, from the opener's line.
+fn opened(line: &str) -> Vec<(usize, i32)> {
+    line.split_whitespace()
+        .map(|w| {
+            let (n, e) = w.split_once(':').unwrap_or(("0", "0"));
+            (n.parse().unwrap_or(0), e.parse().unwrap_or(0))
+        })
+        .collect()
+}
+
+fn pool_json(m: &TestMount) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(m.path(".thinfs/pool.json")).unwrap()).unwrap()
+}
+
+/// Handles the daemon counts for `uid` (0 when it holds none).
+fn held_by(m: &TestMount, uid: u32) -> (u64, u64) {
+    let v = pool_json(m);
+    let u = &v["fuse"]["handles"]["by_uid"][uid.to_string()];
+    (
+        u["handles"].as_u64().unwrap_or(0),
+        u["passthrough"].as_u64().unwrap_or(0),
+    )
+}
+
+/// `nobody` holds more opens than the daemon has descriptors (files,
+/// directories, `.thinfs` files; two processes, each with its own limit
+/// raised): root and another user still open, create, list another image,
+/// snapshot and use the CLI; nobody alone gets EMFILE, past its share.
+#[test]
+fn hostile_opens_leave_root_and_others_working() {
+    let limit = 400;
+    let arg = format!("--nofile={limit}:{limit}");
+    let m = TestMount::start_wrapped("hostile-opens", &["prlimit", &arg], &[]);
+    let v = pool_json(&m);
+    assert_eq!(
+        v["fuse"]["passthrough"], true,
+        "this test needs passthrough"
+    );
+    std::fs::create_dir(m.path("base")).unwrap();
+    std::fs::create_dir(m.path("other")).unwrap();
+    std::fs::write(m.path("other/keep"), b"other").unwrap();
+    chmod(&m.path("base"), 0o1777);
+    std::fs::write(m.path("base/pub"), b"public").unwrap();
+    std::fs::create_dir(m.path("base/d")).unwrap();
+    let script = m.scratch.path().join("opener.py");
+    std::fs::write(&script, OPENER).unwrap();
+    let targets = |files: usize, dirs: usize, ctl: usize| {
+        vec![
+            m.path("base/pub").display().to_string(),
+            files.to_string(),
+            m.path("base/d").display().to_string(),
+            dirs.to_string(),
+            m.path(".thinfs/tree").display().to_string(),
+            ctl.to_string(),
+        ]
+    };
+    // Two processes of nobody: 2 x (300 files + 150 dirs + 100 .thinfs
+    // files) = 1100 opens asked for, against the daemon's 400 descriptors.
+    let mut hogs = Vec::new();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let mut h = Reaped::python_as(65534, &script, &targets(300, 150, 100));
+        got.push(opened(&h.line()));
+        hogs.push(h);
+    }
+    eprintln!("nobody's opens (held:errno per kind): {got:?}");
+
+    // While nobody holds them: root works.
+    let cli = ok(&m.cli(&["list", "-o", "name", "-H"]));
+    assert_eq!(cli, "base\nother\n");
+    std::fs::write(m.path("base/root-new"), b"root").unwrap();
+    assert_eq!(std::fs::read(m.path("base/root-new")).unwrap(), b"root");
+    let names: Vec<_> = std::fs::read_dir(m.path("other"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(names.iter().any(|n| n == "keep"), "{names:?}");
+    std::fs::create_dir(m.path("other/.snapshots/during")).unwrap();
+    assert_eq!(
+        std::fs::read(m.path("other/.snapshots/during/keep")).unwrap(),
+        b"other"
+    );
+    // Another user works, opens of directories and .thinfs files included.
+    let (good, out) = as_user(
+        4242,
+        4242,
+        &[],
+        &format!(
+            "set -e; cd {}; echo mine > u4242; cat u4242 pub >/dev/null; ls d >/dev/null; \
+             ls {} >/dev/null; cat {} >/dev/null; ls {} >/dev/null; {}",
+            m.path("base").display(),
+            m.path("other").display(),
+            m.path(".thinfs/tree").display(),
+            m.path(".thinfs/info").display(),
+            m.cli_sh("list >/dev/null")
+        ),
+    );
+    assert!(good, "another user: {out}");
+    // A third process of nobody is refused directories and .thinfs files,
+    // at once, but still opens files (passthrough: no descriptor held).
+    let mut third = Reaped::python_as(65534, &script, &targets(50, 1, 1));
+    let t = opened(&third.line());
+    assert_eq!(t[0], (50, 0), "nobody's passthrough opens: {t:?}");
+    assert_eq!(t[1], (0, libc::EMFILE), "nobody's opendir: {t:?}");
+    assert_eq!(t[2], (0, libc::EMFILE), "nobody's .thinfs open: {t:?}");
+
+    // nobody held every file open it asked for, more than the daemon's
+    // limit, and was stopped by EMFILE on the rest, within its share.
+    let files: usize = got.iter().map(|g| g[0].0).sum();
+    assert_eq!(files, 600, "{got:?}");
+    assert!(
+        got.iter()
+            .all(|g| g[1].1 == libc::EMFILE || g[2].1 == libc::EMFILE),
+        "{got:?}"
+    );
+    let v = pool_json(&m);
+    let h = &v["fuse"]["handles"];
+    let share = h["share"].as_u64().unwrap();
+    assert_eq!(h["nofile"].as_u64(), Some(limit));
+    let (counted, passthrough) = held_by(&m, 65534);
+    assert_eq!(counted, share, "{h}");
+    assert_eq!(passthrough, 650, "{h}");
+    let dirs: usize = got.iter().map(|g| g[1].0 + g[2].0).sum();
+    assert_eq!(dirs as u64, share, "{got:?}");
+    assert!(
+        m.log()
+            .contains("open refused (EMFILE): uid 65534 holds 25 open handles"),
+        "no log line says who was refused"
+    );
+    // The daemon stays within its limit, with room to spare.
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", m.pid()))
+        .unwrap()
+        .count();
+    assert!(
+        fds < limit as usize * 3 / 4,
+        "daemon holds {fds} descriptors"
+    );
+    drop(third);
+    drop(hogs);
+    // Given back when the opens go (RELEASE is asynchronous: wait).
+    let t0 = std::time::Instant::now();
+    while held_by(&m, 65534) != (0, 0) {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "{:?}",
+            held_by(&m, 65534)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

@@ -1,6 +1,7 @@
 //! open and create of files: the handle, the passthrough registration
 //! (made as the caller) and the reply that carries both.
 
+use super::budget::{Kind, Pin};
 use super::inode::Node;
 use super::reply::{errno, no};
 use super::{Handle, ThinFs};
@@ -33,11 +34,13 @@ impl ThinFs {
                         &Error::ReadOnly(".thinfs is read-only".into()),
                     ));
                 }
-                match self.control_content(*f) {
-                    Ok(data) => {
-                        let fh = self.add_handle(Handle::Content(data));
-                        reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
-                    }
+                let r = self.control_shared(*f).and_then(|data| {
+                    let pin = Pin::of(&data, data.len());
+                    let held = self.budget.take(c.uid, Kind::Memory, Some(pin))?;
+                    Ok(self.add_handle(Handle::Content { data, _held: held }))
+                });
+                match r {
+                    Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
                     Err(e) => reply.error(errno("open", ino.0, &e)),
                 }
             }
@@ -50,9 +53,8 @@ impl ThinFs {
                     Ok(f) => f,
                     Err(e) => return reply.error(errno("open", ino.0, &e)),
                 };
-                let writable = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
                 let (fh, backing) =
-                    match self.file_handle(&c, &i, file, writable, |f| reply.open_backing(f)) {
+                    match self.file_handle(&c, &i, file, flags.0, |f| reply.open_backing(f)) {
                         Ok(v) => v,
                         Err(e) => return reply.error(errno("open", ino.0, &e)),
                     };
@@ -89,9 +91,8 @@ impl ThinFs {
             .and_then(|p| self.create_real(&c, self.real(&p)?, name, mode, umask, flags));
         match r {
             Ok((i, attr, file)) => {
-                let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
                 let (fh, backing) =
-                    match self.file_handle(&c, &i, file, writable, |f| reply.open_backing(f)) {
+                    match self.file_handle(&c, &i, file, flags, |f| reply.open_backing(f)) {
                         Ok(v) => v,
                         Err(e) => return reply.error(errno("create", parent.0, &e)),
                     };
