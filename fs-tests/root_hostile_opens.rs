@@ -314,3 +314,63 @@ fn hostile_opens_leave_root_and_others_working() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let l = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    l.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Thousands of opens of a large `.thinfs` file (and of a virtual
+/// directory) share one rendering: the daemon's memory stays within a few
+/// MiB whoever opens them (root: never refused; nobody: within its share).
+#[test]
+fn thinfs_opens_share_one_copy() {
+    let m = TestMount::start("thinfs-opens");
+    std::fs::create_dir(m.path("base")).unwrap();
+    let t0 = std::time::Instant::now();
+    for i in 0..40 {
+        std::fs::create_dir(m.path(&format!("base/.snapshots/s{i:02}"))).unwrap();
+    }
+    eprintln!("40 snapshots in {:?}", t0.elapsed());
+    let size = std::fs::read(m.path(".thinfs/devices.json")).unwrap().len();
+    let opens = 5000;
+    // Without sharing, root's opens alone would keep this much.
+    let unshared = (size * opens) as u64 / 1024;
+    let bound = 16 << 10;
+    assert!(
+        unshared > 3 * bound,
+        "devices.json too small for the test: {size} bytes"
+    );
+    let script = m.scratch.path().join("opener.py");
+    std::fs::write(&script, OPENER).unwrap();
+    let pid = m.pid();
+    let rss0 = rss_kib(pid);
+    let args = |n: usize| {
+        vec![
+            m.path(".thinfs/devices.json").display().to_string(),
+            n.to_string(),
+            m.path(".thinfs/info").display().to_string(),
+            (n / 10).to_string(),
+        ]
+    };
+    let mut root = Reaped::python_as(0, &script, &args(opens));
+    let r = opened(&root.line());
+    assert_eq!(r, vec![(opens, 0), (opens / 10, 0)], "root's opens");
+    let mut nobody = Reaped::python_as(65534, &script, &args(opens));
+    let n = opened(&nobody.line());
+    let rss = rss_kib(pid);
+    eprintln!(
+        "devices.json {size} bytes; {opens} opens by root and {n:?} by nobody: daemon RSS {rss0} -> {rss} KiB"
+    );
+    assert!(
+        rss < rss0 + bound,
+        "daemon RSS {rss0} -> {rss} KiB with {opens} opens of a {size}-byte file"
+    );
+    let share = pool_json(&m)["fuse"]["handles"]["share"].as_u64().unwrap() as usize;
+    assert_eq!(n[0].0 + n[1].0, share, "nobody's opens: {n:?}");
+    assert_eq!(n[1].1, libc::EMFILE, "nobody's opens: {n:?}");
+    drop(root);
+    drop(nobody);
+}
