@@ -106,6 +106,13 @@ pub struct Held {
     pin: Option<Pin>,
 }
 
+impl Held {
+    /// What it holds.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+}
+
 impl Drop for Held {
     fn drop(&mut self) {
         self.budget.give_back(self.uid, self.kind, self.pin);

@@ -3,7 +3,7 @@
 //! checks permissions or changes a file runs with the caller's full
 //! credentials, passthrough backing files included.
 
-use super::budget::Kind;
+use super::budget::{Held, Kind};
 use super::identity::Need;
 use super::inode::{Inode, Real};
 use super::{Caller, Core, Handle, attr};
@@ -210,12 +210,28 @@ impl Core {
     /// kernel holds its own reference to the backing file, and fuser's
     /// `BackingId` is only the number). Otherwise the handle keeps `file`,
     /// which counts against the caller's share.
+    /// What a file open of `c` will hold, taken before the open (so that a
+    /// refused open truncates or creates nothing): a passthrough handle
+    /// when the kernel supports it, else a descriptor.
+    pub(super) fn take_for_open(&self, c: &Caller) -> Result<Held> {
+        let kind = if self.passthrough.load(Ordering::Relaxed) {
+            Kind::Light
+        } else {
+            Kind::Fd
+        };
+        self.budget.take(c.uid, kind, None)
+    }
+
+    /// `held` is what [`Core::take_for_open`] took; if the file gets no
+    /// passthrough after all, it keeps a descriptor, taken from the share.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn file_handle(
         &self,
         c: &Caller,
         i: &Inode,
         file: File,
         flags: i32,
+        held: Held,
         open_backing: impl FnOnce(&File) -> std::io::Result<BackingId>,
     ) -> Result<(u64, Option<Arc<BackingId>>)> {
         let r = self.real(i)?;
@@ -225,11 +241,11 @@ impl Core {
         } else {
             None
         };
-        let (kind, file) = match backing {
-            Some(_) => (Kind::Light, None),
-            None => (Kind::Fd, Some(file)),
+        let (held, file) = match backing {
+            Some(_) => (held, None),
+            None if held.kind() == Kind::Fd => (held, Some(file)),
+            None => (self.budget.take(c.uid, Kind::Fd, None)?, Some(file)),
         };
-        let held = self.budget.take(c.uid, kind, None)?;
         let open = r.mount.open_token(c.pid)?;
         if backing.is_some() {
             self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);

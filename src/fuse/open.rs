@@ -49,15 +49,18 @@ impl ThinFs {
                     Ok(r) => r,
                     Err(e) => return reply.error(errno("open", ino.0, &e)),
                 };
-                let file = match self.open_real(&c, r, flags.0) {
-                    Ok(f) => f,
+                let opened = self
+                    .take_for_open(&c)
+                    .and_then(|held| Ok((held, self.open_real(&c, r, flags.0)?)));
+                let (held, file) = match opened {
+                    Ok(v) => v,
                     Err(e) => return reply.error(errno("open", ino.0, &e)),
                 };
-                let (fh, backing) =
-                    match self.file_handle(&c, &i, file, flags.0, |f| reply.open_backing(f)) {
-                        Ok(v) => v,
-                        Err(e) => return reply.error(errno("open", ino.0, &e)),
-                    };
+                let backing = |f: &std::fs::File| reply.open_backing(f);
+                let (fh, backing) = match self.file_handle(&c, &i, file, flags.0, held, backing) {
+                    Ok(v) => v,
+                    Err(e) => return reply.error(errno("open", ino.0, &e)),
+                };
                 match backing {
                     Some(b) => {
                         reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &b)
@@ -86,16 +89,20 @@ impl ThinFs {
         reply: ReplyCreate,
     ) {
         let c = super::caller_of(req);
-        let r = self
-            .real_parent(parent.0, "create")
-            .and_then(|p| self.create_real(&c, self.real(&p)?, name, mode, umask, flags));
+        let r = self.real_parent(parent.0, "create").and_then(|p| {
+            let held = self.take_for_open(&c)?;
+            Ok((
+                held,
+                self.create_real(&c, self.real(&p)?, name, mode, umask, flags)?,
+            ))
+        });
         match r {
-            Ok((i, attr, file)) => {
-                let (fh, backing) =
-                    match self.file_handle(&c, &i, file, flags, |f| reply.open_backing(f)) {
-                        Ok(v) => v,
-                        Err(e) => return reply.error(errno("create", parent.0, &e)),
-                    };
+            Ok((held, (i, attr, file))) => {
+                let backing = |f: &std::fs::File| reply.open_backing(f);
+                let (fh, backing) = match self.file_handle(&c, &i, file, flags, held, backing) {
+                    Ok(v) => v,
+                    Err(e) => return reply.error(errno("create", parent.0, &e)),
+                };
                 // One TTL for both: a setuid file's entry goes uncached too.
                 let ttl = super::attr::ttl_for(&attr, self.opts.ttl);
                 match backing {
