@@ -374,3 +374,58 @@ fn thinfs_opens_share_one_copy() {
     drop(root);
     drop(nobody);
 }
+
+/// A file held open keeps working (fsync, fallocate, SEEK_DATA,
+/// ftruncate, copy_file_range, writes) after the daemon closed its inode's
+/// descriptor to stay within budget: an open file pins none, its handle
+/// holds none, and requests reopen the inode from its file handle.
+#[test]
+fn held_file_works_after_its_inode_descriptor_is_closed() {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::fd::AsRawFd;
+    let m = TestMount::start_wrapped("held-evicted", &["prlimit", "--nofile=300:300"], &[]);
+    std::fs::create_dir(m.path("base")).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(m.path("base/held"))
+        .unwrap();
+    f.write_all(b"hello").unwrap();
+    let mut other = std::fs::File::create(m.path("base/other")).unwrap();
+    // 400 more inodes than the budget of 150 descriptors can hold.
+    for i in 0..400 {
+        std::fs::write(m.path(&format!("base/f{i}")), b"x").unwrap();
+    }
+    let v = pool_json(&m);
+    let fds = v["fuse"]["inode_fds"].as_u64().unwrap();
+    assert!(fds <= 150, "inode descriptors {fds}");
+    f.sync_all().unwrap();
+    // SAFETY: a plain call on an open descriptor.
+    let e = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, 1 << 20) };
+    assert_eq!(e, 0, "posix_fallocate");
+    f.set_len(1 << 20).unwrap();
+    // SAFETY: a plain call on an open descriptor.
+    let data = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_DATA) };
+    assert_eq!(data, 0, "SEEK_DATA");
+    let (mut a, mut b) = (0i64, 0i64);
+    // SAFETY: both descriptors are open; the offsets point to i64s.
+    let n =
+        unsafe { libc::copy_file_range(f.as_raw_fd(), &mut a, other.as_raw_fd(), &mut b, 5, 0) };
+    assert_eq!(n, 5, "copy_file_range");
+    other.flush().unwrap();
+    f.set_len(5).unwrap();
+    f.seek(SeekFrom::End(0)).unwrap();
+    f.write_all(b" world").unwrap();
+    let mut s = String::new();
+    std::fs::File::open(m.path("base/held"))
+        .unwrap()
+        .read_to_string(&mut s)
+        .unwrap();
+    assert_eq!(s, "hello world");
+    assert_eq!(std::fs::read(m.path("base/other")).unwrap(), b"hello");
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", m.pid()))
+        .unwrap()
+        .count();
+    assert!(fds < 250, "daemon holds {fds} descriptors");
+}
