@@ -48,13 +48,6 @@ impl Reaped {
         BufReader::new(out).read_line(&mut line).expect("read");
         line
     }
-
-    /// Tell the child to go on (one line on its stdin).
-    fn go(&mut self) {
-        let i = self.0.stdin.as_mut().expect("stdin");
-        i.write_all(b"go\n").expect("write");
-        i.flush().expect("flush");
-    }
 }
 
 fn ok(o: &std::process::Output) -> String {
