@@ -203,13 +203,6 @@ impl Core {
         }
     }
 
-    /// Register an opened file of inode `i` as a handle; regular files get
-    /// the inode's passthrough backing id (made from the first opener with
-    /// `open_backing`) when the kernel supports passthrough. A passthrough
-    /// handle keeps no descriptor: `file` is closed once registered (the
-    /// kernel holds its own reference to the backing file, and fuser's
-    /// `BackingId` is only the number). Otherwise the handle keeps `file`,
-    /// which counts against the caller's share.
     /// What a file open of `c` will hold, taken before the open (so that a
     /// refused open truncates or creates nothing): a passthrough handle
     /// when the kernel supports it, else a descriptor.
@@ -222,6 +215,14 @@ impl Core {
         self.budget.take(c.uid, kind, None)
     }
 
+    /// Register an opened file of inode `i` as a handle; regular files get
+    /// the inode's passthrough backing id (made from the first opener with
+    /// `open_backing`) when the kernel supports passthrough. A passthrough
+    /// handle keeps no descriptor: `file` is closed once registered (the
+    /// kernel holds its own reference to the backing file, and fuser's
+    /// `BackingId` is only the number). Otherwise the handle keeps `file`,
+    /// which counts against the caller's share.
+    ///
     /// `held` is what [`Core::take_for_open`] took; if the file gets no
     /// passthrough after all, it keeps a descriptor, taken from the share.
     #[allow(clippy::too_many_arguments)]
