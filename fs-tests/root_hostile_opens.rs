@@ -181,20 +181,9 @@ fn held_by(m: &TestMount, uid: u32) -> (u64, u64) {
     )
 }
 
-/// `nobody` holds more opens than the daemon has descriptors (files,
-/// directories, `.thinfs` files; two processes, each with its own limit
-/// raised): root and another user still open, create, list another image,
-/// snapshot and use the CLI; nobody alone gets EMFILE, past its share.
-#[test]
-fn hostile_opens_leave_root_and_others_working() {
-    let limit = 400;
-    let arg = format!("--nofile={limit}:{limit}");
-    let m = TestMount::start_wrapped("hostile-opens", &["prlimit", &arg], &[]);
-    let v = pool_json(&m);
-    assert_eq!(
-        v["fuse"]["passthrough"], true,
-        "this test needs passthrough"
-    );
+/// Images `base` (1777, with a file `pub` and a directory `d`) and
+/// `other` (with a file `keep`); the opener script, returned.
+fn setup_images(m: &TestMount) -> std::path::PathBuf {
     std::fs::create_dir(m.path("base")).unwrap();
     std::fs::create_dir(m.path("other")).unwrap();
     std::fs::write(m.path("other/keep"), b"other").unwrap();
@@ -203,29 +192,23 @@ fn hostile_opens_leave_root_and_others_working() {
     std::fs::create_dir(m.path("base/d")).unwrap();
     let script = m.scratch.path().join("opener.py");
     std::fs::write(&script, OPENER).unwrap();
-    let targets = |files: usize, dirs: usize, ctl: usize| {
-        vec![
-            m.path("base/pub").display().to_string(),
-            files.to_string(),
-            m.path("base/d").display().to_string(),
-            dirs.to_string(),
-            m.path(".thinfs/tree").display().to_string(),
-            ctl.to_string(),
-        ]
-    };
-    // Two processes of nobody: 2 x (300 files + 150 dirs + 100 .thinfs
-    // files) = 1100 opens asked for, against the daemon's 400 descriptors.
-    let mut hogs = Vec::new();
-    let mut got = Vec::new();
-    for _ in 0..2 {
-        let mut h = Reaped::python_as(65534, &script, &targets(300, 150, 100));
-        got.push(opened(&h.line()));
-        hogs.push(h);
-    }
-    eprintln!("nobody's opens (held:errno per kind): {got:?}");
+    script
+}
 
-    // While nobody holds them: root works.
-    let cli = ok(&m.cli(&["list", "-o", "name", "-H"]));
+/// While nobody holds its opens: root opens, creates, lists another image,
+/// snapshots it and uses the CLI; another user opens, creates and lists,
+/// directories and `.thinfs` files included.
+fn root_and_another_user_work(m: &TestMount) {
+    // Root works.
+    // The CLI with a time limit: a starved daemon never answers it.
+    let cli = Command::new("timeout")
+        .arg("20")
+        .arg(thinfs_bin())
+        .args(["list", "-o", "name", "-H"])
+        .env("THINFS_SOCKET", m.socket())
+        .output()
+        .expect("run thinfs");
+    let cli = ok(&cli);
     assert_eq!(cli, "base\nother\n");
     std::fs::write(m.path("base/root-new"), b"root").unwrap();
     assert_eq!(std::fs::read(m.path("base/root-new")).unwrap(), b"root");
@@ -251,10 +234,53 @@ fn hostile_opens_leave_root_and_others_working() {
             m.path("other").display(),
             m.path(".thinfs/tree").display(),
             m.path(".thinfs/info").display(),
-            m.cli_sh("list >/dev/null")
+            m.cli_sh("list >/dev/null").replacen(
+                "THINFS_SOCKET",
+                "timeout 20 env THINFS_SOCKET",
+                1
+            )
         ),
     );
     assert!(good, "another user: {out}");
+}
+
+/// `nobody` holds more opens than the daemon has descriptors (files,
+/// directories, `.thinfs` files; two processes, each with its own limit
+/// raised): root and another user still open, create, list another image,
+/// snapshot and use the CLI; nobody alone gets EMFILE, past its share.
+#[test]
+fn hostile_opens_leave_root_and_others_working() {
+    let limit = 400;
+    let arg = format!("--nofile={limit}:{limit}");
+    let m = TestMount::start_wrapped("hostile-opens", &["prlimit", &arg], &[]);
+    let v = pool_json(&m);
+    assert_eq!(
+        v["fuse"]["passthrough"], true,
+        "this test needs passthrough"
+    );
+    let script = setup_images(&m);
+    let targets = |files: usize, dirs: usize, ctl: usize| {
+        vec![
+            m.path("base/pub").display().to_string(),
+            files.to_string(),
+            m.path("base/d").display().to_string(),
+            dirs.to_string(),
+            m.path(".thinfs/tree").display().to_string(),
+            ctl.to_string(),
+        ]
+    };
+    // Two processes of nobody: 2 x (300 files + 150 dirs + 100 .thinfs
+    // files) = 1100 opens asked for, against the daemon's 400 descriptors.
+    let mut hogs = Vec::new();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let mut h = Reaped::python_as(65534, &script, &targets(300, 150, 100));
+        got.push(opened(&h.line()));
+        hogs.push(h);
+    }
+    eprintln!("nobody's opens (held:errno per kind): {got:?}");
+
+    root_and_another_user_work(&m);
     // A third process of nobody is refused directories and .thinfs files,
     // at once, but still opens files (passthrough: no descriptor held).
     let mut third = Reaped::python_as(65534, &script, &targets(50, 1, 1));
@@ -306,6 +332,36 @@ fn hostile_opens_leave_root_and_others_working() {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+}
+
+/// The same without kernel passthrough (as on kernels before 6.9): every
+/// open file keeps a descriptor in the daemon, so nobody's file opens stop
+/// at its share, and everyone else keeps working.
+#[test]
+fn hostile_opens_without_passthrough_stop_at_the_share() {
+    let limit = 400;
+    let arg = format!("--nofile={limit}:{limit}");
+    let wrapper = ["env", "THINFS_NO_PASSTHROUGH=1", "prlimit", &arg];
+    let m = TestMount::start_wrapped("hostile-opens-nopt", &wrapper, &[]);
+    let script = setup_images(&m);
+    let file = m.path("base/pub").display().to_string();
+    let mut hogs = Vec::new();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let mut h = Reaped::python_as(65534, &script, &[file.clone(), "300".into()]);
+        got.push(opened(&h.line()));
+        hogs.push(h);
+    }
+    eprintln!("nobody's opens without passthrough: {got:?}");
+    root_and_another_user_work(&m);
+    let v = pool_json(&m);
+    assert_eq!(v["fuse"]["passthrough"], false);
+    let share = v["fuse"]["handles"]["share"].as_u64().unwrap() as usize;
+    assert_eq!(got[0][0].0 + got[1][0].0, share, "{got:?}");
+    assert_eq!(got[1][0].1, libc::EMFILE, "{got:?}");
+    let fds = v["fuse"]["handles"]["by_uid"]["65534"]["fds"].as_u64();
+    assert_eq!(fds, Some(share as u64), "{v}");
+    drop(hogs);
 }
 
 /// Resident memory of a process, in KiB.

@@ -18,10 +18,18 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
+/// Test hook: `THINFS_NO_PASSTHROUGH` set serves files as on a kernel
+/// without passthrough (every open keeps a descriptor). Read only in test
+/// builds (the `failpoints` feature).
+fn passthrough_off_for_tests() -> bool {
+    cfg!(feature = "failpoints") && std::env::var_os("THINFS_NO_PASSTHROUGH").is_some()
+}
+
 impl Filesystem for ThinFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let caps = config.capabilities();
         if caps.contains(InitFlags::FUSE_PASSTHROUGH)
+            && !passthrough_off_for_tests()
             && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
             && config.set_max_stack_depth(1).is_ok()
         {
