@@ -273,6 +273,18 @@ impl Core {
     /// open file keeps its rights on ext4 whatever chmod does later; the
     /// operation itself runs as the caller where it matters.
     fn file_of<'a>(&self, h: &'a Handle) -> Result<FileRef<'a>> {
+        self.file_of_as(h, None)
+    }
+
+    /// [`Core::file_of`], reopened read-only when `read_only` (fsync and
+    /// lseek need no more; a writable descriptor closed after the request
+    /// would make ext4 flush delayed allocations early, and could not be
+    /// reopened on a file made immutable since).
+    fn file_of_read_only<'a>(&self, h: &'a Handle) -> Result<FileRef<'a>> {
+        self.file_of_as(h, Some(libc::O_RDONLY))
+    }
+
+    fn file_of_as<'a>(&self, h: &'a Handle, mode: Option<i32>) -> Result<FileRef<'a>> {
         let Handle::File {
             ino, flags, file, ..
         } = h
@@ -287,7 +299,10 @@ impl Core {
         }
         let i = self.inodes.get(*ino)?;
         let r = self.real(&i)?;
-        let flags = flags & !(libc::O_TRUNC | libc::O_CREAT | libc::O_EXCL);
+        let mut flags = flags & !(libc::O_TRUNC | libc::O_CREAT | libc::O_EXCL);
+        if let Some(m) = mode {
+            flags = (flags & !libc::O_ACCMODE) | m;
+        }
         let f = file::reopen(r.fd(), flags).ctx(|| format!("reopen inode {ino:#x}"))?;
         Ok(FileRef::Reopened(f))
     }
@@ -346,7 +361,7 @@ impl Core {
         let h = self.handle(fh)?;
         match h.as_ref() {
             Handle::File { .. } => {
-                let f = self.file_of(&h)?;
+                let f = self.file_of_read_only(&h)?;
                 file::fsync(f.as_fd(), datasync).ctx(|| "fsync".into())
             }
             Handle::Dir { dir, .. } => {
@@ -375,7 +390,7 @@ impl Core {
 
     pub(super) fn lseek_fh(&self, fh: u64, off: i64, whence: i32) -> Result<i64> {
         let h = self.handle(fh)?;
-        let f = self.file_of(&h)?;
+        let f = self.file_of_read_only(&h)?;
         file::lseek(f.as_fd(), off, whence).ctx(|| "lseek".into())
     }
 
