@@ -105,3 +105,20 @@ pub fn no_group_class(a: &mut FileAttr) {
     a.gid = ROOT_GID;
     a.perm = 0o705;
 }
+
+/// How long the kernel may cache attributes `a`: `ttl`, except for a
+/// regular file with setuid or setgid, which gets none. A write, truncate
+/// or chown clears those bits on disk (ext4 does it as the writer), and
+/// the kernel learns nothing of it: a passthrough write never reaches the
+/// daemon, and after a write the kernel marks only size and times stale,
+/// so a `stat` asking for the mode alone (`stat -c %a`, `ls`) would show
+/// the bits for the whole TTL. With no caching, every such question
+/// reaches the inner file. Such files are few, and a `stat` of one costs a
+/// round trip.
+pub fn ttl_for(a: &FileAttr, ttl: Duration) -> Duration {
+    if a.kind == FileType::RegularFile && a.perm & 0o6000 != 0 {
+        Duration::ZERO
+    } else {
+        ttl
+    }
+}

@@ -6,9 +6,16 @@
 //! reported as 0, as in /proc; they are opened with direct I/O and read to
 //! their end), and a read goes through the service's usage cache
 //! (`service::usage`), which bounds the scans.
+//!
+//! Opens share renderings: an open that renders the same bytes as the last
+//! open of that file (or, for `devices.json`, comes from the same usage
+//! scan, which is not rendered again) gets the same copy, so any number of
+//! opens of an unchanged file cost one copy; each uid's opens may keep
+//! only a bounded number of bytes of distinct copies alive (`budget`).
+//! Virtual directory listings are shared the same way.
 
-use super::Core;
-use super::inode::ControlFile;
+use super::inode::{ControlFile, Inode};
+use super::{Core, VirtualEntry};
 use crate::engine::DeviceInfo;
 use crate::error::{Error, Result};
 use std::sync::Arc;
@@ -19,6 +26,25 @@ fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
         serde_json::to_vec_pretty(v).map_err(|e| Error::Corrupt(format!("encode json: {e}")))?;
     out.push(b'\n');
     Ok(out)
+}
+
+/// Files and listings whose last rendering is kept, at most.
+const CACHED: usize = 256;
+
+/// The last rendering of a `.thinfs` file.
+#[derive(Debug)]
+pub(super) struct Rendered {
+    data: Arc<[u8]>,
+    /// The usage scan it was made from (`devices.json`).
+    from: Option<Arc<Vec<DeviceInfo>>>,
+}
+
+/// Bytes a listing costs, about.
+pub(super) fn listing_bytes(entries: &[VirtualEntry]) -> usize {
+    entries
+        .iter()
+        .map(|e| e.2.len() + std::mem::size_of::<VirtualEntry>())
+        .sum()
 }
 
 impl Core {
@@ -33,6 +59,62 @@ impl Core {
             ControlFile::PoolJson | ControlFile::Tree => Ok(self.control_content(f)?.len() as u64),
             ControlFile::DevicesJson | ControlFile::Info(_) => Ok(0),
         }
+    }
+
+    /// Bytes of a `.thinfs` file for an open: fresh, but the same copy as
+    /// the last open's when nothing changed.
+    pub(super) fn control_shared(&self, f: ControlFile) -> Result<Arc<[u8]>> {
+        let (data, from) = match f {
+            ControlFile::DevicesJson => {
+                let devs = self.devices_with_usage()?;
+                if let Some(r) = self.contents.lock().get(&f)
+                    && r.from.as_ref().is_some_and(|d| Arc::ptr_eq(d, &devs))
+                {
+                    return Ok(r.data.clone());
+                }
+                (json(&*devs)?, Some(devs))
+            }
+            _ => (self.control_content(f)?, None),
+        };
+        let mut c = self.contents.lock();
+        if let Some(r) = c.get_mut(&f) {
+            if *r.data == *data {
+                r.from = from;
+                return Ok(r.data.clone());
+            }
+        } else if c.len() >= CACHED {
+            c.clear();
+        }
+        let data: Arc<[u8]> = data.into();
+        c.insert(
+            f,
+            Rendered {
+                data: data.clone(),
+                from,
+            },
+        );
+        Ok(data)
+    }
+
+    /// The listing of virtual directory `i` for an open: fresh, but the
+    /// same copy as the last open's when nothing changed.
+    pub(super) fn listing_shared(
+        &self,
+        i: &Inode,
+        entries: Vec<VirtualEntry>,
+    ) -> Arc<[VirtualEntry]> {
+        let mut c = self.listings.lock();
+        if let Some(l) = c.get(&i.ino)
+            && **l == *entries
+        {
+            return l.clone();
+        }
+        if c.len() >= CACHED && !c.contains_key(&i.ino) {
+            c.clear();
+        }
+        let l: Arc<[VirtualEntry]> = entries.into();
+        c.insert(i.ino, l.clone());
+        l
     }
 
     /// Bytes of a `.thinfs` file, made fresh.
@@ -52,6 +134,7 @@ impl Core {
                         "inode_fds": self.inodes.counts().1,
                         "mounted_devices": self.engine.live_mounts(),
                         "max_mounts_per_device": self.engine.mount_census().1,
+                        "handles": self.budget.report(),
                     }
                 });
                 json(&v)

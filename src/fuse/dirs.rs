@@ -3,6 +3,7 @@
 //! root listing of an image (and `lost+found` from a snapshot's) unless the
 //! mount shows them.
 
+use super::budget::{Kind, Pin};
 use super::inode::{self, Inode, Node};
 use super::namespace::SNAPDIR;
 use super::{Caller, Core, Handle, attr};
@@ -21,6 +22,7 @@ impl Core {
         let h = match &i.node {
             Node::Real(_) => {
                 let r = self.real(i)?;
+                let held = self.budget.take(c.uid, Kind::Fd, None)?;
                 let dir = self.as_user(
                     c,
                     || "opendir".into(),
@@ -32,6 +34,7 @@ impl Core {
                     dev: r.dev,
                     is_root: r.is_root,
                     _open: r.mount.open_token(c.pid)?,
+                    _held: held,
                 }
             }
             Node::ControlFile(_) => {
@@ -50,7 +53,13 @@ impl Core {
                     (parent, FileType::Directory, "..".into()),
                 ];
                 entries.extend(self.virtual_entries(i)?);
-                Handle::Virtual { entries }
+                let entries = self.listing_shared(i, entries);
+                let pin = Pin::of(&entries, super::control::listing_bytes(&entries));
+                let held = self.budget.take(c.uid, Kind::Memory, Some(pin))?;
+                Handle::Virtual {
+                    entries,
+                    _held: held,
+                }
             }
         };
         Ok(self.add_handle(h))
@@ -59,7 +68,7 @@ impl Core {
     pub(super) fn readdir_fh(&self, fh: u64, offset: u64, mut reply: ReplyDirectory) -> Result<()> {
         let h = self.handle(fh)?;
         match h.as_ref() {
-            Handle::Virtual { entries } => {
+            Handle::Virtual { entries, .. } => {
                 for (idx, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
                     if reply.add(INodeNo(*ino), idx as u64 + 1, *kind, name) {
                         break;

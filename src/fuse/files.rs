@@ -3,6 +3,7 @@
 //! checks permissions or changes a file runs with the caller's full
 //! credentials, passthrough backing files included.
 
+use super::budget::{Held, Kind};
 use super::identity::Need;
 use super::inode::{Inode, Real};
 use super::{Caller, Core, Handle, attr};
@@ -16,6 +17,23 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::UNIX_EPOCH;
+
+/// The file a request on a handle works on: the handle's own, or one
+/// reopened for this request (closed after it).
+enum FileRef<'a> {
+    Held(&'a File),
+    Reopened(File),
+}
+
+impl std::ops::Deref for FileRef<'_> {
+    type Target = File;
+    fn deref(&self) -> &File {
+        match self {
+            FileRef::Held(f) => f,
+            FileRef::Reopened(f) => f,
+        }
+    }
+}
 
 fn timespec(t: Option<TimeOrNow>) -> libc::timespec {
     match t {
@@ -82,11 +100,14 @@ impl Core {
                 None => None,
             };
             match h.as_deref() {
-                Some(Handle::File { file: f, .. }) => self.as_user(
-                    c,
-                    || "ftruncate".into(),
-                    || file::ftruncate(f.as_fd(), size),
-                )?,
+                Some(h @ Handle::File { .. }) => {
+                    let f = self.file_of(h)?;
+                    self.as_user(
+                        c,
+                        || "ftruncate".into(),
+                        || file::ftruncate(f.as_fd(), size),
+                    )?
+                }
                 _ => self.as_user(c, || "truncate".into(), || file::truncate(r.fd(), size))?,
             }
         }
@@ -182,31 +203,61 @@ impl Core {
         }
     }
 
+    /// What a file open of `c` will hold, taken before the open (so that a
+    /// refused open truncates or creates nothing): a passthrough handle
+    /// when the kernel supports it, else a descriptor.
+    pub(super) fn take_for_open(&self, c: &Caller) -> Result<Held> {
+        let kind = if self.passthrough.load(Ordering::Relaxed) {
+            Kind::Light
+        } else {
+            Kind::Fd
+        };
+        self.budget.take(c.uid, kind, None)
+    }
+
     /// Register an opened file of inode `i` as a handle; regular files get
     /// the inode's passthrough backing id (made from the first opener with
-    /// `open_backing`) when the kernel supports passthrough.
+    /// `open_backing`) when the kernel supports passthrough. A passthrough
+    /// handle keeps no descriptor: `file` is closed once registered (the
+    /// kernel holds its own reference to the backing file, and fuser's
+    /// `BackingId` is only the number). Otherwise the handle keeps `file`,
+    /// which counts against the caller's share.
+    ///
+    /// `held` is what [`Core::take_for_open`] took; if the file gets no
+    /// passthrough after all, it keeps a descriptor, taken from the share.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn file_handle(
         &self,
         c: &Caller,
         i: &Inode,
         file: File,
-        writable: bool,
+        flags: i32,
+        held: Held,
         open_backing: impl FnOnce(&File) -> std::io::Result<BackingId>,
     ) -> Result<(u64, Option<Arc<BackingId>>)> {
         let r = self.real(i)?;
-        let open = r.mount.open_token(c.pid)?;
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let backing = if r.fmt == libc::S_IFREG {
             self.backing_for(c, i, &file, writable, open_backing)
         } else {
             None
         };
+        let (held, file) = match backing {
+            Some(_) => (held, None),
+            None if held.kind() == Kind::Fd => (held, Some(file)),
+            None => (self.budget.take(c.uid, Kind::Fd, None)?, Some(file)),
+        };
+        let open = r.mount.open_token(c.pid)?;
         if backing.is_some() {
             self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
         }
         let fh = self.add_handle(Handle::File {
+            ino: i.ino,
+            flags,
             file,
             _backing: backing.clone(),
             _open: open,
+            _held: held,
         });
         Ok((fh, backing))
     }
@@ -216,22 +267,57 @@ impl Core {
         drop(self.drop_handle(fh));
     }
 
-    fn file_of(&self, fh: u64) -> Result<Arc<Handle>> {
-        let h = self.handle(fh)?;
-        match h.as_ref() {
-            Handle::File { .. } | Handle::Content(_) => Ok(h),
-            _ => Err(Error::io(
-                "not a file handle",
-                std::io::Error::from_raw_os_error(libc::EISDIR),
-            )),
+    /// The file of a handle: its own descriptor, or (passthrough) the
+    /// inode reopened with the open's flags. Reopened as the daemon: the
+    /// caller's right to the file was checked when it opened it, and an
+    /// open file keeps its rights on ext4 whatever chmod does later; the
+    /// operation itself runs as the caller where it matters.
+    fn file_of<'a>(&self, h: &'a Handle) -> Result<FileRef<'a>> {
+        self.file_of_as(h, None)
+    }
+
+    /// [`Core::file_of`], reopened read-only when `read_only` (fsync and
+    /// lseek need no more; a writable descriptor closed after the request
+    /// would make ext4 flush delayed allocations early, and could not be
+    /// reopened on a file made immutable since).
+    fn file_of_read_only<'a>(&self, h: &'a Handle) -> Result<FileRef<'a>> {
+        self.file_of_as(h, Some(libc::O_RDONLY))
+    }
+
+    fn file_of_as<'a>(&self, h: &'a Handle, mode: Option<i32>) -> Result<FileRef<'a>> {
+        let Handle::File {
+            ino, flags, file, ..
+        } = h
+        else {
+            return Err(Error::io(
+                "not a file in an image",
+                std::io::Error::from_raw_os_error(libc::EBADF),
+            ));
+        };
+        if let Some(f) = file {
+            return Ok(FileRef::Held(f));
         }
+        let i = self.inodes.get(*ino)?;
+        let r = self.real(&i)?;
+        let mut flags = flags & !(libc::O_TRUNC | libc::O_CREAT | libc::O_EXCL);
+        if let Some(m) = mode {
+            flags = (flags & !libc::O_ACCMODE) | m;
+        }
+        let f = file::reopen(r.fd(), flags).ctx(|| format!("reopen inode {ino:#x}"))?;
+        Ok(FileRef::Reopened(f))
     }
 
     pub(super) fn read_fh(&self, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
-        let h = self.file_of(fh)?;
+        let h = self.handle(fh)?;
         match h.as_ref() {
-            Handle::File { file: f, .. } => {
+            Handle::Content { data, .. } => {
+                let start = (off as usize).min(data.len());
+                let end = (start + size as usize).min(data.len());
+                Ok(data[start..end].to_vec())
+            }
+            Handle::File { .. } => {
+                let f = self.file_of(&h)?;
                 let mut buf = vec![0u8; size as usize];
                 let mut done = 0;
                 while done < buf.len() {
@@ -246,47 +332,42 @@ impl Core {
                 buf.truncate(done);
                 Ok(buf)
             }
-            Handle::Content(data) => {
-                let start = (off as usize).min(data.len());
-                let end = (start + size as usize).min(data.len());
-                Ok(data[start..end].to_vec())
-            }
-            _ => Err(Error::Invalid("read of a directory".into())),
+            _ => Err(Error::io(
+                "read of a directory",
+                std::io::Error::from_raw_os_error(libc::EISDIR),
+            )),
         }
     }
 
     /// Write as the caller (so that ext4 clears setuid/setgid as for them).
     pub(super) fn write_fh(&self, c: &Caller, fh: u64, off: u64, data: &[u8]) -> Result<u32> {
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
-        let h = self.file_of(fh)?;
+        let h = self.handle(fh)?;
         match h.as_ref() {
-            Handle::File { file: f, .. } => {
+            Handle::File { .. } => {
+                let f = self.file_of(&h)?;
                 self.as_user(c, || "write".into(), || f.write_all_at(data, off))?;
                 Ok(data.len() as u32)
             }
-            _ => Err(Error::ReadOnly(".thinfs files are read-only".into())),
+            Handle::Content { .. } => Err(Error::ReadOnly(".thinfs files are read-only".into())),
+            _ => Err(Error::io(
+                "write to a directory",
+                std::io::Error::from_raw_os_error(libc::EISDIR),
+            )),
         }
     }
 
     pub(super) fn fsync_fh(&self, fh: u64, datasync: bool) -> Result<()> {
         let h = self.handle(fh)?;
         match h.as_ref() {
-            Handle::File { file: f, .. } => file::fsync(f.as_fd(), datasync).ctx(|| "fsync".into()),
+            Handle::File { .. } => {
+                let f = self.file_of_read_only(&h)?;
+                file::fsync(f.as_fd(), datasync).ctx(|| "fsync".into())
+            }
             Handle::Dir { dir, .. } => {
                 file::fsync(dir.lock().as_fd(), datasync).ctx(|| "fsyncdir".into())
             }
             _ => Ok(()),
-        }
-    }
-
-    fn real_file(&self, fh: u64) -> Result<Arc<Handle>> {
-        let h = self.handle(fh)?;
-        match h.as_ref() {
-            Handle::File { .. } => Ok(h),
-            _ => Err(Error::io(
-                "not a file in an image",
-                std::io::Error::from_raw_os_error(libc::EBADF),
-            )),
         }
     }
 
@@ -298,10 +379,8 @@ impl Core {
         len: u64,
         mode: i32,
     ) -> Result<()> {
-        let h = self.real_file(fh)?;
-        let Handle::File { file: f, .. } = h.as_ref() else {
-            return Err(Error::Invalid("fallocate".into()));
-        };
+        let h = self.handle(fh)?;
+        let f = self.file_of(&h)?;
         self.as_user(
             c,
             || "fallocate".into(),
@@ -310,10 +389,8 @@ impl Core {
     }
 
     pub(super) fn lseek_fh(&self, fh: u64, off: i64, whence: i32) -> Result<i64> {
-        let h = self.real_file(fh)?;
-        let Handle::File { file: f, .. } = h.as_ref() else {
-            return Err(Error::Invalid("lseek".into()));
-        };
+        let h = self.handle(fh)?;
+        let f = self.file_of_read_only(&h)?;
         file::lseek(f.as_fd(), off, whence).ctx(|| "lseek".into())
     }
 
@@ -327,13 +404,9 @@ impl Core {
         off_out: u64,
         len: u64,
     ) -> Result<u64> {
-        let a = self.real_file(fin)?;
-        let b = self.real_file(fout)?;
-        let (Handle::File { file: fa, .. }, Handle::File { file: fb, .. }) =
-            (a.as_ref(), b.as_ref())
-        else {
-            return Err(Error::Invalid("copy_file_range".into()));
-        };
+        let a = self.handle(fin)?;
+        let b = self.handle(fout)?;
+        let (fa, fb) = (self.file_of(&a)?, self.file_of(&b)?);
         self.as_user(
             c,
             || "copy_file_range".into(),

@@ -29,7 +29,7 @@ const SNAPDIR_LOW: u64 = (1 << INNER_BITS) - 1;
 pub const INFO_INO: u64 = 6;
 
 /// Files in `.thinfs`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ControlFile {
     /// `.thinfs/info/NAME[@SNAP]`: one device, JSON.
     Info(DeviceId),
@@ -278,9 +278,11 @@ impl InodeTable {
         let mut cands: Vec<(u64, u64)> = m
             .values()
             .filter(|i| {
-                Arc::strong_count(i) == 1
-                    && matches!(&i.node, Node::Real(r) if !r.is_root)
-                    && i.backing.lock().strong_count() == 0
+                // An open file does not pin its inode's descriptor: its
+                // handle reopens the inode (from its file handle if need
+                // be) when a request needs the file, and the passthrough
+                // registration lives in the inode, which stays.
+                Arc::strong_count(i) == 1 && matches!(&i.node, Node::Real(r) if !r.is_root)
             })
             .map(|i| (i.used.load(Ordering::Relaxed), i.ino))
             .collect();

@@ -8,12 +8,14 @@
 //! `namespace` (virtual directories, service calls), `holders` (what the
 //! engine asks of the mount, kernel invalidation, idle expiry), `entries` (lookup,
 //! create, link, rename... inside images), `files` (open, read, write,
-//! setattr, xattrs...), `dirs` (readdir), `control` (`.thinfs` content),
+//! setattr, xattrs...), `dirs` (readdir), `control` (`.thinfs` content,
+//! shared between opens), `budget` (what each uid's open handles may hold),
 //! `identity` (acting as the caller), `ops` (the `fuser::Filesystem` trait), `dispatch` (virtual or inner path
 //! by the kind of inode), `open` (open and create replies), `reply` (error
 //! to errno).
 
 mod attr;
+mod budget;
 mod control;
 mod dirs;
 mod dispatch;
@@ -80,15 +82,27 @@ pub struct Stats {
     pub group_reads: AtomicU64,
 }
 
-/// An open file or directory.
+/// An entry of a virtual directory listing.
+type VirtualEntry = (u64, fuser::FileType, OsString);
+
+/// An open file or directory. Each holds what it costs against its
+/// opener's share (`budget`), given back when the handle goes.
 #[derive(Debug)]
 enum Handle {
     File {
-        file: File,
+        /// The inode, to reopen the file when a request needs it.
+        ino: u64,
+        /// The open's flags, for that reopening.
+        flags: i32,
+        /// The daemon's own descriptor: only without passthrough. With
+        /// passthrough the kernel holds the backing file, and requests
+        /// that reach the daemon (fsync, fallocate, lseek...) reopen it.
+        file: Option<File>,
         /// Shares the inode's passthrough registration while open.
         _backing: Option<Arc<BackingId>>,
         /// Keeps the device from going offline; dropped after the file.
         _open: OpenToken,
+        _held: budget::Held,
     },
     Dir {
         dir: Mutex<File>,
@@ -96,11 +110,18 @@ enum Handle {
         is_root: bool,
         /// Keeps the device from going offline; dropped after the file.
         _open: OpenToken,
+        _held: budget::Held,
     },
     Virtual {
-        entries: Vec<(u64, fuser::FileType, OsString)>,
+        /// Shared by the handles that opened the same listing.
+        entries: Arc<[VirtualEntry]>,
+        _held: budget::Held,
     },
-    Content(Vec<u8>),
+    /// A `.thinfs` file: the rendering shared by the opens that saw it.
+    Content {
+        data: Arc<[u8]>,
+        _held: budget::Held,
+    },
 }
 
 /// The caller of a FUSE request, as the service sees it.
@@ -136,6 +157,12 @@ pub struct Core {
     passthrough: AtomicBool,
     stats: Arc<Stats>,
     notifier: std::sync::OnceLock<fuser::Notifier>,
+    /// Per-uid bounds on what open handles hold.
+    budget: Arc<budget::Budget>,
+    /// The last rendering of each `.thinfs` file, shared by its opens.
+    contents: Mutex<HashMap<inode::ControlFile, control::Rendered>>,
+    /// The last listing of each virtual directory, shared by its opens.
+    listings: Mutex<HashMap<u64, Arc<[VirtualEntry]>>>,
 }
 
 impl ThinFs {
@@ -166,6 +193,9 @@ impl Core {
             passthrough: AtomicBool::new(false),
             stats: Arc::new(Stats::default()),
             notifier: std::sync::OnceLock::new(),
+            budget: Arc::new(budget::Budget::from_rlimit()),
+            contents: Mutex::new(HashMap::new()),
+            listings: Mutex::new(HashMap::new()),
         }
     }
 

@@ -1,6 +1,7 @@
 //! open and create of files: the handle, the passthrough registration
 //! (made as the caller) and the reply that carries both.
 
+use super::budget::{Kind, Pin};
 use super::inode::Node;
 use super::reply::{errno, no};
 use super::{Handle, ThinFs};
@@ -33,11 +34,13 @@ impl ThinFs {
                         &Error::ReadOnly(".thinfs is read-only".into()),
                     ));
                 }
-                match self.control_content(*f) {
-                    Ok(data) => {
-                        let fh = self.add_handle(Handle::Content(data));
-                        reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
-                    }
+                let r = self.control_shared(*f).and_then(|data| {
+                    let pin = Pin::of(&data, data.len());
+                    let held = self.budget.take(c.uid, Kind::Memory, Some(pin))?;
+                    Ok(self.add_handle(Handle::Content { data, _held: held }))
+                });
+                match r {
+                    Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
                     Err(e) => reply.error(errno("open", ino.0, &e)),
                 }
             }
@@ -46,16 +49,18 @@ impl ThinFs {
                     Ok(r) => r,
                     Err(e) => return reply.error(errno("open", ino.0, &e)),
                 };
-                let file = match self.open_real(&c, r, flags.0) {
-                    Ok(f) => f,
+                let opened = self
+                    .take_for_open(&c)
+                    .and_then(|held| Ok((held, self.open_real(&c, r, flags.0)?)));
+                let (held, file) = match opened {
+                    Ok(v) => v,
                     Err(e) => return reply.error(errno("open", ino.0, &e)),
                 };
-                let writable = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
-                let (fh, backing) =
-                    match self.file_handle(&c, &i, file, writable, |f| reply.open_backing(f)) {
-                        Ok(v) => v,
-                        Err(e) => return reply.error(errno("open", ino.0, &e)),
-                    };
+                let backing = |f: &std::fs::File| reply.open_backing(f);
+                let (fh, backing) = match self.file_handle(&c, &i, file, flags.0, held, backing) {
+                    Ok(v) => v,
+                    Err(e) => return reply.error(errno("open", ino.0, &e)),
+                };
                 match backing {
                     Some(b) => {
                         reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &b)
@@ -84,20 +89,25 @@ impl ThinFs {
         reply: ReplyCreate,
     ) {
         let c = super::caller_of(req);
-        let r = self
-            .real_parent(parent.0, "create")
-            .and_then(|p| self.create_real(&c, self.real(&p)?, name, mode, umask, flags));
+        let r = self.real_parent(parent.0, "create").and_then(|p| {
+            let held = self.take_for_open(&c)?;
+            Ok((
+                held,
+                self.create_real(&c, self.real(&p)?, name, mode, umask, flags)?,
+            ))
+        });
         match r {
-            Ok((i, attr, file)) => {
-                let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
-                let (fh, backing) =
-                    match self.file_handle(&c, &i, file, writable, |f| reply.open_backing(f)) {
-                        Ok(v) => v,
-                        Err(e) => return reply.error(errno("create", parent.0, &e)),
-                    };
+            Ok((held, (i, attr, file))) => {
+                let backing = |f: &std::fs::File| reply.open_backing(f);
+                let (fh, backing) = match self.file_handle(&c, &i, file, flags, held, backing) {
+                    Ok(v) => v,
+                    Err(e) => return reply.error(errno("create", parent.0, &e)),
+                };
+                // One TTL for both: a setuid file's entry goes uncached too.
+                let ttl = super::attr::ttl_for(&attr, self.opts.ttl);
                 match backing {
                     Some(b) => reply.created_passthrough(
-                        &self.opts.ttl,
+                        &ttl,
                         &attr,
                         Generation(0),
                         FileHandle(fh),
@@ -105,7 +115,7 @@ impl ThinFs {
                         &b,
                     ),
                     None => reply.created(
-                        &self.opts.ttl,
+                        &ttl,
                         &attr,
                         Generation(0),
                         FileHandle(fh),

@@ -2,10 +2,10 @@
 //! the virtual or passthrough path by the kind of inode, and replies. Every
 //! error goes to the caller as an errno and to the log as one line.
 
-use super::ThinFs;
 use super::files::SetAttr;
 use super::inode::Node;
 use super::reply::{errno, no, reply_or};
+use super::{ThinFs, attr};
 use crate::error::Error;
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, FileHandle, Filesystem, FopenFlags, Generation,
@@ -18,10 +18,24 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
+/// Test hook: `THINFS_NO_PASSTHROUGH` set serves files as on a kernel
+/// without passthrough (every open keeps a descriptor). Read only in test
+/// builds (the `failpoints` feature).
+#[cfg(feature = "failpoints")]
+fn passthrough_off_for_tests() -> bool {
+    std::env::var_os("THINFS_NO_PASSTHROUGH").is_some()
+}
+
+#[cfg(not(feature = "failpoints"))]
+fn passthrough_off_for_tests() -> bool {
+    false
+}
+
 impl Filesystem for ThinFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let caps = config.capabilities();
         if caps.contains(InitFlags::FUSE_PASSTHROUGH)
+            && !passthrough_off_for_tests()
             && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
             && config.set_max_stack_depth(1).is_ok()
         {
@@ -61,12 +75,11 @@ impl Filesystem for ThinFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.entry_of(parent.0, name) {
             Ok((i, a)) => {
-                let ttl = if matches!(i.node, Node::ControlFile(_)) {
-                    Duration::ZERO
+                if matches!(i.node, Node::ControlFile(_)) {
+                    reply.entry(&Duration::ZERO, &a, Generation(0))
                 } else {
-                    self.opts.ttl
-                };
-                reply.entry(&ttl, &a, Generation(0))
+                    self.reply_entry(reply, &a)
+                }
             }
             // Inside an image every creation goes through this mount, so a
             // missing name may be cached as a negative entry.
@@ -90,13 +103,14 @@ impl Filesystem for ThinFs {
             .peek(ino.0)
             .map(|i| matches!(i.node, Node::ControlFile(_)))
             .unwrap_or(false);
-        let ttl = if control {
-            Duration::ZERO
-        } else {
-            self.opts.ttl
-        };
-        reply_or!(reply, "getattr", ino.0, self.attr_any(ino.0), |a| reply
-            .attr(&ttl, &a))
+        reply_or!(reply, "getattr", ino.0, self.attr_any(ino.0), |a| {
+            let ttl = if control {
+                Duration::ZERO
+            } else {
+                attr::ttl_for(&a, self.opts.ttl)
+            };
+            reply.attr(&ttl, &a)
+        })
     }
 
     fn setattr(
@@ -138,7 +152,7 @@ impl Filesystem for ThinFs {
             )
         });
         reply_or!(reply, "setattr", ino.0, r, |a| reply
-            .attr(&self.opts.ttl, &a))
+            .attr(&attr::ttl_for(&a, self.opts.ttl), &a))
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -163,11 +177,8 @@ impl Filesystem for ThinFs {
         let r = self
             .real_parent(parent.0, "mknod")
             .and_then(|p| self.mknod_real(&c, self.real(&p)?, name, mode, umask, rdev));
-        reply_or!(reply, "mknod", parent.0, r, |v| reply.entry(
-            &self.opts.ttl,
-            &v.1,
-            Generation(0)
-        ))
+        reply_or!(reply, "mknod", parent.0, r, |v| self
+            .reply_entry(reply, &v.1))
     }
 
     fn mkdir(
@@ -185,7 +196,7 @@ impl Filesystem for ThinFs {
             "mkdir",
             parent.0,
             self.mkdir_any(&c, parent.0, name, mode, umask),
-            |v| reply.entry(&self.opts.ttl, &v.1, Generation(0))
+            |v| self.reply_entry(reply, &v.1)
         )
     }
 
@@ -223,11 +234,8 @@ impl Filesystem for ThinFs {
         let r = self
             .real_parent(parent.0, "symlink")
             .and_then(|p| self.symlink_real(&c, self.real(&p)?, link_name, target.as_os_str()));
-        reply_or!(reply, "symlink", parent.0, r, |v| reply.entry(
-            &self.opts.ttl,
-            &v.1,
-            Generation(0)
-        ))
+        reply_or!(reply, "symlink", parent.0, r, |v| self
+            .reply_entry(reply, &v.1))
     }
 
     fn rename(
@@ -276,11 +284,7 @@ impl Filesystem for ThinFs {
             let p = self.real_parent(newparent.0, "link")?;
             self.link_real(&c, self.real(&i)?, self.real(&p)?, newname)
         })();
-        reply_or!(reply, "link", ino.0, r, |v| reply.entry(
-            &self.opts.ttl,
-            &v.1,
-            Generation(0)
-        ))
+        reply_or!(reply, "link", ino.0, r, |v| self.reply_entry(reply, &v.1))
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -563,5 +567,14 @@ impl Filesystem for ThinFs {
         let r = self.copy_range_fh(&c, fh_in.0, offset_in, fh_out.0, offset_out, len);
         reply_or!(reply, "copy_file_range", ino_in.0, r, |n| reply
             .written(n as u32))
+    }
+}
+
+impl ThinFs {
+    /// An entry reply: the name cached for the TTL, the attributes for as
+    /// long as [`attr::ttl_for`] allows.
+    fn reply_entry(&self, reply: ReplyEntry, a: &fuser::FileAttr) {
+        let ttl = self.opts.ttl;
+        reply.entry_with_ttls(&attr::ttl_for(a, ttl), &ttl, a, Generation(0))
     }
 }
