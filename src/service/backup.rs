@@ -160,7 +160,34 @@ impl Write for Hashing<'_> {
     }
 }
 
+/// Largest index a backup file may have, checked before any of it is
+/// read. The index holds about 67 bytes per [`CHUNK`] of sections (one
+/// hash each) plus names and labels: 1 GiB covers some 16 TiB of
+/// streams. `backup` refuses to write a larger one.
+pub const MAX_INDEX: u64 = 1 << 30;
+
+/// A reader that hashes what goes through.
+struct HashRead<R> {
+    inner: R,
+    hash: blake3::Hasher,
+}
+
+impl<R: Read> Read for HashRead<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
 /// Read and check a backup file's trailer and index.
+///
+/// Nothing is allocated from a length the file states: the index length
+/// is bounded ([`MAX_INDEX`], and the file), and the index is parsed as
+/// it is read, so the memory it takes follows the bytes really there (a
+/// sparse file that claims a huge index costs nothing). Every section must
+/// lie inside the file, before the index, in order, with one hash per
+/// [`CHUNK`].
 pub fn read_index(f: &mut File) -> Result<BackupIndex> {
     let io = |e| Error::io("read the backup file", e);
     let len = f.seek(SeekFrom::End(0)).map_err(io)?;
@@ -189,19 +216,76 @@ pub fn read_index(f: &mut File) -> Result<BackupIndex> {
     }
     let ilen = u64::from_le_bytes(t[..8].try_into().unwrap_or_default());
     if ilen > len - tail - MAGIC.len() as u64 {
-        return Err(Error::BadStream("the index length is damaged".into()));
-    }
-    let at = len - tail - ilen;
-    let mut idx = vec![0u8; ilen as usize];
-    f.seek(SeekFrom::Start(at)).map_err(io)?;
-    f.read_exact(&mut idx).map_err(io)?;
-    if blake3::hash(&idx).as_bytes()[..] != t[8..40] {
         return Err(Error::BadStream(format!(
-            "the index (bytes {at}..{}) is damaged",
-            at + ilen
+            "the index length is damaged ({ilen} bytes, more than the file holds)"
         )));
     }
-    serde_json::from_slice(&idx).map_err(|e| Error::BadStream(format!("the index: {e}")))
+    if ilen > MAX_INDEX {
+        return Err(Error::BadStream(format!(
+            "the index length is damaged ({ilen} bytes, over the limit of {MAX_INDEX})"
+        )));
+    }
+    let at = len - tail - ilen;
+    f.seek(SeekFrom::Start(at)).map_err(io)?;
+    let mut r = std::io::BufReader::new(HashRead {
+        inner: (&mut *f).take(ilen),
+        hash: blake3::Hasher::new(),
+    });
+    let damaged = |why: String| {
+        Error::BadStream(format!(
+            "the index (bytes {at}..{}) is damaged{why}",
+            at + ilen
+        ))
+    };
+    let parsed: serde_json::Result<BackupIndex> = serde_json::from_reader(&mut r);
+    let idx = match parsed {
+        Ok(idx) => idx,
+        Err(e) => match e.io_error_kind() {
+            Some(kind) => return Err(io(std::io::Error::new(kind, e))),
+            None => return Err(damaged(format!(": {e}"))),
+        },
+    };
+    // from_reader read to the end (only white space may follow): what is
+    // left, if anything, is hashed too.
+    std::io::copy(&mut r, &mut std::io::sink()).map_err(io)?;
+    if r.into_inner().hash.finalize().as_bytes()[..] != t[8..40] {
+        return Err(damaged(String::new()));
+    }
+    check_sections(&idx, at)?;
+    Ok(idx)
+}
+
+/// Every section inside the file (after the magic, before the index at
+/// `end`), in order, not overlapping, one hash per [`CHUNK`], the head
+/// last and only there.
+fn check_sections(idx: &BackupIndex, end: u64) -> Result<()> {
+    let bad = |why: String| Err(Error::BadStream(format!("the index: {why}")));
+    let mut next = MAGIC.len() as u64;
+    if idx.sections.last().is_none_or(|s| !s.head) {
+        return bad("its last section is not the image's head".into());
+    }
+    for (i, s) in idx.sections.iter().enumerate() {
+        if s.head && i + 1 != idx.sections.len() {
+            return bad(format!("section {i} is a second head"));
+        }
+        match s.offset.checked_add(s.length) {
+            Some(stop) if s.offset >= next && stop <= end => next = stop,
+            _ => {
+                return bad(format!(
+                    "section {i} at {}+{} lies outside bytes {next}..{end} of the file",
+                    s.offset, s.length
+                ));
+            }
+        }
+        if s.length.div_ceil(CHUNK) != s.hashes.len() as u64 {
+            return bad(format!(
+                "section {i} has {} hashes for {} bytes",
+                s.hashes.len(),
+                s.length
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Check every hash of a backup file; the first damage is the error, with
@@ -210,15 +294,6 @@ pub fn verify_file(f: &mut File, mut progress: impl FnMut(u64)) -> Result<Backup
     let idx = read_index(f)?;
     let mut buf = vec![0u8; CHUNK as usize];
     for s in &idx.sections {
-        let chunks = s.length.div_ceil(CHUNK);
-        if chunks != s.hashes.len() as u64 {
-            return Err(Error::BadStream(format!(
-                "section {} has {} hashes for {} bytes",
-                s.name,
-                s.hashes.len(),
-                s.length
-            )));
-        }
         f.seek(SeekFrom::Start(s.offset))
             .map_err(|e| Error::io("read the backup file", e))?;
         for (i, want) in s.hashes.iter().enumerate() {
@@ -333,6 +408,12 @@ impl Service {
             sections,
         };
         let json = serde_json::to_vec(&idx).map_err(|e| Error::Invalid(e.to_string()))?;
+        if json.len() as u64 > MAX_INDEX {
+            return Err(Error::Invalid(format!(
+                "the backup's index would take {} bytes, over the limit of {MAX_INDEX} that restore reads: back up fewer snapshots",
+                json.len()
+            )));
+        }
         let mut tail = json.clone();
         tail.extend_from_slice(&(json.len() as u64).to_le_bytes());
         tail.extend_from_slice(blake3::hash(&json).as_bytes());
@@ -371,7 +452,7 @@ impl Service {
                 "restore reads a backup FILE (it is checked whole before anything is made), not a pipe".into(),
             ));
         }
-        job.set_total(Some(st.len() * 2));
+        job.set_total(Some(st.len().saturating_mul(2)));
         let idx = verify_file(&mut input, |n| job.advance(n))?;
         let name = Name::fresh(req.name.as_deref().unwrap_or(&idx.image))?;
         if self.engine.image_id(&name)?.is_some() {
