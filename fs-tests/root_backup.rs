@@ -687,3 +687,34 @@ fn root_backup_restore_of_crafted_files_fails_alone() {
         assert!(!o.status.success() && err(&o).contains(want), "{}", err(&o));
     }
 }
+
+/// A panic in a stream (test failpoints: in the operation's thread, and in
+/// the stream's own thread once the operation is done) fails that request
+/// alone, with an answer that says so; the daemon, its control socket and
+/// the mount go on, and the next requests are served.
+#[test]
+fn root_backup_a_panic_in_a_stream_fails_that_request_alone() {
+    for fp in ["stream.panic", "stream.panic-watch"] {
+        let m = TestMount::start_wrapped(
+            "bk-panic",
+            &["env", &format!("THINFS_FAILPOINT={fp}")],
+            &[],
+        );
+        ok(&m.cli(&["create", "img"]));
+        sh(&format!("echo kept > {}/f", m.path("img").display()));
+        let pid = m.pid();
+        let s = Scratch::new("bk-panic-file");
+        let file = s.path().join("img.thinfs");
+        let f = file.to_str().unwrap();
+        for _ in 0..3 {
+            let o = m.cli(&["backup", "img", "-q", "-o", f]);
+            assert!(!o.status.success(), "{fp}: no failure");
+            assert!(err(&o).contains("panicked"), "{fp}: {}", err(&o));
+            assert!(alive(pid), "{fp}: the daemon died: {}", m.log());
+            let l = ok(&m.cli(&["list", "-t", "all", "-H", "-o", "name"]));
+            assert_eq!(l.trim(), "img", "{fp}: a temporary snapshot was left");
+            assert_eq!(std::fs::read(m.path("img/f")).unwrap(), b"kept\n");
+        }
+        assert!(m.log().contains(&format!("failpoint {fp}")), "{}", m.log());
+    }
+}
