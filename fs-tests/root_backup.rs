@@ -695,11 +695,8 @@ fn root_backup_restore_of_crafted_files_fails_alone() {
 #[test]
 fn root_backup_a_panic_in_a_stream_fails_that_request_alone() {
     for fp in ["stream.panic", "stream.panic-watch"] {
-        let m = TestMount::start_wrapped(
-            "bk-panic",
-            &["env", &format!("THINFS_FAILPOINT={fp}")],
-            &[],
-        );
+        let m =
+            TestMount::start_wrapped("bk-panic", &["env", &format!("THINFS_FAILPOINT={fp}")], &[]);
         ok(&m.cli(&["create", "img"]));
         sh(&format!("echo kept > {}/f", m.path("img").display()));
         let pid = m.pid();

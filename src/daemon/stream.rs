@@ -212,7 +212,9 @@ impl Streams {
 fn panicked() -> Error {
     Error::io(
         "the stream operation",
-        std::io::Error::other("it panicked (a bug, see the daemon's log); only this request failed"),
+        std::io::Error::other(
+            "it panicked (a bug, see the daemon's log); only this request failed",
+        ),
     )
 }
 
@@ -222,7 +224,11 @@ fn panicked() -> Error {
 #[cfg(feature = "failpoints")]
 fn panic_point(name: &str) {
     static FP: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    if FP.get_or_init(|| std::env::var("THINFS_FAILPOINT").ok()).as_deref() == Some(name) {
+    if FP
+        .get_or_init(|| std::env::var("THINFS_FAILPOINT").ok())
+        .as_deref()
+        == Some(name)
+    {
         panic!("failpoint {name}: a panic in a stream");
     }
 }
