@@ -560,3 +560,142 @@ impl Service {
         n
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Property tests of the backup reader (outside input): any mutation
+    //! of a valid file, or of its index with the trailer's hash made right
+    //! again, is refused with EBADMSG; a valid file verifies to its index.
+
+    use super::*;
+    use crate::stream::props::{apply, mutation};
+    use proptest::prelude::*;
+
+    /// A backup file of these sections (their bytes: `verify` checks only
+    /// hashes), with `index` edited by `edit` before it is sealed.
+    fn file_of(sections: &[Vec<u8>], edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+        let mut b = MAGIC.to_vec();
+        let mut secs = Vec::new();
+        let n = sections.len();
+        for (i, s) in sections.iter().enumerate() {
+            secs.push(Section {
+                name: format!("s{i}"),
+                head: i + 1 == n,
+                identity: String::new(),
+                base: None,
+                size: 1 << 30,
+                created: 0,
+                labels: BTreeMap::new(),
+                offset: b.len() as u64,
+                length: s.len() as u64,
+                hashes: s
+                    .chunks(CHUNK as usize)
+                    .map(|c| blake3::hash(c).to_hex().to_string())
+                    .collect(),
+            });
+            b.extend_from_slice(s);
+        }
+        let idx = BackupIndex {
+            image: "img".into(),
+            backend: "reflink".into(),
+            created: 0,
+            labels: BTreeMap::new(),
+            sections: secs,
+        };
+        let mut v = serde_json::to_value(&idx).unwrap();
+        edit(&mut v);
+        let json = serde_json::to_vec(&v).unwrap();
+        b.extend_from_slice(&json);
+        b.extend_from_slice(&(json.len() as u64).to_le_bytes());
+        b.extend_from_slice(blake3::hash(&json).as_bytes());
+        b.extend_from_slice(END);
+        b
+    }
+
+    fn verify(bytes: &[u8]) -> Result<BackupIndex> {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("thinfs-bkprops-{}-{n}", std::process::id()));
+        std::fs::write(&p, bytes).unwrap();
+        let mut f = File::open(&p).unwrap();
+        let _ = std::fs::remove_file(&p);
+        verify_file(&mut f, |_| {})
+    }
+
+    fn sections() -> impl Strategy<Value = Vec<Vec<u8>>> {
+        prop::collection::vec(prop::collection::vec(any::<u8>(), 0..300), 1..4)
+    }
+
+    /// A number that hurts, for an index field.
+    fn huge() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            Just(u64::MAX),
+            Just(1u64 << 63),
+            Just(1u64 << 40),
+            Just(u64::MAX - 15),
+            0u64..2000
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn files_verify_and_mutations_are_refused(
+            secs in sections(),
+            ms in prop::collection::vec(mutation(), 1..3),
+        ) {
+            let good = file_of(&secs, |_| {});
+            let idx = verify(&good).unwrap();
+            prop_assert_eq!(idx.sections.len(), secs.len());
+            let mut b = good.clone();
+            for m in &ms {
+                apply(&mut b, m);
+            }
+            match verify(&b) {
+                Ok(_) => prop_assert!(b == good, "a changed file verified"),
+                Err(e) => prop_assert_eq!(e.errno(), libc::EBADMSG, "{}", e),
+            }
+        }
+
+        #[test]
+        fn crafted_indexes_are_refused(
+            secs in sections(),
+            which in 0usize..4,
+            field in prop::sample::select(vec!["offset", "length", "hashes", "head"]),
+            v in huge(),
+        ) {
+            let b = file_of(&secs, |j| {
+                let s = &mut j["sections"][which % secs.len()];
+                s[field] = match field {
+                    "hashes" => serde_json::json!(vec!["00"; (v % 5) as usize]),
+                    "head" => serde_json::json!(v % 2 == 0),
+                    _ => serde_json::json!(v),
+                };
+            });
+            match verify(&b) {
+                Ok(idx) => {
+                    // Only a change that keeps the file's truth passes.
+                    for (s, data) in idx.sections.iter().zip(&secs) {
+                        prop_assert_eq!(s.length, data.len() as u64);
+                    }
+                }
+                Err(e) => prop_assert_eq!(e.errno(), libc::EBADMSG, "{}", e),
+            }
+        }
+    }
+
+    /// The file, small: a trailer that claims an index longer than
+    /// the bound (or the file) is refused before anything is read.
+    #[test]
+    fn index_lengths_are_bounded() {
+        let good = file_of(&[vec![1; 100]], |_| {});
+        let at = good.len() - END.len() - 40;
+        for ilen in [u64::MAX, MAX_INDEX + 1, good.len() as u64] {
+            let mut b = good.clone();
+            b[at..at + 8].copy_from_slice(&ilen.to_le_bytes());
+            let e = verify(&b).unwrap_err();
+            assert!(e.to_string().contains("index length is damaged"), "{e}");
+        }
+    }
+}
