@@ -239,6 +239,19 @@ fn tar_regressions() {
     let e = pax_sparse_map(&mut &long[..], 3 << 20, 1 << 40, b"f").unwrap_err();
     assert!(matches!(e, Error::BadStream(_)), "{e:?}");
     assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    // Metadata entries stating 1 TiB, or just over the 16 MiB bound, are
+    // refused before anything is allocated from their size (an attempt at
+    // 1 TiB would abort this test binary); a long name at the bound is
+    // read as far as the input goes.
+    for (kind, size) in [(b'x', 1u64 << 40), (b'L', (16 << 20) + 1), (b'L', 16 << 20)] {
+        let mut h = hdr(true, tar::EntryType::new(kind), 0o644, size);
+        h.set_path("././@meta").unwrap();
+        h.set_cksum();
+        let mut t = h.as_bytes().to_vec();
+        t.extend_from_slice(&[b'9'; 4096]);
+        let e = unpack(&t, |_| {}).unwrap_err();
+        assert!(matches!(e, Error::BadStream(_)), "{e:?}");
+    }
     // Every mutation kind applies to an empty input without panicking.
     let mut empty = Vec::new();
     apply(&mut empty, &Mutation::Truncate(3));
