@@ -252,6 +252,24 @@ fn tar_regressions() {
         let e = unpack(&t, |_| {}).unwrap_err();
         assert!(matches!(e, Error::BadStream(_)), "{e:?}");
     }
+    // A path of 8 MiB of `a/` (a GNU long name, within its 16 MiB):
+    // refused at once, not walked component by component.
+    let long = "a/".repeat(4 << 20);
+    let mut h = hdr(true, tar::EntryType::GNULongName, 0o644, long.len() as u64);
+    h.set_path("././@LongLink").unwrap();
+    h.set_cksum();
+    let mut t = h.as_bytes().to_vec();
+    t.extend_from_slice(long.as_bytes());
+    t.resize(t.len().div_ceil(512) * 512, 0);
+    let mut h = hdr(true, tar::EntryType::Directory, 0o755, 0);
+    h.set_path("x").unwrap();
+    h.set_cksum();
+    t.extend_from_slice(h.as_bytes());
+    t.extend_from_slice(&[0; 1024]);
+    let t0 = Instant::now();
+    let e = unpack(&t, |_| {}).unwrap_err();
+    assert!(e.to_string().contains("path of"), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
     // Every mutation kind applies to an empty input without panicking.
     let mut empty = Vec::new();
     apply(&mut empty, &Mutation::Truncate(3));
