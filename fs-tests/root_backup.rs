@@ -715,3 +715,38 @@ fn root_backup_a_panic_in_a_stream_fails_that_request_alone() {
         assert!(m.log().contains(&format!("failpoint {fp}")), "{}", m.log());
     }
 }
+
+/// A tree as deep as a user likes in an image (5000 directories, made
+/// through the mount): `export` walked it recursively on a 2 MiB stack and
+/// the stack overflow aborted the daemon. Now the export fails alone,
+/// naming the bound, and the daemon and mount go on (a tree at the bound
+/// exports: `service::tarwalk::tests::deep_trees_are_bounded`).
+#[test]
+fn root_backup_export_of_a_too_deep_tree_fails_alone() {
+    let m = TestMount::start("bk-deep");
+    ok(&m.cli(&["create", "img"]));
+    let pid = m.pid();
+    let top = m.path("img");
+    sh(&format!(
+        "python3 -c '
+import os
+fd = os.open(\"{}\", os.O_RDONLY | os.O_DIRECTORY)
+for i in range(5000):
+    os.mkdir(\"d\", dir_fd=fd)
+    n = os.open(\"d\", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+    os.close(fd)
+    fd = n
+'",
+        top.display()
+    ));
+    let s = Scratch::new("bk-deep-out");
+    let tar = s.path().join("t.tar");
+    let t = tar.to_str().unwrap();
+    let o = m.cli(&["export", "img", "-q", "-o", t]);
+    assert!(!o.status.success(), "exported?");
+    assert!(err(&o).contains("deeper than 1024"), "{}", err(&o));
+    assert!(alive(pid), "the daemon died: {}", m.log());
+    let l = ok(&m.cli(&["list", "-H", "-o", "name"]));
+    assert_eq!(l.trim(), "img");
+    assert!(std::fs::metadata(m.path("img/d/d/d")).unwrap().is_dir());
+}
