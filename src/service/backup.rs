@@ -255,11 +255,36 @@ pub fn read_index(f: &mut File) -> Result<BackupIndex> {
     Ok(idx)
 }
 
+/// Longest label value a backup may carry: what a `label` request can
+/// set (a request line is at most 64 KiB).
+pub const MAX_LABEL_VALUE: usize = 64 << 10;
+
+/// Labels as a `label` request could set them: keys of 1-255 bytes
+/// without `=` or NUL, values of at most [`MAX_LABEL_VALUE`].
+fn check_labels(labels: &BTreeMap<String, String>, whose: &str) -> Result<()> {
+    for (k, v) in labels {
+        if k.is_empty() || k.len() > 255 || k.contains('=') || k.contains('\0') {
+            return Err(Error::BadStream(format!(
+                "the index: {whose} has a bad label key {:?} (1-255 bytes, no '=' or NUL)",
+                crate::types::cut(k, crate::types::MAX_SHOWN)
+            )));
+        }
+        if v.len() > MAX_LABEL_VALUE {
+            return Err(Error::BadStream(format!(
+                "the index: {whose} has a label value of {} bytes (at most {MAX_LABEL_VALUE})",
+                v.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Every section inside the file (after the magic, before the index at
 /// `end`), in order, not overlapping, one hash per [`CHUNK`], the head
-/// last and only there.
+/// last and only there; labels as a request could set them.
 fn check_sections(idx: &BackupIndex, end: u64) -> Result<()> {
     let bad = |why: String| Err(Error::BadStream(format!("the index: {why}")));
+    check_labels(&idx.labels, "the image")?;
     let mut next = MAGIC.len() as u64;
     if idx.sections.last().is_none_or(|s| !s.head) {
         return bad("its last section is not the image's head".into());
@@ -277,6 +302,7 @@ fn check_sections(idx: &BackupIndex, end: u64) -> Result<()> {
                 ));
             }
         }
+        check_labels(&s.labels, &format!("section {i}"))?;
         if s.length.div_ceil(CHUNK) != s.hashes.len() as u64 {
             return bad(format!(
                 "section {i} has {} hashes for {} bytes",
@@ -683,6 +709,33 @@ mod tests {
                 Err(e) => prop_assert_eq!(e.errno(), libc::EBADMSG, "{}", e),
             }
         }
+    }
+
+    /// Labels a `label` request could not set (found in the audit: restore
+    /// stored them as they came) are refused before anything is made.
+    #[test]
+    fn labels_are_checked_like_requests() {
+        for (k, v) in [
+            ("", 1),
+            ("a=b", 1),
+            ("a\0", 1),
+            (&"k".repeat(256)[..], 1),
+            ("k", MAX_LABEL_VALUE + 1),
+        ] {
+            let b = file_of(&[vec![1; 10]], |j| {
+                j["sections"][0]["labels"] = serde_json::json!({ k: "v".repeat(v) });
+            });
+            let e = verify(&b).unwrap_err();
+            assert!(e.to_string().contains("label"), "{e}");
+            let b = file_of(&[vec![1; 10]], |j| {
+                j["labels"] = serde_json::json!({ k: "v".repeat(v) });
+            });
+            assert!(verify(&b).is_err());
+        }
+        let b = file_of(&[vec![1; 10]], |j| {
+            j["labels"] = serde_json::json!({ "k": "v".repeat(MAX_LABEL_VALUE) });
+        });
+        verify(&b).unwrap();
     }
 
     /// The file, small: a trailer that claims an index longer than
