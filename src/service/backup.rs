@@ -331,7 +331,7 @@ pub fn verify_file(f: &mut File, mut progress: impl FnMut(u64)) -> Result<Backup
                 let start = s.offset + from;
                 return Err(Error::BadStream(format!(
                     "damage in section {} ({}), at bytes {start}..{} of the file",
-                    s.name,
+                    crate::types::escape(&crate::types::cut(&s.name, crate::types::MAX_SHOWN)),
                     if s.head { "the head" } else { "a snapshot" },
                     start + n as u64
                 )));
