@@ -597,3 +597,156 @@ fn root_backup_cancelled_when_the_cli_goes_leaves_no_temporary_snapshot() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// Is process `pid` alive (not gone, not a zombie)?
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, r)| !r.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// A backup file of `len` bytes (sparse): the magic, then holes, then a
+/// trailer whose index length is `ilen` and whose hash is `hash`.
+fn crafted(path: &Path, len: u64, ilen: u64, index: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).unwrap();
+    f.write_all_at(b"THINFS-BACKUP-1\n", 0).unwrap();
+    f.set_len(len).unwrap();
+    let mut tail = ilen.to_le_bytes().to_vec();
+    tail.extend_from_slice(blake3::hash(index).as_bytes());
+    tail.extend_from_slice(b"THINFS-BACKUP-END\n");
+    let at = len - tail.len() as u64;
+    f.write_all_at(&tail, at).unwrap();
+    f.write_all_at(index, at - index.len() as u64).unwrap();
+}
+
+/// Issue 22, item 5: a 1 TiB sparse backup file (a few KiB on disk) whose
+/// trailer claims an index of almost all of it aborted the daemon (an
+/// allocation of that size). Now each crafted file fails its own request
+/// with a clear error, and the daemon (same pid) and its mount go on.
+#[test]
+fn root_backup_restore_of_crafted_files_fails_alone() {
+    let m = TestMount::start("bk-crafted");
+    ok(&m.cli(&["create", "img"]));
+    sh(&format!("echo kept > {}/f", m.path("img").display()));
+    let pid = m.pid();
+    let s = Scratch::new("bk-crafted-file");
+    let file = s.path().join("evil.thinfs");
+    let f = file.to_str().unwrap();
+    let tib = 1u64 << 40;
+    let tail = 8 + 32 + 18;
+    let idx = |sections: &str| {
+        format!(
+            r#"{{"image":"evil","backend":"reflink","created":0,"labels":{{}},"sections":[{sections}]}}"#
+        )
+    };
+    let sec = |offset: u64, length: u64, hashes: usize| {
+        format!(
+            r#"{{"name":"h","head":true,"identity":"","base":null,"size":1073741824,"created":0,"labels":{{}},"offset":{offset},"length":{length},"hashes":[{}]}}"#,
+            vec![format!("\"{}\"", "0".repeat(64)); hashes].join(",")
+        )
+    };
+    let cases: Vec<(u64, u64, Vec<u8>, &str)> = vec![
+        // The issue's file: an index of almost 1 TiB.
+        (tib, tib - tail - 16, Vec::new(), "index length is damaged"),
+        // Within the bound but holes: not JSON, found at its first byte.
+        (tib, 1 << 30, Vec::new(), "is damaged"),
+        // A valid index (its hash right) whose section lies past the index.
+        (
+            tib,
+            0,
+            idx(&sec(tib - 4096, 1 << 20, 1)).into_bytes(),
+            "lies outside",
+        ),
+        // A section of 1 TiB with one hash.
+        (tib, 0, idx(&sec(16, tib / 2, 1)).into_bytes(), "hashes for"),
+    ];
+    for (len, ilen, index, want) in cases {
+        let ilen = if index.is_empty() {
+            ilen
+        } else {
+            index.len() as u64
+        };
+        crafted(&file, len, ilen, &index);
+        let t0 = std::time::Instant::now();
+        let o = m.cli(&["restore", f, "evil"]);
+        assert!(!o.status.success(), "{want}: restored?");
+        assert!(err(&o).contains(want), "{want}: {}", err(&o));
+        assert!(t0.elapsed().as_secs() < 30, "{want}: {:?}", t0.elapsed());
+        assert!(alive(pid), "{want}: the daemon died: {}", m.log());
+        assert_eq!(m.pid(), pid);
+        // The mount and the control socket still answer.
+        let l = ok(&m.cli(&["list", "-H", "-o", "name"]));
+        assert!(l.contains("img") && !l.contains("evil"), "{l}");
+        assert_eq!(std::fs::read(m.path("img/f")).unwrap(), b"kept\n");
+        let ls: Vec<_> = std::fs::read_dir(m.path("")).unwrap().collect();
+        assert!(!ls.is_empty());
+        // `backup verify` (the CLI's own reader) refuses it too.
+        let o = m.cli(&["backup", "verify", f]);
+        assert!(!o.status.success() && err(&o).contains(want), "{}", err(&o));
+    }
+}
+
+/// A panic in a stream (test failpoints: in the operation's thread, and in
+/// the stream's own thread once the operation is done) fails that request
+/// alone, with an answer that says so; the daemon, its control socket and
+/// the mount go on, and the next requests are served.
+#[test]
+fn root_backup_a_panic_in_a_stream_fails_that_request_alone() {
+    for fp in ["stream.panic", "stream.panic-watch"] {
+        let m =
+            TestMount::start_wrapped("bk-panic", &["env", &format!("THINFS_FAILPOINT={fp}")], &[]);
+        ok(&m.cli(&["create", "img"]));
+        sh(&format!("echo kept > {}/f", m.path("img").display()));
+        let pid = m.pid();
+        let s = Scratch::new("bk-panic-file");
+        let file = s.path().join("img.thinfs");
+        let f = file.to_str().unwrap();
+        for _ in 0..3 {
+            let o = m.cli(&["backup", "img", "-q", "-o", f]);
+            assert!(!o.status.success(), "{fp}: no failure");
+            assert!(err(&o).contains("panicked"), "{fp}: {}", err(&o));
+            assert!(alive(pid), "{fp}: the daemon died: {}", m.log());
+            let l = ok(&m.cli(&["list", "-t", "all", "-H", "-o", "name"]));
+            assert_eq!(l.trim(), "img", "{fp}: a temporary snapshot was left");
+            assert_eq!(std::fs::read(m.path("img/f")).unwrap(), b"kept\n");
+        }
+        assert!(m.log().contains(&format!("failpoint {fp}")), "{}", m.log());
+    }
+}
+
+/// A tree as deep as a user likes in an image (5000 directories, made
+/// through the mount): `export` walked it recursively on a 2 MiB stack and
+/// the stack overflow aborted the daemon. Now the export fails alone,
+/// naming the bound, and the daemon and mount go on (a tree at the bound
+/// exports: `service::tarwalk::tests::deep_trees_are_bounded`).
+#[test]
+fn root_backup_export_of_a_too_deep_tree_fails_alone() {
+    let m = TestMount::start("bk-deep");
+    ok(&m.cli(&["create", "img"]));
+    let pid = m.pid();
+    let top = m.path("img");
+    sh(&format!(
+        "python3 -c '
+import os
+fd = os.open(\"{}\", os.O_RDONLY | os.O_DIRECTORY)
+for i in range(5000):
+    os.mkdir(\"d\", dir_fd=fd)
+    n = os.open(\"d\", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+    os.close(fd)
+    fd = n
+'",
+        top.display()
+    ));
+    let s = Scratch::new("bk-deep-out");
+    let tar = s.path().join("t.tar");
+    let t = tar.to_str().unwrap();
+    let o = m.cli(&["export", "img", "-q", "-o", t]);
+    assert!(!o.status.success(), "exported?");
+    assert!(err(&o).contains("deeper than 1024"), "{}", err(&o));
+    assert!(alive(pid), "the daemon died: {}", m.log());
+    let l = ok(&m.cli(&["list", "-H", "-o", "name"]));
+    assert_eq!(l.trim(), "img");
+    assert!(std::fs::metadata(m.path("img/d/d/d")).unwrap().is_dir());
+}

@@ -133,4 +133,34 @@ mod tests {
         assert!(!ok(&["labels.\"containerd.io/gc.root\"==y"]));
         assert!(ok(&["parent==nope", "name==default/2/sha256:ab"]));
     }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Any filter text parses or is refused (EINVAL), and what parses
+        /// can be matched; a label filter built from any key and value
+        /// (quotes, dots, commas in them) finds the label.
+        #[test]
+        fn any_filter_is_parsed_or_refused(
+            fs in prop::collection::vec(".{0,40}", 0..4),
+            key in "[a-z./\\-]{1,12}",
+            value in "[a-z0-9,.=!~ ]{0,12}",
+        ) {
+            let mut i = Info {
+                name: "ns/1/x".into(),
+                ..Info::default()
+            };
+            i.labels.insert(key.clone(), value.clone());
+            match Filters::parse(&fs) {
+                Ok(f) => {
+                    let _ = f.matches(&i);
+                }
+                Err(e) => prop_assert_eq!(e.errno(), libc::EINVAL),
+            }
+            let mine = vec![format!("labels.\"{key}\"==\"{value}\"")];
+            prop_assert!(Filters::parse(&mine).unwrap().matches(&i), "{mine:?}");
+        }
+    }
 }

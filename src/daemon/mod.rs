@@ -5,6 +5,8 @@
 pub mod control;
 pub mod periodic;
 pub mod proto;
+#[cfg(test)]
+mod proto_props;
 pub mod server;
 pub mod stream;
 

@@ -164,7 +164,18 @@ impl Streams {
         let spawned = std::thread::Builder::new()
             .name(format!("stream-{}", slot.key))
             .spawn(move || {
-                run(&service, &mut c, &op, fds, &job);
+                // A panic anywhere in the stream fails this request alone:
+                // the client gets an answer, and the slot and the
+                // connection's count are given back below.
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run(&service, &mut c, &op, fds, &job)
+                }));
+                if ran.is_err() {
+                    job.cancel();
+                    let e = panicked();
+                    control::log_outcome(&c.who, &op, &Err::<(), _>(panicked()));
+                    let _ = control::send(&mut c.stream, Err(e), Duration::from_secs(1));
+                }
                 drop(c);
                 drop(service);
                 drop(slot);
@@ -197,6 +208,35 @@ impl Streams {
     }
 }
 
+/// The error of a stream whose thread panicked (a bug).
+fn panicked() -> Error {
+    Error::io(
+        "the stream operation",
+        std::io::Error::other(
+            "it panicked (a bug, see the daemon's log); only this request failed",
+        ),
+    )
+}
+
+/// Test hook: `THINFS_FAILPOINT=stream.panic` panics in the operation's
+/// thread, `stream.panic-watch` in the stream's own thread once the
+/// operation is done. Only with the `failpoints` feature (test builds).
+#[cfg(feature = "failpoints")]
+fn panic_point(name: &str) {
+    static FP: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if FP
+        .get_or_init(|| std::env::var("THINFS_FAILPOINT").ok())
+        .as_deref()
+        == Some(name)
+    {
+        panic!("failpoint {name}: a panic in a stream");
+    }
+}
+
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+fn panic_point(_name: &str) {}
+
 /// The service call of a streaming request.
 fn call(
     service: &Service,
@@ -206,6 +246,7 @@ fn call(
     job: &Job,
 ) -> Result<serde_json::Value> {
     let mut fds = fds.into_iter();
+    panic_point("stream.panic");
     let mut next = || {
         fds.next()
             .map(std::fs::File::from)
@@ -280,10 +321,9 @@ fn run(service: &Service, c: &mut Conn, op: &Op, fds: Vec<OwnedFd>, job: &Arc<Jo
                 }
             }
         }
-        worker
-            .join()
-            .unwrap_or_else(|_| Err(Error::Invalid("the stream operation panicked".into())))
+        worker.join().unwrap_or_else(|_| Err(panicked()))
     });
+    panic_point("stream.panic-watch");
     match (&res, why_cancelled) {
         (Err(Error::Cancelled(_)), Some(why)) => {
             control::log_outcome(

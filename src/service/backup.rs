@@ -160,7 +160,34 @@ impl Write for Hashing<'_> {
     }
 }
 
+/// Largest index a backup file may have, checked before any of it is
+/// read. The index holds about 67 bytes per [`CHUNK`] of sections (one
+/// hash each) plus names and labels: 1 GiB covers some 16 TiB of
+/// streams. `backup` refuses to write a larger one.
+pub const MAX_INDEX: u64 = 1 << 30;
+
+/// A reader that hashes what goes through.
+struct HashRead<R> {
+    inner: R,
+    hash: blake3::Hasher,
+}
+
+impl<R: Read> Read for HashRead<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
 /// Read and check a backup file's trailer and index.
+///
+/// Nothing is allocated from a length the file states: the index length
+/// is bounded ([`MAX_INDEX`], and the file), and the index is parsed as
+/// it is read, so the memory it takes follows the bytes really there (a
+/// sparse file that claims a huge index costs nothing). Every section must
+/// lie inside the file, before the index, in order, with one hash per
+/// [`CHUNK`].
 pub fn read_index(f: &mut File) -> Result<BackupIndex> {
     let io = |e| Error::io("read the backup file", e);
     let len = f.seek(SeekFrom::End(0)).map_err(io)?;
@@ -189,19 +216,102 @@ pub fn read_index(f: &mut File) -> Result<BackupIndex> {
     }
     let ilen = u64::from_le_bytes(t[..8].try_into().unwrap_or_default());
     if ilen > len - tail - MAGIC.len() as u64 {
-        return Err(Error::BadStream("the index length is damaged".into()));
-    }
-    let at = len - tail - ilen;
-    let mut idx = vec![0u8; ilen as usize];
-    f.seek(SeekFrom::Start(at)).map_err(io)?;
-    f.read_exact(&mut idx).map_err(io)?;
-    if blake3::hash(&idx).as_bytes()[..] != t[8..40] {
         return Err(Error::BadStream(format!(
-            "the index (bytes {at}..{}) is damaged",
-            at + ilen
+            "the index length is damaged ({ilen} bytes, more than the file holds)"
         )));
     }
-    serde_json::from_slice(&idx).map_err(|e| Error::BadStream(format!("the index: {e}")))
+    if ilen > MAX_INDEX {
+        return Err(Error::BadStream(format!(
+            "the index length is damaged ({ilen} bytes, over the limit of {MAX_INDEX})"
+        )));
+    }
+    let at = len - tail - ilen;
+    f.seek(SeekFrom::Start(at)).map_err(io)?;
+    let mut r = std::io::BufReader::new(HashRead {
+        inner: (&mut *f).take(ilen),
+        hash: blake3::Hasher::new(),
+    });
+    let damaged = |why: String| {
+        Error::BadStream(format!(
+            "the index (bytes {at}..{}) is damaged{why}",
+            at + ilen
+        ))
+    };
+    let parsed: serde_json::Result<BackupIndex> = serde_json::from_reader(&mut r);
+    let idx = match parsed {
+        Ok(idx) => idx,
+        Err(e) => match e.io_error_kind() {
+            Some(kind) => return Err(io(std::io::Error::new(kind, e))),
+            None => return Err(damaged(format!(": {e}"))),
+        },
+    };
+    // from_reader read to the end (only white space may follow): what is
+    // left, if anything, is hashed too.
+    std::io::copy(&mut r, &mut std::io::sink()).map_err(io)?;
+    if r.into_inner().hash.finalize().as_bytes()[..] != t[8..40] {
+        return Err(damaged(String::new()));
+    }
+    check_sections(&idx, at)?;
+    Ok(idx)
+}
+
+/// Longest label value a backup may carry: what a `label` request can
+/// set (a request line is at most 64 KiB).
+pub const MAX_LABEL_VALUE: usize = 64 << 10;
+
+/// Labels as a `label` request could set them: keys of 1-255 bytes
+/// without `=` or NUL, values of at most [`MAX_LABEL_VALUE`].
+fn check_labels(labels: &BTreeMap<String, String>, whose: &str) -> Result<()> {
+    for (k, v) in labels {
+        if k.is_empty() || k.len() > 255 || k.contains('=') || k.contains('\0') {
+            return Err(Error::BadStream(format!(
+                "the index: {whose} has a bad label key {:?} (1-255 bytes, no '=' or NUL)",
+                crate::types::cut(k, crate::types::MAX_SHOWN)
+            )));
+        }
+        if v.len() > MAX_LABEL_VALUE {
+            return Err(Error::BadStream(format!(
+                "the index: {whose} has a label value of {} bytes (at most {MAX_LABEL_VALUE})",
+                v.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Every section inside the file (after the magic, before the index at
+/// `end`), in order, not overlapping, one hash per [`CHUNK`], the head
+/// last and only there; labels as a request could set them.
+fn check_sections(idx: &BackupIndex, end: u64) -> Result<()> {
+    let bad = |why: String| Err(Error::BadStream(format!("the index: {why}")));
+    check_labels(&idx.labels, "the image")?;
+    let mut next = MAGIC.len() as u64;
+    if idx.sections.last().is_none_or(|s| !s.head) {
+        return bad("its last section is not the image's head".into());
+    }
+    for (i, s) in idx.sections.iter().enumerate() {
+        if s.head && i + 1 != idx.sections.len() {
+            return bad(format!("section {i} is a second head"));
+        }
+        match s.offset.checked_add(s.length) {
+            Some(stop) if s.offset >= next && stop <= end => next = stop,
+            _ => {
+                return bad(format!(
+                    "section {i} at {}+{} lies outside bytes {next}..{end} of the file",
+                    s.offset, s.length
+                ));
+            }
+        }
+        check_labels(&s.labels, &format!("section {i}"))?;
+        if s.length.div_ceil(CHUNK) != s.hashes.len() as u64 {
+            return bad(format!(
+                "section {i} has {} hashes for {} bytes",
+                s.hashes.len(),
+                s.length
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Check every hash of a backup file; the first damage is the error, with
@@ -210,15 +320,6 @@ pub fn verify_file(f: &mut File, mut progress: impl FnMut(u64)) -> Result<Backup
     let idx = read_index(f)?;
     let mut buf = vec![0u8; CHUNK as usize];
     for s in &idx.sections {
-        let chunks = s.length.div_ceil(CHUNK);
-        if chunks != s.hashes.len() as u64 {
-            return Err(Error::BadStream(format!(
-                "section {} has {} hashes for {} bytes",
-                s.name,
-                s.hashes.len(),
-                s.length
-            )));
-        }
         f.seek(SeekFrom::Start(s.offset))
             .map_err(|e| Error::io("read the backup file", e))?;
         for (i, want) in s.hashes.iter().enumerate() {
@@ -230,7 +331,7 @@ pub fn verify_file(f: &mut File, mut progress: impl FnMut(u64)) -> Result<Backup
                 let start = s.offset + from;
                 return Err(Error::BadStream(format!(
                     "damage in section {} ({}), at bytes {start}..{} of the file",
-                    s.name,
+                    crate::types::escape(&crate::types::cut(&s.name, crate::types::MAX_SHOWN)),
                     if s.head { "the head" } else { "a snapshot" },
                     start + n as u64
                 )));
@@ -333,6 +434,12 @@ impl Service {
             sections,
         };
         let json = serde_json::to_vec(&idx).map_err(|e| Error::Invalid(e.to_string()))?;
+        if json.len() as u64 > MAX_INDEX {
+            return Err(Error::Invalid(format!(
+                "the backup's index would take {} bytes, over the limit of {MAX_INDEX} that restore reads: back up fewer snapshots",
+                json.len()
+            )));
+        }
         let mut tail = json.clone();
         tail.extend_from_slice(&(json.len() as u64).to_le_bytes());
         tail.extend_from_slice(blake3::hash(&json).as_bytes());
@@ -371,7 +478,7 @@ impl Service {
                 "restore reads a backup FILE (it is checked whole before anything is made), not a pipe".into(),
             ));
         }
-        job.set_total(Some(st.len() * 2));
+        job.set_total(Some(st.len().saturating_mul(2)));
         let idx = verify_file(&mut input, |n| job.advance(n))?;
         let name = Name::fresh(req.name.as_deref().unwrap_or(&idx.image))?;
         if self.engine.image_id(&name)?.is_some() {
@@ -477,5 +584,171 @@ impl Service {
             }
         }
         n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Property tests of the backup reader (outside input): any mutation
+    //! of a valid file, or of its index with the trailer's hash made right
+    //! again, is refused with EBADMSG; a valid file verifies to its index.
+
+    use super::*;
+    use crate::stream::props::{apply, mutation};
+    use proptest::prelude::*;
+
+    /// A backup file of these sections (their bytes: `verify` checks only
+    /// hashes), with `index` edited by `edit` before it is sealed.
+    fn file_of(sections: &[Vec<u8>], edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+        let mut b = MAGIC.to_vec();
+        let mut secs = Vec::new();
+        let n = sections.len();
+        for (i, s) in sections.iter().enumerate() {
+            secs.push(Section {
+                name: format!("s{i}"),
+                head: i + 1 == n,
+                identity: String::new(),
+                base: None,
+                size: 1 << 30,
+                created: 0,
+                labels: BTreeMap::new(),
+                offset: b.len() as u64,
+                length: s.len() as u64,
+                hashes: s
+                    .chunks(CHUNK as usize)
+                    .map(|c| blake3::hash(c).to_hex().to_string())
+                    .collect(),
+            });
+            b.extend_from_slice(s);
+        }
+        let idx = BackupIndex {
+            image: "img".into(),
+            backend: "reflink".into(),
+            created: 0,
+            labels: BTreeMap::new(),
+            sections: secs,
+        };
+        let mut v = serde_json::to_value(&idx).unwrap();
+        edit(&mut v);
+        let json = serde_json::to_vec(&v).unwrap();
+        b.extend_from_slice(&json);
+        b.extend_from_slice(&(json.len() as u64).to_le_bytes());
+        b.extend_from_slice(blake3::hash(&json).as_bytes());
+        b.extend_from_slice(END);
+        b
+    }
+
+    fn verify(bytes: &[u8]) -> Result<BackupIndex> {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("thinfs-bkprops-{}-{n}", std::process::id()));
+        std::fs::write(&p, bytes).unwrap();
+        let mut f = File::open(&p).unwrap();
+        let _ = std::fs::remove_file(&p);
+        verify_file(&mut f, |_| {})
+    }
+
+    fn sections() -> impl Strategy<Value = Vec<Vec<u8>>> {
+        prop::collection::vec(prop::collection::vec(any::<u8>(), 0..300), 1..4)
+    }
+
+    /// A number that hurts, for an index field.
+    fn huge() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            Just(u64::MAX),
+            Just(1u64 << 63),
+            Just(1u64 << 40),
+            Just(u64::MAX - 15),
+            0u64..2000
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn files_verify_and_mutations_are_refused(
+            secs in sections(),
+            ms in prop::collection::vec(mutation(), 1..3),
+        ) {
+            let good = file_of(&secs, |_| {});
+            let idx = verify(&good).unwrap();
+            prop_assert_eq!(idx.sections.len(), secs.len());
+            let mut b = good.clone();
+            for m in &ms {
+                apply(&mut b, m);
+            }
+            match verify(&b) {
+                Ok(_) => prop_assert!(b == good, "a changed file verified"),
+                Err(e) => prop_assert_eq!(e.errno(), libc::EBADMSG, "{}", e),
+            }
+        }
+
+        #[test]
+        fn crafted_indexes_are_refused(
+            secs in sections(),
+            which in 0usize..4,
+            field in prop::sample::select(vec!["offset", "length", "hashes", "head"]),
+            v in huge(),
+        ) {
+            let b = file_of(&secs, |j| {
+                let s = &mut j["sections"][which % secs.len()];
+                s[field] = match field {
+                    "hashes" => serde_json::json!(vec!["00"; (v % 5) as usize]),
+                    "head" => serde_json::json!(v % 2 == 0),
+                    _ => serde_json::json!(v),
+                };
+            });
+            match verify(&b) {
+                Ok(idx) => {
+                    // Only a change that keeps the file's truth passes.
+                    for (s, data) in idx.sections.iter().zip(&secs) {
+                        prop_assert_eq!(s.length, data.len() as u64);
+                    }
+                }
+                Err(e) => prop_assert_eq!(e.errno(), libc::EBADMSG, "{}", e),
+            }
+        }
+    }
+
+    /// Labels a `label` request could not set (found in the audit: restore
+    /// stored them as they came) are refused before anything is made.
+    #[test]
+    fn labels_are_checked_like_requests() {
+        for (k, v) in [
+            ("", 1),
+            ("a=b", 1),
+            ("a\0", 1),
+            (&"k".repeat(256)[..], 1),
+            ("k", MAX_LABEL_VALUE + 1),
+        ] {
+            let b = file_of(&[vec![1; 10]], |j| {
+                j["sections"][0]["labels"] = serde_json::json!({ k: "v".repeat(v) });
+            });
+            let e = verify(&b).unwrap_err();
+            assert!(e.to_string().contains("label"), "{e}");
+            let b = file_of(&[vec![1; 10]], |j| {
+                j["labels"] = serde_json::json!({ k: "v".repeat(v) });
+            });
+            assert!(verify(&b).is_err());
+        }
+        let b = file_of(&[vec![1; 10]], |j| {
+            j["labels"] = serde_json::json!({ "k": "v".repeat(MAX_LABEL_VALUE) });
+        });
+        verify(&b).unwrap();
+    }
+
+    /// The file, small: a trailer that claims an index longer than
+    /// the bound (or the file) is refused before anything is read.
+    #[test]
+    fn index_lengths_are_bounded() {
+        let good = file_of(&[vec![1; 100]], |_| {});
+        let at = good.len() - END.len() - 40;
+        for ilen in [u64::MAX, MAX_INDEX + 1, good.len() as u64] {
+            let mut b = good.clone();
+            b[at..at + 8].copy_from_slice(&ilen.to_le_bytes());
+            let e = verify(&b).unwrap_err();
+            assert!(e.to_string().contains("index length is damaged"), "{e}");
+        }
     }
 }

@@ -16,6 +16,8 @@ mod import;
 mod job;
 mod sparse;
 mod stream;
+#[cfg(test)]
+mod tar_props;
 mod tario;
 mod tarwalk;
 mod untar;

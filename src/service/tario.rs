@@ -182,22 +182,25 @@ pub(super) fn pax_num(v: &[u8], what: &str) -> Result<u32> {
         .ok_or_else(|| Error::BadStream(format!("bad PAX {what}")))
 }
 
-/// A PAX time `SECONDS[.FRACTION]`.
+/// A PAX time `SECONDS[.FRACTION]` (digits only after the point; more
+/// than 9 are cut). `None` for anything else, or a time out of range.
 pub(super) fn parse_time(v: &[u8]) -> Option<libc::timespec> {
     let s = std::str::from_utf8(v).ok()?.trim();
     let (sec, frac) = s.split_once('.').unwrap_or((s, ""));
+    if !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let tv_sec: i64 = sec.parse().ok()?;
     let mut digits: String = frac.chars().take(9).collect();
     while digits.len() < 9 {
         digits.push('0');
     }
-    let mut tv_nsec: i64 = digits.parse().ok()?;
-    if tv_sec < 0 && tv_nsec > 0 {
+    let tv_nsec: i64 = digits.parse().ok()?;
+    if sec.starts_with('-') && tv_nsec > 0 {
         // -1.5 means 1.5 s before the epoch.
-        tv_nsec = 1_000_000_000 - tv_nsec;
         return Some(libc::timespec {
-            tv_sec: tv_sec - 1,
-            tv_nsec,
+            tv_sec: tv_sec.checked_sub(1)?,
+            tv_nsec: 1_000_000_000 - tv_nsec,
         });
     }
     Some(libc::timespec { tv_sec, tv_nsec })
@@ -300,6 +303,11 @@ pub(super) fn pax_sparse_map(
         r.read_exact(&mut block)
             .map_err(|e| bad_tar("read a sparse map", e))?;
         text.extend_from_slice(&block);
+        // A number has at most 20 digits: a longer line is no map (and
+        // is never rescanned block after block).
+        if text.len() - parsed > 512 + 21 && !text[parsed..].contains(&b'\n') {
+            return Err(bad("a malformed sparse map (a line too long)"));
+        }
         while let Some(nl) = text[parsed..].iter().position(|b| *b == b'\n') {
             let n = std::str::from_utf8(&text[parsed..parsed + nl])
                 .ok()

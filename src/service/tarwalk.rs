@@ -21,6 +21,7 @@
 use super::Job;
 use crate::error::{Error, Result};
 use crate::sys::{file, scm};
+use crate::types::{MAX_SHOWN, cut};
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
@@ -113,6 +114,14 @@ impl Write for JobWriter<'_> {
 }
 
 /// The message of the io error that carries a cancel through `tar`.
+/// Deepest directory a walk goes into (each level holds two descriptors
+/// and a stack frame while its content is written).
+pub const MAX_DEPTH: usize = 1024;
+
+/// Stack of the walk's thread: 32 KiB a level (a debug build takes about
+/// 3), reserved, not used until touched.
+const WALK_STACK: usize = (MAX_DEPTH + 32) * (32 << 10);
+
 const CANCELLED: &str = "thinfs: job cancelled";
 
 /// A file's content, counted into the job as it is read.
@@ -168,8 +177,27 @@ impl<'a, 'j> Walker<'a, 'j> {
 
     /// Write the whole tree under the root directory `root`, then the end
     /// of the archive.
+    ///
+    /// The walk recurses (a frame and two descriptors per level): it runs
+    /// on a thread of its own whose stack holds [`MAX_DEPTH`] levels, and
+    /// a deeper tree is refused.
     pub fn write_tree(mut self, root: BorrowedFd<'_>) -> Result<Counts> {
-        let r = self.write_all(root);
+        let r = std::thread::scope(|s| {
+            let w = &mut self;
+            let t = std::thread::Builder::new()
+                .name("tar-walk".into())
+                .stack_size(WALK_STACK)
+                .spawn_scoped(s, move || w.write_all(root));
+            match t {
+                Ok(t) => t.join().unwrap_or_else(|_| {
+                    Err(Error::io(
+                        "the directory walk",
+                        io::Error::other("it panicked (a bug)"),
+                    ))
+                }),
+                Err(e) => Err(Error::io("start the directory walk", e)),
+            }
+        });
         if r.is_err() {
             // The tar builder writes the end marker when it is dropped: a
             // failed walk must not look like a whole archive to its reader
@@ -232,6 +260,14 @@ impl<'a, 'j> Walker<'a, 'j> {
     fn entry(&mut self, dir: &OwnedFd, path: &Path, name: &OsStr) -> Result<()> {
         let p = path.join(name);
         let shown = || format!("/{}", p.display());
+        if p.as_os_str().len() > super::untar::MAX_PATH {
+            return Err(Error::Invalid(format!(
+                "a path of {} bytes (more than {}, which import takes) at {}; refused",
+                p.as_os_str().len(),
+                super::untar::MAX_PATH,
+                cut(&shown(), MAX_SHOWN)
+            )));
+        }
         let h = file::open_path(dir.as_fd(), name).map_err(|e| self.err(shown(), e))?;
         let st = file::fstat(h.as_fd()).map_err(|e| self.err(shown(), e))?;
         let kind = st.st_mode & libc::S_IFMT;
@@ -260,6 +296,12 @@ impl<'a, 'j> Walker<'a, 'j> {
         }
         match kind {
             libc::S_IFDIR => {
+                if p.components().count() > MAX_DEPTH {
+                    return Err(Error::Invalid(format!(
+                        "{} is deeper than {MAX_DEPTH} directories; refused",
+                        cut(&shown(), MAX_SHOWN)
+                    )));
+                }
                 hd.set_entry_type(tar::EntryType::Directory);
                 self.put(&mut hd, &p, &pax, io::empty())?;
                 let sub = file::openat(
@@ -464,5 +506,69 @@ mod tests {
             "user::rwx\nuser:1000:r-x\ngroup::r--\nmask::rwx\nother::---"
         );
         assert!(acl_text(&b[..7]).is_none());
+    }
+
+    /// A tree `depth` directories deep (names `d`) under a new scratch
+    /// directory, made through descriptors (no path is that long).
+    fn deep_tree(depth: usize) -> std::path::PathBuf {
+        let top = std::env::temp_dir().join(format!("thinfs-deep-{}-{depth}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&top);
+        std::fs::create_dir_all(&top).unwrap();
+        let mut d: OwnedFd = File::open(&top).unwrap().into();
+        for _ in 0..depth {
+            file::mkdirat(d.as_fd(), OsStr::new("d"), 0o755).unwrap();
+            d = file::openat(
+                d.as_fd(),
+                OsStr::new("d"),
+                libc::O_RDONLY | libc::O_DIRECTORY,
+                0,
+            )
+            .unwrap();
+        }
+        top
+    }
+
+    fn remove_deep(top: &std::path::Path, depth: usize) {
+        // Bottom up, through descriptors (remove_dir_all would recurse).
+        let mut fds: Vec<OwnedFd> = vec![File::open(top).unwrap().into()];
+        for _ in 0..depth {
+            let last = fds.last().unwrap();
+            let next = file::openat(
+                last.as_fd(),
+                OsStr::new("d"),
+                libc::O_RDONLY | libc::O_DIRECTORY,
+                0,
+            )
+            .unwrap();
+            fds.push(next);
+        }
+        fds.pop();
+        while let Some(parent) = fds.pop() {
+            file::unlinkat(parent.as_fd(), OsStr::new("d"), true).unwrap();
+        }
+        std::fs::remove_dir(top).unwrap();
+    }
+
+    /// A directory tree any user can make in an image, as deep as they
+    /// like: the walk (export, and the CLI's import of a directory) held
+    /// two descriptors and a stack frame per level, and 5000 levels
+    /// overflowed the stack (an abort of the daemon). Refused beyond
+    /// MAX_DEPTH now, with the path; a tree at the bound is written.
+    #[test]
+    fn deep_trees_are_bounded() {
+        for (depth, ok) in [(MAX_DEPTH, true), (5000, false)] {
+            let top = deep_tree(depth);
+            let job = Job::new();
+            let out = File::create("/dev/null").unwrap();
+            let r = super::super::import::tar_directory(&top, out, &job);
+            remove_deep(&top, depth);
+            match r {
+                Ok(c) => assert!(ok, "{depth}: {c:?}"),
+                Err(e) => {
+                    assert!(!ok, "{depth}: {e}");
+                    assert!(e.to_string().contains("deeper than"), "{e}");
+                }
+            }
+        }
     }
 }

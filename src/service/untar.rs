@@ -73,6 +73,11 @@ pub type SpaceCheck<'a> = Box<dyn FnMut() -> Result<()> + 'a>;
 /// between two space checks.
 pub const SPACE_CHECK_EVERY: u64 = 32 << 20;
 
+/// Longest path or link target an entry may have (16 x PATH_MAX: tar can
+/// store trees deeper than one path the kernel takes; a longer one would
+/// cost a directory walk of that many components for each entry).
+pub const MAX_PATH: usize = 64 << 10;
+
 /// The error of entry `path`.
 fn at(path: &Path, what: &str, e: io::Error) -> Error {
     if e.raw_os_error() == Some(libc::ENOSPC) {
@@ -252,6 +257,12 @@ impl<'a> Unpacker<'a> {
             .or_else(|| p.pax_value(b"path"))
             .or(p.name.clone())
             .unwrap_or_else(|| entry.path_bytes().into_owned());
+        if raw_path.len() > MAX_PATH {
+            return Err(Error::BadStream(format!(
+                "an entry's path of {} bytes (more than {MAX_PATH}); refused, nothing was imported",
+                raw_path.len()
+            )));
+        }
         let path = Path::new(OsStr::from_bytes(&raw_path)).to_path_buf();
         let comps = components(&path)?;
         let meta = self.meta(entry, &p)?;
@@ -259,6 +270,12 @@ impl<'a> Unpacker<'a> {
             .pax_value(b"linkpath")
             .or(p.link.clone())
             .or_else(|| entry.link_name_bytes().map(|l| l.into_owned()));
+        if link.as_ref().is_some_and(|l| l.len() > MAX_PATH) {
+            return Err(Error::BadStream(format!(
+                "link /{} has a target of more than {MAX_PATH} bytes; refused, nothing was imported",
+                path.display()
+            )));
+        }
         let kind = entry.header().entry_type();
         let Some((name, parent)) = comps.split_last() else {
             // The archive's root (`./`): its metadata goes to the image's root.

@@ -50,4 +50,6 @@ pub use format::{
 pub use token::ResumeToken;
 
 #[cfg(test)]
+pub(crate) mod props;
+#[cfg(test)]
 mod tests;

@@ -218,4 +218,59 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let _ = std::fs::remove_dir_all(&other);
     }
+
+    use proptest::prelude::*;
+
+    fn token() -> impl Strategy<Value = ResumeToken> {
+        (
+            any::<[u8; 16]>(),
+            any::<Option<[u8; 16]>>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<bool>(),
+        )
+            .prop_map(|(id, base, a, b, compressed)| ResumeToken {
+                snap_id: Identity(id),
+                base_id: base.map(Identity),
+                size: a.max(b),
+                offset: a.min(b),
+                compressed,
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Any text: a token or a clean EINVAL, never a panic.
+        #[test]
+        fn any_text_is_a_token_or_refused(s in ".{0,200}", key in any::<[u8; 32]>()) {
+            for r in [ResumeToken::parse(&s), ResumeToken::open(&s, &key)] {
+                if let Err(e) = r {
+                    prop_assert_eq!(e.errno(), libc::EINVAL);
+                }
+            }
+        }
+
+        /// Sealed tokens round-trip; any mutation of one is refused or
+        /// changes nothing.
+        #[test]
+        fn tokens_round_trip_and_mutations_are_refused(
+            t in token(),
+            key in any::<[u8; 32]>(),
+            ms in prop::collection::vec(crate::stream::props::mutation(), 1..3),
+        ) {
+            let s = t.seal(&key);
+            prop_assert_eq!(ResumeToken::open(&s, &key).unwrap(), t.clone());
+            let mut b = s.clone().into_bytes();
+            for m in &ms {
+                crate::stream::props::apply(&mut b, m);
+            }
+            let m = String::from_utf8_lossy(&b);
+            let _ = ResumeToken::parse(&m);
+            match ResumeToken::open(&m, &key) {
+                Ok(got) => prop_assert_eq!(got, t),
+                Err(e) => prop_assert_eq!(e.errno(), libc::EINVAL),
+            }
+        }
+    }
 }
