@@ -188,3 +188,46 @@ fn root_send_mounted_image_stays_unchanged_for_the_next_incremental() {
     assert!(!out.contains("changed"), "{out}");
     assert_eq!(tree(&a.path("base/.snapshots/v2")), tree(&b.path("copy")));
 }
+
+/// A panic in a stream's worker thread (the send side's device reader, the
+/// receive side's decoder) fails that stream: the sender never ends a cut
+/// stream with a valid end record, and the receiver never publishes what
+/// reached it before the decoder died (it used to ignore the panic and take
+/// the early end of its channel for the end of the stream).
+#[test]
+fn root_send_a_panic_in_a_worker_fails_the_stream() {
+    let a = TestMount::start_wrapped(
+        "send-panic-a",
+        &["env", "THINFS_FAILPOINT=send.reader-panic"],
+        &[],
+    );
+    let b = TestMount::start_wrapped(
+        "send-panic-b",
+        &["env", "THINFS_FAILPOINT=receive.decoder-panic"],
+        &[],
+    );
+    let c = TestMount::start("send-panic-c");
+    let (sa, sb, sc) = (a.cli_sh(""), b.cli_sh(""), c.cli_sh(""));
+    for m in [&a, &c] {
+        std::fs::create_dir(m.path("base")).unwrap();
+        fill(&m.path("base"), 1);
+        std::fs::create_dir(m.path("base/.snapshots/v1")).unwrap();
+    }
+    // The sender's reader panics: the stream is cut, never closed as whole.
+    let s = Scratch::new("send-panic-file");
+    let file = s.path().join("s.stream");
+    let out = fails(&format!("{sa} send base@v1 > {}", file.display()));
+    assert!(out.contains("panicked"), "{out}");
+    let out = fails(&format!("{sc} receive cut < {}", file.display()));
+    assert!(out.contains("bad stream"), "a cut stream was taken: {out}");
+    // The receiver's decoder panics after its first record: nothing is
+    // published, nothing is left.
+    let out = fails(&format!("{sc} send base@v1 | {sb} receive copy"));
+    assert!(out.contains("panicked"), "{out}");
+    let l = ok(&format!("{sb} list -t all -H -o name"));
+    assert!(l.trim().is_empty(), "the receive left {l}");
+    assert!(!b.path("copy").exists());
+    // Both daemons go on.
+    ok(&format!("{sa} list"));
+    ok(&format!("{sb} create other"));
+}

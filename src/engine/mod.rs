@@ -140,6 +140,24 @@ pub fn failpoint(name: &str) {
     }
 }
 
+/// Test hook: when `THINFS_FAILPOINT` names this point, the calling thread
+/// panics here (a bug stand-in: what a panic in a stream's worker thread
+/// does to its request). A no-op outside test builds.
+#[cfg(not(feature = "failpoints"))]
+pub fn panic_point(_name: &str) {}
+
+/// Test hook: when `THINFS_FAILPOINT` names this point, the calling thread
+/// panics here (a bug stand-in: what a panic in a stream's worker thread
+/// does to its request). A no-op outside test builds.
+#[cfg(feature = "failpoints")]
+pub fn panic_point(name: &str) {
+    static FP: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let fp = FP.get_or_init(|| std::env::var("THINFS_FAILPOINT").ok());
+    if fp.as_deref() == Some(name) {
+        panic!("failpoint {name}: a panic in a worker thread");
+    }
+}
+
 /// Seconds since the epoch.
 pub fn now_secs() -> u64 {
     std::time::SystemTime::now()

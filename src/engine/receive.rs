@@ -523,6 +523,7 @@ impl Engine {
                             if tx.send(Ok(r)).is_err() {
                                 return;
                             }
+                            super::panic_point("receive.decoder-panic");
                         }
                         Ok(None) => return,
                         Err(e) => {
@@ -569,7 +570,15 @@ impl Engine {
                 }
             }
             drop(rx);
-            let _ = reader.join();
+            // A decoder that panicked ended its channel early: what was
+            // written is not the whole stream.
+            if reader.join().is_err() && r.is_ok() {
+                log::error!("the stream decoder panicked (a bug); the receive fails");
+                r = Err(Error::io(
+                    "decode the stream",
+                    std::io::Error::other("the decoder thread panicked"),
+                ));
+            }
             r
         });
         res?;

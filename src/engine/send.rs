@@ -374,42 +374,60 @@ fn pipeline(
 ) -> Result<(u64, u64, u64)> {
     let (ptx, prx): (Sender<Result<Piece>>, Receiver<Result<Piece>>) = bounded(4);
     let (btx, brx): (Sender<Vec<u8>>, Receiver<Vec<u8>>) = bounded(4);
+    // A panic of the reader must reach the encoder as an error: else its
+    // channel would just end and the encoder would close a cut stream
+    // with a valid end record.
+    let ptx_panic = ptx.clone();
     std::thread::scope(|s| {
         let reader = s.spawn(move || {
-            let mut out = Pieces {
-                tx: ptx,
-                omit_zeros,
-                zero: None,
-                data_bytes: 0,
-                zero_bytes: 0,
-            };
-            for r in ranges {
-                let go = match r.kind {
-                    RangeKind::Zero => out.zero(r.offset, r.len),
-                    RangeKind::Data => {
-                        let mut off = r.offset;
-                        let end = r.offset + r.len;
-                        let mut go = true;
-                        while go && off < end {
-                            let n = ((end - off) as usize).min(MAX_DATA);
-                            let mut b = vec![0u8; n];
-                            if let Err(e) = dev.read_exact_at(&mut b, off) {
-                                let e = Error::io(format!("read the snapshot at {off}"), e);
-                                let _ = out.tx.send(Err(e));
-                                return (0, 0);
-                            }
-                            go = out.chunk(off, b);
-                            off += n as u64;
-                        }
-                        go
-                    }
+            let body = move || {
+                super::panic_point("send.reader-panic");
+                let mut out = Pieces {
+                    tx: ptx,
+                    omit_zeros,
+                    zero: None,
+                    data_bytes: 0,
+                    zero_bytes: 0,
                 };
-                if !go {
-                    return (0, 0);
+                for r in ranges {
+                    let go = match r.kind {
+                        RangeKind::Zero => out.zero(r.offset, r.len),
+                        RangeKind::Data => {
+                            let mut off = r.offset;
+                            let end = r.offset + r.len;
+                            let mut go = true;
+                            while go && off < end {
+                                let n = ((end - off) as usize).min(MAX_DATA);
+                                let mut b = vec![0u8; n];
+                                if let Err(e) = dev.read_exact_at(&mut b, off) {
+                                    let e = Error::io(format!("read the snapshot at {off}"), e);
+                                    let _ = out.tx.send(Err(e));
+                                    return (0, 0);
+                                }
+                                go = out.chunk(off, b);
+                                off += n as u64;
+                            }
+                            go
+                        }
+                    };
+                    if !go {
+                        return (0, 0);
+                    }
+                }
+                out.flush();
+                (out.data_bytes, out.zero_bytes)
+            };
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+                Ok(counts) => counts,
+                Err(_) => {
+                    log::error!("the stream reader panicked (a bug); the stream is cut");
+                    let _ = ptx_panic.send(Err(Error::io(
+                        "read the snapshot",
+                        std::io::Error::other("the reader thread panicked"),
+                    )));
+                    (0, 0)
                 }
             }
-            out.flush();
-            (out.data_bytes, out.zero_bytes)
         });
         let encoder = s.spawn(move || -> Result<()> {
             let w = ChanWriter {
