@@ -386,7 +386,7 @@ impl Service {
         };
         snaps.sort_by_key(|s| s.seq);
         let tmp_name = Name::new(&format!("{HEAD}-{}", std::process::id()))?;
-        let head = e.snapshot(img.id, &tmp_name)?;
+        let head = e.snapshot_temporary(img.id, &tmp_name, "backup-head")?;
         let _temp = Temp(e, head.id);
         let total: u64 = snaps.iter().map(|s| s.size.0).sum::<u64>() + head.size.0;
         job.set_total(Some(total));
@@ -541,13 +541,18 @@ impl Service {
 
     /// Destroy images left half restored, and head carriers left by a
     /// backup, by a daemon that died (call before serving). Returns how
-    /// many. Their names start with `-`, which
-    /// no request can give a new image ([`Name::fresh`]).
+    /// many. Their names start with `-`, which no request can give a new
+    /// image ([`Name::fresh`]), and they carry the daemon's own mark
+    /// ([`crate::engine::TEMPORARY_LABEL`]), which no request and no
+    /// backup index can set: a device of such a name made by an older
+    /// version is never taken for a leftover.
     pub fn sweep_restore_leftovers(&self) -> usize {
         let mut n = 0;
         for img in self.engine.images().unwrap_or_default() {
             for s in self.engine.snapshots_of(img.id).unwrap_or_default() {
-                if s.name.as_str().starts_with(HEAD) {
+                if s.name.as_str().starts_with(HEAD)
+                    && crate::engine::is_temporary(&s, "backup-head")
+                {
                     match self.engine.destroy_id(s.id) {
                         Ok(()) => {
                             log::warn!(
@@ -565,7 +570,9 @@ impl Service {
                     }
                 }
             }
-            if !img.name.as_str().starts_with(RESTORE_PREFIX) {
+            if !img.name.as_str().starts_with(RESTORE_PREFIX)
+                || !crate::engine::is_temporary(&img, "restore")
+            {
                 continue;
             }
             let t = Target {

@@ -84,8 +84,9 @@ static TEMP_SERIAL: AtomicU64 = AtomicU64::new(0);
 
 /// Prefix of a temporary snapshot's name.
 const TEMP_PREFIX: &str = "export-tmp-";
-/// Label of a temporary snapshot (with the name prefix: a snapshot a user
-/// named so is never taken for one).
+/// Label of a temporary snapshot, for people who list it. The sweep at
+/// start goes by the daemon's own mark ([`crate::engine::TEMPORARY_LABEL`]
+/// = `export`), which no request can set.
 const TEMP_LABEL: &str = "thinfs.export";
 const TEMP_VALUE: &str = "temporary";
 
@@ -117,7 +118,7 @@ impl Service {
             DeviceKind::Image => {
                 let n = TEMP_SERIAL.fetch_add(1, Ordering::Relaxed);
                 let name = Name::new(&format!("{TEMP_PREFIX}{}-{n}", std::process::id()))?;
-                let s = self.engine.snapshot(rec.id, &name)?;
+                let s = self.engine.snapshot_temporary(rec.id, &name, "export")?;
                 _temp = TempSnapshot {
                     engine: &self.engine,
                     id: s.id,
@@ -164,8 +165,11 @@ impl Service {
         };
         for img in images {
             for s in self.engine.snapshots_of(img.id).unwrap_or_default() {
+                // The daemon's own mark, which no request and no backup
+                // index can set (a user may label a snapshot
+                // `thinfs.export=temporary`; it stays the user's).
                 let ours = s.name.as_str().starts_with(TEMP_PREFIX)
-                    && s.labels.get(TEMP_LABEL).map(String::as_str) == Some(TEMP_VALUE);
+                    && crate::engine::is_temporary(&s, "export");
                 if !ours {
                     continue;
                 }
