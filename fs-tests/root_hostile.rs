@@ -393,6 +393,72 @@ fn hostile_old_names_are_printed_escaped() {
     assert!(v[0]["usage"]["mapped"].as_u64().is_some());
 }
 
+/// Names in `.thinfs/devices.json`, read through the mount.
+fn devices_json_names(m: &TestMount) -> Vec<String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(m.path(".thinfs/devices.json")).unwrap()).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            assert!(d["usage"]["mapped"].as_u64().is_some(), "usage of {d}");
+            d["full_name"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn hostile_devices_json_shows_every_change_made_before_the_open() {
+    // The usage cache reused a full scan, device list included, for four
+    // times its length: a snapshot renamed, made or destroyed just before
+    // an open of devices.json was shown as it was (seen as 5 devices after
+    // a destroy left 4, on a busy machine where scans take long).
+    let m = TestMount::start("devices-fresh");
+    // A device of many extents makes a full scan take a while here, as a
+    // busy machine does to small ones: half the blocks of a file rewritten
+    // after a snapshot (2048 extents).
+    const MB: u64 = 16;
+    std::fs::create_dir(m.path("big")).unwrap();
+    std::fs::write(m.path("big/f"), vec![0u8; (MB << 20) as usize]).unwrap();
+    std::fs::create_dir(m.path("big/.snapshots/base")).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(m.path("big/f"))
+            .unwrap();
+        for b in (0..(MB << 20) / 4096).step_by(2) {
+            f.write_all_at(b"y", b * 4096).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    std::fs::create_dir(m.path("img")).unwrap();
+    std::fs::create_dir(m.path("img/.snapshots/s")).unwrap();
+    let snaps = |m: &TestMount| -> Vec<String> {
+        devices_json_names(m)
+            .into_iter()
+            .filter(|n| n.starts_with("img@"))
+            .collect()
+    };
+    let t = Instant::now();
+    assert_eq!(snaps(&m), ["img@s"]);
+    eprintln!("full scan {:?}", t.elapsed());
+    for i in 0..3 {
+        let (from, to) = (format!("img/.snapshots/s{i}"), format!("img/.snapshots/s{}", i + 1));
+        let from = if i == 0 { "img/.snapshots/s".to_string() } else { from };
+        std::fs::rename(m.path(&from), m.path(&to)).unwrap();
+        assert_eq!(snaps(&m), [format!("img@s{}", i + 1)], "renamed before the open");
+        std::fs::create_dir(m.path("img/.snapshots/t")).unwrap();
+        assert_eq!(
+            snaps(&m),
+            [format!("img@s{}", i + 1), "img@t".into()],
+            "made before the open"
+        );
+        std::fs::remove_dir(m.path("img/.snapshots/t")).unwrap();
+        assert_eq!(snaps(&m), [format!("img@s{}", i + 1)], "destroyed before the open");
+    }
+}
+
 #[test]
 fn hostile_deep_clone_chain_is_printed() {
     // 700 levels of snapshot+clone (1,400 tree levels) overflowed the stack
