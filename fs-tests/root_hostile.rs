@@ -30,10 +30,11 @@ fn fails(o: &std::process::Output, msg: &str) {
     assert!(err.contains(msg), "expected {msg:?} in: {err}");
 }
 
-/// The CLI as root, killed after 20 s (a starved daemon never answers).
+/// The CLI as root, killed after 120 s (a starved daemon never answers;
+/// a busy machine answers late).
 fn cli_t(m: &TestMount, args: &[&str]) -> std::process::Output {
     Command::new("timeout")
-        .arg("20")
+        .arg("120")
         .arg(thinfs_bin())
         .args(args)
         .env("THINFS_SOCKET", m.socket())
@@ -44,7 +45,7 @@ fn cli_t(m: &TestMount, args: &[&str]) -> std::process::Output {
 /// One request over a fresh connection; the raw answer line.
 fn raw_request(m: &TestMount, line: &str) -> String {
     let mut s = UnixStream::connect(m.socket()).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.set_read_timeout(Some(HANG)).unwrap();
     s.write_all(line.as_bytes()).unwrap();
     s.write_all(b"\n").unwrap();
     let mut a = String::new();
@@ -194,7 +195,7 @@ fn hostile_idle_connections_leave_root_working() {
         12345,
         12345,
         &[],
-        &format!("timeout 20 env {}", m.cli_sh("tree")),
+        &format!("timeout 120 env {}", m.cli_sh("tree")),
     );
     assert!(good, "another user: {out}");
     std::thread::sleep(Duration::from_secs(2).saturating_sub(t0.elapsed()));
@@ -213,7 +214,7 @@ fn hostile_idle_connections_leave_root_working() {
         "nobody got an error for most connections: {line}"
     );
     // nobody's own CLI is over its bound: a clear error, at once.
-    let (good, out) = as_nobody(&format!("timeout 20 env {}", m.cli_sh("list")));
+    let (good, out) = as_nobody(&format!("timeout 120 env {}", m.cli_sh("list")));
     assert!(!good, "{out}");
     assert!(
         out.contains("busy: too many control connections of uid 65534 (at most 16 at once)"),
@@ -444,10 +445,21 @@ fn hostile_devices_json_shows_every_change_made_before_the_open() {
     assert_eq!(snaps(&m), ["img@s"]);
     eprintln!("full scan {:?}", t.elapsed());
     for i in 0..3 {
-        let (from, to) = (format!("img/.snapshots/s{i}"), format!("img/.snapshots/s{}", i + 1));
-        let from = if i == 0 { "img/.snapshots/s".to_string() } else { from };
+        let (from, to) = (
+            format!("img/.snapshots/s{i}"),
+            format!("img/.snapshots/s{}", i + 1),
+        );
+        let from = if i == 0 {
+            "img/.snapshots/s".to_string()
+        } else {
+            from
+        };
         std::fs::rename(m.path(&from), m.path(&to)).unwrap();
-        assert_eq!(snaps(&m), [format!("img@s{}", i + 1)], "renamed before the open");
+        assert_eq!(
+            snaps(&m),
+            [format!("img@s{}", i + 1)],
+            "renamed before the open"
+        );
         std::fs::create_dir(m.path("img/.snapshots/t")).unwrap();
         assert_eq!(
             snaps(&m),
@@ -455,7 +467,11 @@ fn hostile_devices_json_shows_every_change_made_before_the_open() {
             "made before the open"
         );
         std::fs::remove_dir(m.path("img/.snapshots/t")).unwrap();
-        assert_eq!(snaps(&m), [format!("img@s{}", i + 1)], "destroyed before the open");
+        assert_eq!(
+            snaps(&m),
+            [format!("img@s{}", i + 1)],
+            "destroyed before the open"
+        );
     }
 }
 
@@ -654,7 +670,7 @@ fn hostile_accept_errors_back_off() {
     eprintln!("accept failing for 3 s: daemon {cpu} CPU ticks, log +{grown} bytes");
     assert!(cpu < 50, "the accept loop spins: {cpu} ticks in 3 s");
     assert!(grown < 16 << 10, "log grew by {grown} bytes in 3 s");
-    assert!(m.log().contains("pausing accept"), "the failure is logged");
+    m.wait_log(&["pausing accept"]);
     // The users go away: everyone is served again.
     drop(hogs);
     let out = ok(&cli_t(&m, &["list", "-o", "name", "-H"]));
