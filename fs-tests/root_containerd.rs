@@ -177,7 +177,13 @@ fn root_containerd_import_run_remove_and_kill9() {
     let o = snap(&ctd, &["mounts", "/x", "v1"]);
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(
-        out.contains("-t ext4 /dev/loop") && out.trim_end().ends_with("-o ro"),
+        out.contains("-t ext4 /dev/loop")
+            && out
+                .trim_end()
+                .rsplit(" -o ")
+                .next()
+                .is_some_and(|o| o.split(',').any(|o| o == "ro")
+                    && o.split(',').any(|o| o == "errors=remount-ro")),
         "{out}"
     );
     let dev = out.split_whitespace().nth(3).expect("device").to_string();
