@@ -357,26 +357,16 @@ fn root_backup_import_cancelled_when_the_cli_goes() {
         .spawn()
         .unwrap();
     // Half the tarball, then nothing: the pipe stays open (we hold it).
+    // The CLI hands the pipe itself to the daemon, so once these 8 MiB are
+    // written the daemon's import has read all but a pipe's worth (64 KiB)
+    // of them: it is under way, waiting for more.
     let mut input = cli.stdin.take().unwrap();
     std::io::Write::write_all(&mut input, &bytes[..bytes.len() / 2]).unwrap();
-    let t0 = std::time::Instant::now();
-    while !m.log().contains("import") && t0.elapsed().as_secs() < 10 {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    std::thread::sleep(std::time::Duration::from_millis(500));
     cli.kill().unwrap();
     cli.wait().unwrap();
     // The daemon notices, stops reading and undoes, although the input
     // pipe is still open.
-    let t0 = std::time::Instant::now();
-    while !m.log().contains("undone") {
-        assert!(
-            t0.elapsed().as_secs() < 20,
-            "the import was not cancelled: {}",
-            m.log()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    m.wait_log(&["import", "undone"]);
     drop(input);
     assert!(!names(&m).contains('c'), "{}", names(&m));
     ok(&m.cli(&["import", "c", tar.to_str().unwrap(), "-q"]));
@@ -537,17 +527,13 @@ fn root_backup_kill9_during_backup_leaves_no_temporary_snapshot() {
         .env("THINFS_SOCKET", m.socket())
         .spawn()
         .unwrap();
-    let t0 = std::time::Instant::now();
     // Ready (a snapshot still being created is recovery's, not the sweep's).
     let ready = |m: &TestMount| {
         ok(&m.cli(&["list", "-t", "all", "-H", "-o", "name,state"]))
             .lines()
             .any(|l| l.contains("backup-head") && l.contains("ready"))
     };
-    while !ready(&m) {
-        assert!(t0.elapsed().as_secs() < 20, "no temporary snapshot");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_event(|| "a ready temporary snapshot".into(), || ready(&m));
     m.kill9();
     let _ = cli.kill();
     let _ = cli.wait();
@@ -579,23 +565,17 @@ fn root_backup_cancelled_when_the_cli_goes_leaves_no_temporary_snapshot() {
         .env("THINFS_SOCKET", m.socket())
         .spawn()
         .unwrap();
-    let t0 = std::time::Instant::now();
-    while !names(&m).contains("backup-head") {
-        assert!(t0.elapsed().as_secs() < 20, "no temporary snapshot");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_event(
+        || "a temporary snapshot".into(),
+        || names(&m).contains("backup-head"),
+    );
     cli.kill().unwrap();
     cli.wait().unwrap();
     // The daemon stops writing to the stalled pipe and destroys the carrier.
-    let t0 = std::time::Instant::now();
-    while names(&m).contains("backup-head") {
-        assert!(
-            t0.elapsed().as_secs() < 20,
-            "the backup was not cancelled: {}",
-            names(&m)
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    wait_event(
+        || format!("the backup cancelled: {}", names(&m)),
+        || !names(&m).contains("backup-head"),
+    );
 }
 
 /// Is process `pid` alive (not gone, not a zombie)?

@@ -10,7 +10,7 @@ mod containerd_env;
 
 use common::*;
 use containerd_env::*;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Active thin devices of this daemon's pool (`thinfs-<tag>-<id>` in
 /// device-mapper), by their dm names: `/sys/block/dm-*/dm/name`.
@@ -102,7 +102,13 @@ fn dm_containerd_import_run_view_remove_and_kill9() {
     let o = snap(&ctd, &["mounts", "/x", "v1"]);
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(
-        out.contains("-t ext4 /dev/") && out.trim_end().ends_with("-o ro"),
+        out.contains("-t ext4 /dev/")
+            && out
+                .trim_end()
+                .rsplit(" -o ")
+                .next()
+                .is_some_and(|o| o.split(',').any(|o| o == "ro")
+                    && o.split(',').any(|o| o == "errors=remount-ro")),
         "{out}"
     );
     let dev = out.split_whitespace().nth(3).expect("device").to_string();
@@ -138,7 +144,7 @@ fn dm_containerd_import_run_view_remove_and_kill9() {
     m.kill9();
     m.spawn();
     let t = Instant::now();
-    let (o, n) = ctd.run_when_reachable("d2", "cat /etc/added", Duration::from_secs(120));
+    let (o, n) = ctd.run_when_reachable("d2", "cat /etc/added", HANG);
     eprintln!(
         "ctr run on dm works again {:.1} s after the restart ({n} tries)",
         t.elapsed().as_secs_f64()
@@ -169,7 +175,7 @@ fn dm_containerd_import_run_view_remove_and_kill9() {
     wait_until("no thin device of containerd's is active", || {
         thin_devices().len() == devs_before
     });
-    wait_space_back(&m, used_before, Duration::from_secs(60));
+    wait_space_back(&m, used_before);
     drop(ctd);
     m.stop();
     assert!(
@@ -204,20 +210,26 @@ fn dm_containerd_kill9_while_a_container_runs() {
     let ctd = Containerd::start(&dir.path().join("containerd"), &snap_sock);
     ctd.import(&tar);
     let devs_before = thin_devices().len();
-    // The container writes before the crash, sleeps through it, writes
-    // after, and prints its file.
+    // The container writes before the crash, waits through it until the
+    // test puts /tmp/go in its rootfs (300 s at most: a failed test must
+    // not leave it waiting), writes after, and prints its file.
     let long = std::thread::scope(|sc| {
         let h = sc.spawn(|| {
             ctd.run(
                 "long",
-                "echo before > /tmp/f; sleep 45; echo after >> /tmp/f; cat /tmp/f",
+                "echo before > /tmp/f; i=0; \
+                 while [ ! -e /tmp/go ] && [ $i -lt 300 ]; do sleep 1; i=$((i+1)); done; \
+                 echo after >> /tmp/f; cat /tmp/f",
             )
         });
         wait_until("the container's thin device is active", || {
             thin_devices().len() == devs_before + 1
         });
-        // Let it write its first line.
-        std::thread::sleep(Duration::from_secs(3));
+        // It has written its first line (read through its rootfs here).
+        wait_until("the container wrote its first line", || {
+            ctd.rootfs("long")
+                .is_some_and(|r| std::fs::read(r.join("tmp/f")).is_ok_and(|d| d == b"before\n"))
+        });
         let keys = snap_keys(&ctd);
         assert!(
             keys.iter().any(|(k, kind)| k == "long" && kind == "Active"),
@@ -255,9 +267,11 @@ fn dm_containerd_kill9_while_a_container_runs() {
             "still the one device"
         );
         // A new container starts while the first one runs.
-        let (o, _) = ctd.run_when_reachable("short", "cat /etc/added", Duration::from_secs(120));
+        let (o, _) = ctd.run_when_reachable("short", "cat /etc/added", HANG);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "from layer two");
+        let rootfs = ctd.rootfs("long").expect("the long container's rootfs");
+        std::fs::write(rootfs.join("tmp/go"), b"").unwrap();
         h.join().expect("the long container's thread")
     });
     // It wrote its rootfs before and after the restart, on the kept device.

@@ -94,18 +94,13 @@ fn root_destroy_returns_space() {
     assert!(u.exclusive >= 150 << 20, "usage must show the data: {u:?}");
     drop(m);
     e.destroy(&Target::parse("big").unwrap(), false).unwrap();
-    let mut after = 0;
-    for i in 0..100 {
-        after = e.pool_info().unwrap().status.used;
-        if after < written - (150 << 20) {
-            eprintln!("freed after {i} polls");
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    assert!(
-        after < written - (150 << 20),
-        "destroy must free the space: {written} -> {after}"
+    let after = std::cell::Cell::new(0);
+    wait_event(
+        || format!("destroy frees the space: {written} -> {}", after.get()),
+        || {
+            after.set(e.pool_info().unwrap().status.used);
+            after.get() < written - (150 << 20)
+        },
     );
 }
 
@@ -663,8 +658,7 @@ fn dm_out_of_space_gives_enospc_and_fs_survives() {
     ));
     drop(m);
     e.unmount(img.id);
-    e.wait_released(img.id, std::time::Duration::from_secs(10))
-        .unwrap();
+    e.wait_released(img.id, HANG).unwrap();
     // Free space, then the filesystem must check clean.
     e.destroy(&Target::parse("filler").unwrap(), false).unwrap();
     // A write that needed a new block in a full pool may have aborted the

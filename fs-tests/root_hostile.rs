@@ -30,10 +30,11 @@ fn fails(o: &std::process::Output, msg: &str) {
     assert!(err.contains(msg), "expected {msg:?} in: {err}");
 }
 
-/// The CLI as root, killed after 20 s (a starved daemon never answers).
+/// The CLI as root, killed after 120 s (a starved daemon never answers;
+/// a busy machine answers late).
 fn cli_t(m: &TestMount, args: &[&str]) -> std::process::Output {
     Command::new("timeout")
-        .arg("20")
+        .arg("120")
         .arg(thinfs_bin())
         .args(args)
         .env("THINFS_SOCKET", m.socket())
@@ -44,7 +45,7 @@ fn cli_t(m: &TestMount, args: &[&str]) -> std::process::Output {
 /// One request over a fresh connection; the raw answer line.
 fn raw_request(m: &TestMount, line: &str) -> String {
     let mut s = UnixStream::connect(m.socket()).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.set_read_timeout(Some(HANG)).unwrap();
     s.write_all(line.as_bytes()).unwrap();
     s.write_all(b"\n").unwrap();
     let mut a = String::new();
@@ -102,8 +103,10 @@ impl Drop for Reaped {
 }
 
 /// Python helper run as nobody: opens N connections to the control socket
-/// (each connect gives up after 2 s), says how many it holds and how many
-/// the daemon refused with an error line, then holds them until stdin ends.
+/// (each connect gives up after 60 s), waits until the daemon has answered
+/// all but 16 (its per-uid bound) with an error line (120 s at most: only
+/// a starved or broken daemon takes that long), says how many it holds and
+/// how many were refused, then holds them until stdin ends.
 const HOG: &str = r#"
 import os, resource, select, socket, sys, time
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -111,24 +114,26 @@ resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 conns = []
 for i in range(int(sys.argv[2])):
     c = socket.socket(socket.AF_UNIX)
-    c.settimeout(2)
+    c.settimeout(60)
     try:
         c.connect(sys.argv[1])
     except Exception:
         break
     conns.append(c)
-time.sleep(1.5)
 p = select.poll()
 for c in conns:
     p.register(c, select.POLLIN)
 refused = 0
-for fd, ev in p.poll(0):
-    try:
-        data = os.read(fd, 4096)
-    except Exception:
-        continue
-    if b"too many control connections" in data:
-        refused += 1
+end = time.time() + 120
+while refused < len(conns) - 16 and time.time() < end:
+    for fd, ev in p.poll(1000):
+        p.unregister(fd)
+        try:
+            data = os.read(fd, 4096)
+        except Exception:
+            continue
+        if b"too many control connections" in data:
+            refused += 1
 print("connected", len(conns), "refused", refused, flush=True)
 sys.stdin.read()
 "#;
@@ -194,7 +199,7 @@ fn hostile_idle_connections_leave_root_working() {
         12345,
         12345,
         &[],
-        &format!("timeout 20 env {}", m.cli_sh("tree")),
+        &format!("timeout 120 env {}", m.cli_sh("tree")),
     );
     assert!(good, "another user: {out}");
     std::thread::sleep(Duration::from_secs(2).saturating_sub(t0.elapsed()));
@@ -213,7 +218,7 @@ fn hostile_idle_connections_leave_root_working() {
         "nobody got an error for most connections: {line}"
     );
     // nobody's own CLI is over its bound: a clear error, at once.
-    let (good, out) = as_nobody(&format!("timeout 20 env {}", m.cli_sh("list")));
+    let (good, out) = as_nobody(&format!("timeout 120 env {}", m.cli_sh("list")));
     assert!(!good, "{out}");
     assert!(
         out.contains("busy: too many control connections of uid 65534 (at most 16 at once)"),
@@ -393,6 +398,87 @@ fn hostile_old_names_are_printed_escaped() {
     assert!(v[0]["usage"]["mapped"].as_u64().is_some());
 }
 
+/// Names in `.thinfs/devices.json`, read through the mount.
+fn devices_json_names(m: &TestMount) -> Vec<String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(m.path(".thinfs/devices.json")).unwrap()).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            assert!(d["usage"]["mapped"].as_u64().is_some(), "usage of {d}");
+            d["full_name"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn hostile_devices_json_shows_every_change_made_before_the_open() {
+    // The usage cache reused a full scan, device list included, for four
+    // times its length: a snapshot renamed, made or destroyed just before
+    // an open of devices.json was shown as it was (seen as 5 devices after
+    // a destroy left 4, on a busy machine where scans take long).
+    let m = TestMount::start("devices-fresh");
+    // A device of many extents makes a full scan take a while here, as a
+    // busy machine does to small ones: half the blocks of a file rewritten
+    // after a snapshot (2048 extents).
+    const MB: u64 = 16;
+    std::fs::create_dir(m.path("big")).unwrap();
+    std::fs::write(m.path("big/f"), vec![0u8; (MB << 20) as usize]).unwrap();
+    std::fs::create_dir(m.path("big/.snapshots/base")).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(m.path("big/f"))
+            .unwrap();
+        for b in (0..(MB << 20) / 4096).step_by(2) {
+            f.write_all_at(b"y", b * 4096).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    std::fs::create_dir(m.path("img")).unwrap();
+    std::fs::create_dir(m.path("img/.snapshots/s")).unwrap();
+    let snaps = |m: &TestMount| -> Vec<String> {
+        devices_json_names(m)
+            .into_iter()
+            .filter(|n| n.starts_with("img@"))
+            .collect()
+    };
+    let t = Instant::now();
+    assert_eq!(snaps(&m), ["img@s"]);
+    eprintln!("full scan {:?}", t.elapsed());
+    for i in 0..3 {
+        let (from, to) = (
+            format!("img/.snapshots/s{i}"),
+            format!("img/.snapshots/s{}", i + 1),
+        );
+        let from = if i == 0 {
+            "img/.snapshots/s".to_string()
+        } else {
+            from
+        };
+        std::fs::rename(m.path(&from), m.path(&to)).unwrap();
+        assert_eq!(
+            snaps(&m),
+            [format!("img@s{}", i + 1)],
+            "renamed before the open"
+        );
+        std::fs::create_dir(m.path("img/.snapshots/t")).unwrap();
+        assert_eq!(
+            snaps(&m),
+            [format!("img@s{}", i + 1), "img@t".into()],
+            "made before the open"
+        );
+        std::fs::remove_dir(m.path("img/.snapshots/t")).unwrap();
+        assert_eq!(
+            snaps(&m),
+            [format!("img@s{}", i + 1)],
+            "destroyed before the open"
+        );
+    }
+}
+
 #[test]
 fn hostile_deep_clone_chain_is_printed() {
     // 700 levels of snapshot+clone (1,400 tree levels) overflowed the stack
@@ -401,7 +487,7 @@ fn hostile_deep_clone_chain_is_printed() {
     let m = TestMount::start("hostile-deep");
     ok(&cli_t(&m, &["create", "c0"]));
     let s = UnixStream::connect(m.socket()).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.set_read_timeout(Some(HANG)).unwrap();
     let mut w = s.try_clone().unwrap();
     let mut r = BufReader::new(s);
     let mut ask = |line: String| {
@@ -577,9 +663,12 @@ fn hostile_accept_errors_back_off() {
         assert!(line.starts_with("connected 16"), "uid {uid}: {line}");
         hogs.push(h);
     }
-    let fds = open_fds(pid);
-    eprintln!("daemon descriptors: {fds0} -> {fds}");
-    assert!(fds >= 78, "descriptors did not run out: {fds0} -> {fds}");
+    // The daemon accepts what it can hold (asynchronously: wait).
+    wait_event(
+        || format!("descriptors run out: {fds0} -> {}", open_fds(pid)),
+        || open_fds(pid) >= 78,
+    );
+    eprintln!("daemon descriptors: {fds0} -> {}", open_fds(pid));
     let log0 = log_len(&m);
     let cpu0 = cpu_ticks(pid);
     std::thread::sleep(Duration::from_secs(3));
@@ -588,7 +677,7 @@ fn hostile_accept_errors_back_off() {
     eprintln!("accept failing for 3 s: daemon {cpu} CPU ticks, log +{grown} bytes");
     assert!(cpu < 50, "the accept loop spins: {cpu} ticks in 3 s");
     assert!(grown < 16 << 10, "log grew by {grown} bytes in 3 s");
-    assert!(m.log().contains("pausing accept"), "the failure is logged");
+    m.wait_log(&["pausing accept"]);
     // The users go away: everyone is served again.
     drop(hogs);
     let out = ok(&cli_t(&m, &["list", "-o", "name", "-H"]));

@@ -200,9 +200,10 @@ fn setup_images(m: &TestMount) -> std::path::PathBuf {
 /// directories and `.thinfs` files included.
 fn root_and_another_user_work(m: &TestMount) {
     // Root works.
-    // The CLI with a time limit: a starved daemon never answers it.
+    // The CLI with a time limit: a starved daemon never answers it (the
+    // limit only ends a hang: CI may be busy).
     let cli = Command::new("timeout")
-        .arg("20")
+        .arg("120")
         .arg(thinfs_bin())
         .args(["list", "-o", "name", "-H"])
         .env("THINFS_SOCKET", m.socket())
@@ -236,7 +237,7 @@ fn root_and_another_user_work(m: &TestMount) {
             m.path(".thinfs/info").display(),
             m.cli_sh("list >/dev/null").replacen(
                 "THINFS_SOCKET",
-                "timeout 20 env THINFS_SOCKET",
+                "timeout 120 env THINFS_SOCKET",
                 1
             )
         ),
@@ -323,15 +324,10 @@ fn hostile_opens_leave_root_and_others_working() {
     drop(third);
     drop(hogs);
     // Given back when the opens go (RELEASE is asynchronous: wait).
-    let t0 = std::time::Instant::now();
-    while held_by(&m, 65534) != (0, 0) {
-        assert!(
-            t0.elapsed() < std::time::Duration::from_secs(20),
-            "{:?}",
-            held_by(&m, 65534)
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_event(
+        || format!("nobody's handles given back: {:?}", held_by(&m, 65534)),
+        || held_by(&m, 65534) == (0, 0),
+    );
 }
 
 /// The same without kernel passthrough (as on kernels before 6.9): every

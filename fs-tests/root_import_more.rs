@@ -280,17 +280,13 @@ fn root_import_more_full_pool_leaves_nothing() {
     );
     assert!(!names(&m).contains("big"), "{}", names(&m));
     // The pool's space comes back (the hidden device is deleted).
-    let mut after = 0;
-    for _ in 0..50 {
-        after = pool(&m)["used"].as_u64().unwrap();
-        if after <= before + (32 << 20) {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-    assert!(
-        after <= before + (32 << 20),
-        "pool used {before} before, {after} after"
+    let after = std::cell::Cell::new(0);
+    wait_event(
+        || format!("pool used {before} before, {} after", after.get()),
+        || {
+            after.set(pool(&m)["used"].as_u64().unwrap());
+            after.get() <= before + (32 << 20)
+        },
     );
     // Image a is intact and the pool still works.
     assert_eq!(

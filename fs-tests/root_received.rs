@@ -127,17 +127,14 @@ fn errors_option(opts: &str) -> Option<&str> {
 fn refused(e: &Engine, before: &(Vec<String>, Vec<u32>), used_before: u64, what: &str) {
     assert_eq!(&pool_state(e), before, "{what}: a refusal leaves nothing");
     // XFS frees the blocks of a deleted file in the background.
-    let mut u = used(e);
-    for _ in 0..50 {
-        if u <= used_before + (1 << 20) {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        u = used(e);
-    }
-    assert!(
-        u <= used_before + (1 << 20),
-        "{what}: a refusal frees its space: {used_before} -> {u}"
+    wait_event(
+        || {
+            format!(
+                "{what}: a refusal frees its space: {used_before} -> {}",
+                used(e)
+            )
+        },
+        || used(e) <= used_before + (1 << 20),
     );
 }
 

@@ -286,19 +286,19 @@ fn root_resume_after_kill9_of_the_receiving_daemon() {
     // Half the stream, then the writer stalls: the daemon is killed while
     // the receive waits for more.
     let recv = stalled_receive(&b, &stream, "-s copy");
-    let mut got = 0;
-    for _ in 0..300 {
+    let received = || {
         let o = sh(&format!("{sb} info copy --json"));
-        if o.status.success() {
-            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-            got = v["received"].as_u64().unwrap_or(0);
-            if got > 0 {
-                break;
-            }
+        if !o.status.success() {
+            return 0;
         }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    assert!(got > 0, "the receive never passed a checkpoint");
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["received"].as_u64().unwrap_or(0)
+    };
+    wait_event(
+        || "the receive passed a checkpoint".into(),
+        || received() > 0,
+    );
+    let got = received();
     // While it runs, neither -A nor a second resume may touch it.
     let out = fails(&format!("{sb} receive -A copy"));
     assert!(out.contains("is running"), "{out}");
@@ -321,8 +321,9 @@ fn root_resume_after_kill9_of_the_receiving_daemon() {
     assert_eq!(device_hash(&b, "ref@v1"), device_hash(&b, "copy@v1"));
     // Without -s, a killed receive leaves nothing after the restart.
     let before = pool_state(&b);
+    // The daemon has read all but a pipe's worth of the 25 MB: the receive
+    // is under way, waiting for more.
     let recv = stalled_receive(&b, &stream, "none");
-    std::thread::sleep(std::time::Duration::from_secs(3));
     b.kill9();
     end_stalled(recv);
     ok(&format!("umount -l {}", b.path("").display()));
@@ -333,6 +334,8 @@ fn root_resume_after_kill9_of_the_receiving_daemon() {
 
 /// `thinfs receive ARGS` fed the first 25 MB of `stream`, then nothing
 /// (its stdin stays open): it waits inside the daemon.
+/// The CLI hands its stdin itself to the daemon, so when this returns the
+/// daemon has read all of it but a pipe's worth (64 KiB).
 fn stalled_receive(
     m: &TestMount,
     stream: &Path,

@@ -181,7 +181,7 @@ fn root_space_guard_keeps_sampling_while_layers_mount_and_unmount() {
         .spawn()
         .unwrap();
     clean.children.push(held);
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + HANG;
     let seen = guard.layer_ticks();
     while guard.layer_ticks() < seen + 3 {
         assert!(
@@ -196,7 +196,7 @@ fn root_space_guard_keeps_sampling_while_layers_mount_and_unmount() {
     for dev in [&a, &b] {
         let name = std::fs::canonicalize(dev).unwrap();
         let sysfs = Path::new("/sys/fs/ext4").join(name.file_name().unwrap());
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + HANG;
         while sysfs.exists() {
             assert!(Instant::now() < deadline, "{} still mounted", dev.display());
             std::thread::sleep(Duration::from_millis(20));

@@ -194,7 +194,7 @@ fn dm_space_full_pool_gives_enospc_at_write() {
     drop((ma, mb));
     for (id, dev, size, name) in [(a.id, a.dev, a.size, "a"), (b.id, b.dev, b.size, "b")] {
         e.unmount(id);
-        e.wait_released(id, Duration::from_secs(10)).unwrap();
+        e.wait_released(id, HANG).unwrap();
         let act = e.backend().activate(dev, size, true).unwrap();
         let out = std::process::Command::new("e2fsck")
             .arg("-fn")

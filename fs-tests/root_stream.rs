@@ -111,17 +111,14 @@ fn root_stream_refusals_leave_nothing() {
             "refusal ({want}) must leave nothing"
         );
         // XFS frees the blocks of a deleted file in the background.
-        let mut u = used(&b);
-        for _ in 0..50 {
-            if u <= used_before + (1 << 20) {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-            u = used(&b);
-        }
-        assert!(
-            u <= used_before + (1 << 20),
-            "refusal ({want}) must free its space: {used_before} -> {u}"
+        wait_event(
+            || {
+                format!(
+                    "refusal ({want}) frees its space: {used_before} -> {}",
+                    used(&b)
+                )
+            },
+            || used(&b) <= used_before + (1 << 20),
         );
         err
     };

@@ -136,9 +136,11 @@ pub fn loops_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Wait (up to 10 s) until no loop device is backed by files under `dir`.
+/// Wait (up to [`HANG`]) until no loop device is backed by files under
+/// `dir` (autoclear detaches a loop device a moment after its last close).
 pub fn wait_no_loops(dir: &Path) -> Vec<String> {
-    for _ in 0..600 {
+    let t = std::time::Instant::now();
+    while t.elapsed() < HANG {
         let l = loops_under(dir);
         if l.is_empty() {
             return l;
@@ -146,6 +148,21 @@ pub fn wait_no_loops(dir: &Path) -> Vec<String> {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     loops_under(dir)
+}
+
+/// How long a test waits for an event before it calls it a hang. Only a
+/// hang should reach it: CI may share its 2 cores with another heavy job,
+/// and a test that waits less for something that does happen fails there.
+pub const HANG: std::time::Duration = std::time::Duration::from_secs(240);
+
+/// Poll `cond` until it holds; panic with `what()` if it does not within
+/// [`HANG`].
+pub fn wait_event(what: impl Fn() -> String, mut cond: impl FnMut() -> bool) {
+    let t = std::time::Instant::now();
+    while !cond() {
+        assert!(t.elapsed() < HANG, "waited {HANG:?} for: {}", what());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// A running `thinfs mount` daemon on a scratch mount point, stopped (and
@@ -232,9 +249,11 @@ impl TestMount {
             .spawn()
             .expect("start thinfs mount");
         self.child = Some(child);
-        // 60 s: a loaded machine or the dm guest's TCG can take a while to
-        // open a pool; a daemon that fails says so at once (exited early).
-        for _ in 0..1200 {
+        // Up to HANG: a loaded machine or the dm guest's TCG can take a
+        // while to open a pool; a daemon that fails says so at once (exited
+        // early).
+        let t = std::time::Instant::now();
+        while t.elapsed() < HANG {
             // Reading (not stat) needs a live daemon: a stale mount may still
             // answer stat from the kernel cache.
             if std::fs::read(self.mnt.join(".thinfs/pool.json")).is_ok() {
@@ -284,6 +303,22 @@ impl TestMount {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// Wait until a line of the daemon's log contains every one of
+    /// `words` (see [`wait_event`]); returns that line.
+    pub fn wait_log(&self, words: &[&str]) -> String {
+        let find = || {
+            self.log()
+                .lines()
+                .find(|l| words.iter().all(|w| l.contains(w)))
+                .map(str::to_string)
+        };
+        wait_event(
+            || format!("a log line with {words:?} in:\n{}", self.log()),
+            || find().is_some(),
+        );
+        find().unwrap_or_default()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
@@ -303,10 +338,11 @@ impl TestMount {
             .arg("-TERM")
             .arg(c.id().to_string())
             .status();
-        // 60 s before SIGKILL: a clean stop syncs and unmounts every image,
-        // which takes long on a loaded machine, and a killed daemon would
-        // leave filesystems that the next checks expect clean.
-        for _ in 0..1200 {
+        // Up to HANG before SIGKILL: a clean stop syncs and unmounts every
+        // image, which takes long on a loaded machine, and a killed daemon
+        // would leave filesystems that the next checks expect clean.
+        let t = std::time::Instant::now();
+        while t.elapsed() < HANG {
             if let Ok(Some(st)) = c.try_wait() {
                 return Some(st);
             }

@@ -97,7 +97,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             dir: dir.to_path_buf(),
             child: Some(child),
         };
-        for _ in 0..200 {
+        let t = Instant::now();
+        while t.elapsed() < HANG {
             if c.ctr(&["version"]).status.success() {
                 return c;
             }
@@ -129,6 +130,19 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             String::from_utf8_lossy(&o.stderr)
         );
         String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Where the rootfs of container `id` is mounted (by containerd's
+    /// shim, in this mount namespace), if it is.
+    pub fn rootfs(&self, id: &str) -> Option<PathBuf> {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+        let under = format!("{}/", self.dir.display());
+        let end = format!("/{id}/rootfs");
+        mounts
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .find(|p| p.starts_with(&under) && p.ends_with(&end))
+            .map(PathBuf::from)
     }
 
     /// `ctr run --rm` of the test image with `cmd`.
@@ -262,10 +276,10 @@ pub fn pool_used(m: &TestMount) -> u64 {
         .unwrap_or_else(|| panic!("no used in {v}"))
 }
 
-/// Wait (up to `limit`) until the pool's `used` is back within 1 MiB of
-/// `before`: thinfs drops a record before it deletes and trims the device,
-/// so the space comes back a moment after the snapshot count drops.
-pub fn wait_space_back(m: &TestMount, before: u64, limit: Duration) {
+/// Wait until the pool's `used` is back within 1 MiB of `before`: thinfs
+/// drops a record before it deletes and trims the device, so the space
+/// comes back a moment after the snapshot count drops.
+pub fn wait_space_back(m: &TestMount, before: u64) {
     let t = Instant::now();
     loop {
         let after = pool_used(m);
@@ -273,16 +287,17 @@ pub fn wait_space_back(m: &TestMount, before: u64, limit: Duration) {
             return;
         }
         assert!(
-            t.elapsed() < limit,
+            t.elapsed() < HANG,
             "pool used {before} before, {after} after"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
+/// Wait until `f` holds (up to [`HANG`], which only ends a hang).
 pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(60) {
+    while t.elapsed() < HANG {
         if f() {
             return;
         }
@@ -300,7 +315,7 @@ pub fn gc_wait(ctd: &Containerd, m: &TestMount, what: &str, mut done: impl FnMut
     let mut kick = Instant::now();
     while !done() {
         assert!(
-            t.elapsed() < Duration::from_secs(120),
+            t.elapsed() < HANG,
             "timed out waiting until {what}; containerd calls:\n{}",
             calls(m)
         );
@@ -354,7 +369,7 @@ pub fn snap(ctd: &Containerd, args: &[&str]) -> Output {
     loop {
         let o = snap_once(ctd, args);
         let err = String::from_utf8_lossy(&o.stderr);
-        if !unreachable(&err) || t.elapsed() > Duration::from_secs(60) {
+        if !unreachable(&err) || t.elapsed() > HANG {
             return o;
         }
         eprintln!(

@@ -169,6 +169,13 @@ impl Engine {
         Ok(out)
     }
 
+    /// The pool's transaction id: every committed change of the metadata
+    /// raises it, so a view made when it had this value shows every change
+    /// that completed before (cheap: one record read).
+    pub fn transaction_id(&self) -> Result<u64> {
+        Ok(self.meta.pool()?.map(|p| p.transaction_id).unwrap_or(0))
+    }
+
     /// Pool status.
     pub fn pool_info(&self) -> Result<PoolInfo> {
         Ok(PoolInfo {
