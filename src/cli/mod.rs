@@ -5,6 +5,7 @@
 
 mod backup;
 mod client;
+mod config;
 mod export;
 mod import;
 mod mount;
@@ -13,7 +14,7 @@ mod progress;
 mod send;
 mod show;
 
-use crate::daemon::proto::{DEFAULT_SOCKET, Op};
+use crate::daemon::proto::Op;
 use crate::error::Result;
 use clap::{CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
@@ -22,9 +23,14 @@ use std::path::PathBuf;
 #[derive(Debug, Parser)]
 #[command(name = "thinfs", version, about, propagate_version = true)]
 pub struct Cli {
-    /// Control socket of the daemon (or $THINFS_SOCKET)
-    #[arg(long, global = true, env = "THINFS_SOCKET", default_value = DEFAULT_SOCKET)]
-    socket: PathBuf,
+    /// Control socket of the daemon [default: $THINFS_SOCKET, else `socket`
+    /// in the config file, else /run/thinfs/thinfs.sock]
+    #[arg(long, global = true, env = "THINFS_SOCKET", value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// TOML config file [default: $THINFS_CONFIG, else
+    /// /etc/thinfs/config.toml if present]
+    #[arg(long, global = true, env = "THINFS_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -288,10 +294,13 @@ fn print(
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let sock = cli.socket.as_path();
-    let call = |op| client::call(sock, op);
+    let (flag, file) = (cli.socket.as_deref(), cli.config.as_deref());
+    // Resolved only by the verbs that talk to the daemon: `man` or
+    // `backup verify` work whatever the config file says.
+    let sock = || config::socket(flag, file);
+    let call = |op| client::call(&sock()?, op);
     match cli.cmd {
-        Cmd::Mount(a) => mount::mount(*a),
+        Cmd::Mount(a) => mount::mount(*a, flag, file),
         Cmd::Umount { mountpoint } => mount::umount(&mountpoint),
         Cmd::Create { name, size } => {
             call(Op::Create {
@@ -376,7 +385,7 @@ fn run(cli: Cli) -> Result<()> {
             force,
             zstd,
             quiet,
-        } => export::export(sock, target, output, force, zstd, quiet),
+        } => export::export(&sock()?, target, output, force, zstd, quiet),
         Cmd::Send {
             target,
             token,
@@ -385,7 +394,7 @@ fn run(cli: Cli) -> Result<()> {
             compress,
             quiet,
         } => send::send(
-            sock,
+            &sock()?,
             send::SendArgs {
                 target: target.unwrap_or_default(),
                 token,
@@ -402,7 +411,7 @@ fn run(cli: Cli) -> Result<()> {
             abandon,
             quiet,
         } => send::receive(
-            sock,
+            &sock()?,
             crate::service::ReceiveRequest {
                 name,
                 force_rollback: force,
@@ -453,7 +462,7 @@ fn run(cli: Cli) -> Result<()> {
             source,
             size,
             quiet,
-        } => import::import(sock, name, source, size, quiet),
+        } => import::import(&sock()?, name, source, size, quiet),
         Cmd::Backup {
             action: Some(BackupAction::Verify { file, quiet }),
             ..
@@ -466,13 +475,13 @@ fn run(cli: Cli) -> Result<()> {
             force,
             quiet,
         } => match (name, output) {
-            (Some(n), Some(o)) => backup::backup(sock, n, snapshots, o, force, quiet),
+            (Some(n), Some(o)) => backup::backup(&sock()?, n, snapshots, o, force, quiet),
             _ => Err(crate::error::Error::Invalid(
                 "usage: thinfs backup NAME [--snapshots] -o FILE, or thinfs backup verify FILE"
                     .into(),
             )),
         },
-        Cmd::Restore { file, name, quiet } => backup::restore(sock, file, name, quiet),
+        Cmd::Restore { file, name, quiet } => backup::restore(&sock()?, file, name, quiet),
     }
 }
 

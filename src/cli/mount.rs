@@ -1,28 +1,23 @@
-//! `thinfs mount` (with its TOML config file) and `thinfs umount`.
+//! `thinfs mount` (its flags over the config file) and `thinfs umount`.
 
-use crate::daemon::{self, MountConfig, proto};
+use super::config;
+use crate::daemon::{self, MountConfig};
 use crate::engine::{BackendChoice, PoolOptions};
 use crate::error::{Error, IoContext, Result};
 use crate::fuse::FuseOptions;
 use crate::sys::{mount, process};
 use crate::types::Bytes;
 use clap::Args;
-use serde::Deserialize;
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const READY_ENV: &str = "THINFS_READY_FD";
-/// Config file read when `--config` is not given, if it exists.
-pub const DEFAULT_CONFIG: &str = "/etc/thinfs/config.toml";
 
 /// Arguments of `thinfs mount`. Each option overrides the config file.
 #[derive(Debug, Args)]
 pub struct MountArgs {
-    /// TOML config file [default: /etc/thinfs/config.toml if present]
-    #[arg(long)]
-    config: Option<PathBuf>,
     /// State directory (metadata and pool) [default: /var/lib/thinfs]
     #[arg(long)]
     state: Option<PathBuf>,
@@ -47,9 +42,6 @@ pub struct MountArgs {
     /// Members of this group may create, snapshot, clone and destroy, as root may
     #[arg(long)]
     admin_group: Option<String>,
-    /// Control socket [default: /run/thinfs/thinfs.sock]
-    #[arg(long)]
-    socket: Option<PathBuf>,
     /// FUSE worker threads [default: 4]
     #[arg(long)]
     threads: Option<usize>,
@@ -65,39 +57,6 @@ pub struct MountArgs {
     daemon: bool,
     /// Where to mount
     mountpoint: PathBuf,
-}
-
-/// The config file: the same settings as the flags.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    state: Option<PathBuf>,
-    backend: Option<String>,
-    pool_size: Option<String>,
-    reserve: Option<String>,
-    image_size: Option<String>,
-    show_hidden: Option<bool>,
-    idle_secs: Option<u64>,
-    admin_group: Option<String>,
-    socket: Option<PathBuf>,
-    threads: Option<usize>,
-    containerd_socket: Option<PathBuf>,
-    allow_suid_dev: Option<bool>,
-}
-
-fn load_config(path: Option<&Path>) -> Result<FileConfig> {
-    let (p, must) = match path {
-        Some(p) => (p.to_path_buf(), true),
-        None => (PathBuf::from(DEFAULT_CONFIG), false),
-    };
-    let text = match std::fs::read_to_string(&p) {
-        Ok(t) => t,
-        Err(e) if !must && e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(FileConfig::default());
-        }
-        Err(e) => return Err(Error::io(format!("read config {}", p.display()), e)),
-    };
-    toml::from_str(&text).map_err(|e| Error::Invalid(format!("config {}: {e}", p.display())))
 }
 
 /// Resolve a group name (or number) to its gid through NSS (getgrnam_r),
@@ -122,8 +81,11 @@ fn group_gid(name: &str) -> Result<u32> {
     }
 }
 
-fn config(a: &MountArgs) -> Result<MountConfig> {
-    let f = load_config(a.config.as_deref())?;
+/// The daemon's settings: each flag overrides the config file (the
+/// socket as [`config::socket`] says).
+fn config(a: &MountArgs, socket: Option<&Path>, file: Option<&Path>) -> Result<MountConfig> {
+    let f = config::load(file)?;
+    let socket = config::socket_or_default(socket, &f);
     let state = a
         .state
         .clone()
@@ -168,11 +130,7 @@ fn config(a: &MountArgs) -> Result<MountConfig> {
         },
         idle: Duration::from_secs(a.idle_secs.or(f.idle_secs).unwrap_or(300)),
         threads: a.threads.or(f.threads).unwrap_or(4),
-        socket: a
-            .socket
-            .clone()
-            .or(f.socket)
-            .unwrap_or_else(|| PathBuf::from(proto::DEFAULT_SOCKET)),
+        socket,
         containerd_socket: a.containerd_socket.clone().or(f.containerd_socket),
         allow_suid_dev: a.allow_suid_dev || f.allow_suid_dev.unwrap_or(false),
     })
@@ -185,9 +143,10 @@ fn init_log() {
         .try_init();
 }
 
-/// `thinfs mount`.
-pub fn mount(a: MountArgs) -> Result<()> {
-    let cfg = config(&a)?;
+/// `thinfs mount`; `socket` and `file` are the global `--socket` and
+/// `--config` (or their variables).
+pub fn mount(a: MountArgs, socket: Option<&Path>, file: Option<&Path>) -> Result<()> {
+    let cfg = config(&a, socket, file)?;
     if process::euid() != 0 {
         return Err(Error::PermissionDenied(
             "thinfs mount needs root (loop devices, mounts, /dev/fuse)".into(),
