@@ -293,14 +293,15 @@ fn print(
     Ok(())
 }
 
-fn run(cli: Cli) -> Result<()> {
+/// Run the verb; the exit code when it did not fail with an error.
+fn run(cli: Cli) -> Result<i32> {
     let (flag, file) = (cli.socket.as_deref(), cli.config.as_deref());
     // Resolved only by the verbs that talk to the daemon: `man` or
     // `backup verify` work whatever the config file says.
     let sock = || config::socket(flag, file);
     let call = |op| client::call(&sock()?, op);
     match cli.cmd {
-        Cmd::Mount(a) => mount::mount(*a, flag, file),
+        Cmd::Mount(a) => return mount::mount(*a, flag, file),
         Cmd::Umount { mountpoint } => mount::umount(&mountpoint),
         Cmd::Create { name, size } => {
             call(Op::Create {
@@ -483,6 +484,7 @@ fn run(cli: Cli) -> Result<()> {
         },
         Cmd::Restore { file, name, quiet } => backup::restore(&sock()?, file, name, quiet),
     }
+    .map(|()| 0)
 }
 
 /// Parse arguments, run, and return the exit code.
@@ -496,7 +498,7 @@ pub fn main() -> i32 {
         }
     };
     match run(cli) {
-        Ok(()) => 0,
+        Ok(code) => code,
         Err(e) => {
             // Messages may quote names that other users chose.
             eprintln!("thinfs: {}", crate::types::escape(&e.to_string()));
