@@ -93,3 +93,45 @@ fn root_cli_errors_failed_foreground_mount_cleans_up() {
     assert_eq!(o.status.code(), Some(1));
     assert!(!s.join("mp").exists(), "the mount point it made is left");
 }
+
+/// Usage mistakes exit 2 (as README says), caught before any daemon is
+/// asked: malformed arguments, missing or conflicting ones, bad values.
+#[test]
+fn root_cli_errors_usage_mistakes_exit_2() {
+    let s = Scratch::new("err-usage");
+    let nowhere = s.path().join("no.sock");
+    let cases: &[&[&str]] = &[
+        &["backup", "img"],
+        &["backup", "-o", "f"],
+        &["backup"],
+        &["list", "-o", "name,bogus"],
+        &["create", "b", "--size", "12Q"],
+        &["create", ".b"],
+        &["create", "a/b"],
+        &["resize", "a", "abc"],
+        &["import", "a", "/nonexistent", "--size", "zz"],
+        &["snapshot", "a"],
+        &["snapshot", "a@"],
+        &["clone", "a", "b"],
+        &["clone", "a@s", "b@c"],
+        &["rollback", "a"],
+        &["send", "-i", "s1", "--haves", "f", "a@s2"],
+        &["send", "a"],
+        &["haves", "a@s"],
+        &["info", "a@"],
+        &["mount", "--pool-size", "4Z", "/nonexistent/mnt"],
+        &["mount", "--backend", "bogus", "/nonexistent/mnt"],
+    ];
+    for args in cases {
+        let o = thinfs()
+            .args(*args)
+            .env("THINFS_SOCKET", &nowhere)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.starts_with("error: "), "{args:?}: {err}");
+        assert!(!err.contains("invalid request"), "{args:?}: {err}");
+    }
+    assert!(!Path::new("/nonexistent").exists());
+}

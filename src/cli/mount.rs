@@ -22,16 +22,16 @@ pub struct MountArgs {
     #[arg(long)]
     state: Option<PathBuf>,
     /// Block backend: auto, reflink or dm [default: auto]
-    #[arg(long)]
+    #[arg(long, value_parser = ["auto", "reflink", "dm"])]
     backend: Option<String>,
     /// Size of a new pool; an existing pool keeps its size [default: 64G]
-    #[arg(long)]
+    #[arg(long, value_parser = super::size_arg)]
     pool_size: Option<String>,
     /// Free space below which new images and snapshots are refused [default: 5% of the pool]
-    #[arg(long)]
+    #[arg(long, value_parser = super::size_arg)]
     reserve: Option<String>,
     /// Size of images made by mkdir or `thinfs create` [default: 10G]
-    #[arg(long)]
+    #[arg(long, value_parser = super::size_arg)]
     image_size: Option<String>,
     /// Show .snapshots and lost+found in directory listings
     #[arg(long)]
