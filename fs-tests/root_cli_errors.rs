@@ -53,7 +53,10 @@ fn root_cli_errors_failed_daemon_says_why_first() {
     // A new state directory: made for the log, gone again.
     let o = mount(true, &s.join("new/state"), &s.join("b.sock"), &m.mnt);
     failed(&o, &busy);
-    assert!(!s.join("new").exists(), "the state directory it made is left");
+    assert!(
+        !s.join("new").exists(),
+        "the state directory it made is left"
+    );
     // An existing state directory with an earlier run's log: not shown,
     // and the directory stays.
     let old = s.join("old");
@@ -76,7 +79,10 @@ fn root_cli_errors_failed_daemon_says_why_first() {
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.starts_with("thinfs: "), "{err}");
-    assert!(!err.contains("\\n") && !err.contains("invalid request"), "{err}");
+    assert!(
+        !err.contains("\\n") && !err.contains("invalid request"),
+        "{err}"
+    );
     assert!(!s.join("mp").exists(), "the mount point it made is left");
 }
 
@@ -87,7 +93,10 @@ fn root_cli_errors_failed_foreground_mount_cleans_up() {
     // Busy mount point, new state: no state directory left.
     let o = mount(false, &s.join("st/a"), &s.join("b.sock"), &m.mnt);
     failed(&o, &format!("already mounted at {}", m.mnt.display()));
-    assert!(!s.join("st").exists(), "the state directory it made is left");
+    assert!(
+        !s.join("st").exists(),
+        "the state directory it made is left"
+    );
     // The pool in use, new mount point: no mount point left.
     let o = mount(false, &m.state, &s.join("b.sock"), &s.join("mp/x"));
     assert_eq!(o.status.code(), Some(1));

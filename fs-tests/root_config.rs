@@ -60,7 +60,10 @@ impl Daemon {
                 && let Ok(Some(st)) = c.try_wait()
             {
                 d.child = None;
-                return Err(format!("{st}: {}", std::fs::read_to_string(&d.log).unwrap()));
+                return Err(format!(
+                    "{st}: {}",
+                    std::fs::read_to_string(&d.log).unwrap()
+                ));
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
@@ -160,7 +163,12 @@ fn ok(o: &Output) -> String {
 
 /// `thinfs --config CFG ARGS` (the socket from the config file).
 fn cli(cfg: &Path, args: &[&str]) -> Output {
-    thinfs().arg("--config").arg(cfg).args(args).output().unwrap()
+    thinfs()
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn json(cfg: &Path, args: &[&str]) -> serde_json::Value {
@@ -189,7 +197,12 @@ fn root_config_socket_daemon_precedence() {
         a.display(),
         std::fs::read_to_string(&d.log).unwrap()
     );
-    ok(&thinfs().arg("--socket").arg(&a).arg("pool").output().unwrap());
+    ok(&thinfs()
+        .arg("--socket")
+        .arg(&a)
+        .arg("pool")
+        .output()
+        .unwrap());
     drop(d);
     // $THINFS_SOCKET over the file.
     let d = Daemon::start(&s, &["--config", cfg_s], &[("THINFS_SOCKET", &b)]);
@@ -260,7 +273,10 @@ fn root_config_socket_clients_precedence() {
         String::from_utf8_lossy(&o.stderr)
     );
     ok(&cli(&missing, &["man"]));
-    ok(&cli(&missing, &["pool", "--socket", sock.to_str().unwrap()]));
+    ok(&cli(
+        &missing,
+        &["pool", "--socket", sock.to_str().unwrap()],
+    ));
     // No flag, no variable, no config file: the default path.
     if !Path::new("/etc/thinfs/config.toml").exists()
         && !Path::new("/run/thinfs/thinfs.sock").exists()
@@ -320,7 +336,11 @@ fn root_config_image_size() {
     ok(&cli(&cfg, &["create", "a"]));
     std::fs::create_dir(d.mnt.join("b")).unwrap();
     for n in ["a", "b"] {
-        assert_eq!(json(&cfg, &["info", n, "--json"])["size"], 2u64 << 30, "{n}");
+        assert_eq!(
+            json(&cfg, &["info", n, "--json"])["size"],
+            2u64 << 30,
+            "{n}"
+        );
     }
     drop(d);
     // A flag overrides the file.

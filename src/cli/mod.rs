@@ -320,7 +320,11 @@ fn name_arg(s: &str) -> std::result::Result<String, String> {
 
 /// `list -o`: every field known (exit 2 otherwise).
 fn fields_arg(s: &str) -> std::result::Result<String, String> {
-    match s.split(',').map(str::trim).find(|f| !show::FIELDS.contains(f)) {
+    match s
+        .split(',')
+        .map(str::trim)
+        .find(|f| !show::FIELDS.contains(f))
+    {
         Some(f) => Err(format!(
             "unknown field {f:?} (fields: {})",
             show::FIELDS.join(",")
