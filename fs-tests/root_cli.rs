@@ -233,13 +233,13 @@ fn root_cli_bad_input_and_dead_daemon() {
     let mut m = TestMount::start("cli-bad");
     ok(&m.cli(&["create", "a"]));
     fails(&m.cli(&["info", "nope"]), 1, "not found");
-    fails(&m.cli(&["snapshot", "a@"]), 1, "nothing after '@'");
-    fails(&m.cli(&["snapshot", "a"]), 1, "NAME@SNAP");
-    fails(&m.cli(&["create", "b", "--size", "12Q"]), 1, "unknown unit");
-    fails(&m.cli(&["create", ".b"]), 1, "starts with '.'");
+    fails(&m.cli(&["snapshot", "a@"]), 2, "nothing after '@'");
+    fails(&m.cli(&["snapshot", "a"]), 2, "NAME@SNAP");
+    fails(&m.cli(&["create", "b", "--size", "12Q"]), 2, "unknown unit");
+    fails(&m.cli(&["create", ".b"]), 2, "starts with '.'");
     fails(&m.cli(&["create", "a"]), 1, "already exists");
     fails(&m.cli(&["clone", "a@none", "c"]), 1, "no snapshot none");
-    fails(&m.cli(&["list", "-o", "name,bogus"]), 1, "unknown field");
+    fails(&m.cli(&["list", "-o", "name,bogus"]), 2, "unknown field");
     fails(&m.cli(&["frobnicate"]), 2, "unrecognized subcommand");
     fails(&m.cli(&["list", "-t", "weird"]), 2, "invalid value");
 

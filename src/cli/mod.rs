@@ -5,6 +5,7 @@
 
 mod backup;
 mod client;
+mod config;
 mod export;
 mod import;
 mod mount;
@@ -13,7 +14,7 @@ mod progress;
 mod send;
 mod show;
 
-use crate::daemon::proto::{DEFAULT_SOCKET, Op};
+use crate::daemon::proto::Op;
 use crate::error::Result;
 use clap::{CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
@@ -22,9 +23,14 @@ use std::path::PathBuf;
 #[derive(Debug, Parser)]
 #[command(name = "thinfs", version, about, propagate_version = true)]
 pub struct Cli {
-    /// Control socket of the daemon (or $THINFS_SOCKET)
-    #[arg(long, global = true, env = "THINFS_SOCKET", default_value = DEFAULT_SOCKET)]
-    socket: PathBuf,
+    /// Control socket of the daemon [default: $THINFS_SOCKET, else `socket`
+    /// in the config file, else /run/thinfs/thinfs.sock]
+    #[arg(long, global = true, env = "THINFS_SOCKET", value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// TOML config file [default: $THINFS_CONFIG, else
+    /// /etc/thinfs/config.toml if present]
+    #[arg(long, global = true, env = "THINFS_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -41,26 +47,31 @@ enum Cmd {
     /// Create an empty image
     Create {
         /// Image name
+        #[arg(value_parser = name_arg)]
         name: String,
         /// Virtual size (e.g. 10G) [default: the mount's --image-size]
-        #[arg(long)]
+        #[arg(long, value_parser = size_arg)]
         size: Option<String>,
     },
     /// Take a snapshot: NAME@SNAP
     Snapshot {
         /// NAME@SNAP
+        #[arg(value_parser = snap_arg)]
         target: String,
     },
     /// Make a writable image NEW from snapshot NAME@SNAP
     Clone {
         /// NAME@SNAP
+        #[arg(value_parser = snap_arg)]
         source: String,
         /// New image name
+        #[arg(value_parser = name_arg)]
         new: String,
     },
     /// Put image NAME back to snapshot NAME@SNAP
     Rollback {
         /// NAME@SNAP
+        #[arg(value_parser = snap_arg)]
         target: String,
         /// Destroy snapshots newer than SNAP (refused otherwise)
         #[arg(long)]
@@ -69,6 +80,7 @@ enum Cmd {
     /// Destroy an image (with -r: and its snapshots) or a snapshot
     Destroy {
         /// NAME or NAME@SNAP
+        #[arg(value_parser = target_arg)]
         target: String,
         /// Also destroy the image's snapshots
         #[arg(short = 'r', long)]
@@ -77,25 +89,31 @@ enum Cmd {
     /// Rename an image (OLD NEW) or a snapshot (NAME@OLD NAME@NEW or NAME@OLD NEW)
     Rename {
         /// NAME or NAME@SNAP
+        #[arg(value_parser = target_arg)]
         old: String,
         /// New name
+        #[arg(value_parser = target_arg)]
         new: String,
     },
     /// Grow an image (online)
     Resize {
         /// Image name
+        #[arg(value_parser = name_arg)]
         name: String,
         /// New size (e.g. 20G)
+        #[arg(value_parser = size_arg)]
         size: String,
     },
     /// Check and repair an image's filesystem (e2fsck; unmounts it first)
     Fsck {
         /// NAME or NAME@SNAP
+        #[arg(value_parser = target_arg)]
         target: String,
     },
     /// Set (KEY=VALUE) or remove (KEY) a label
     Label {
         /// NAME or NAME@SNAP
+        #[arg(value_parser = target_arg)]
         target: String,
         /// KEY=VALUE to set, KEY to remove
         label: String,
@@ -103,6 +121,7 @@ enum Cmd {
     /// Write a tarball of an image's or snapshot's files (root or admin group)
     Export {
         /// NAME (exported from a temporary snapshot) or NAME@SNAP
+        #[arg(value_parser = target_arg)]
         target: String,
         /// Output file, created as the calling user (never through a symbolic link); `-` or none: stdout (never a terminal)
         #[arg(short = 'o', long = "output")]
@@ -120,14 +139,14 @@ enum Cmd {
     /// Write a snapshot stream to stdout (root or admin group; never to a terminal)
     Send {
         /// NAME@SNAP to send (none with -t)
-        #[arg(required_unless_present = "token")]
+        #[arg(required_unless_present = "token", value_parser = snap_arg)]
         target: Option<String>,
         /// The rest of an interrupted stream: the receiver's resume token
         /// (`thinfs info NAME --json`, receive_resume_token)
         #[arg(short = 't', value_name = "TOKEN", conflicts_with_all = ["incremental", "haves"])]
         token: Option<String>,
         /// Send only the difference from this older snapshot of the image
-        #[arg(short = 'i', value_name = "SNAP")]
+        #[arg(short = 'i', value_name = "SNAP", conflicts_with = "haves")]
         incremental: Option<String>,
         /// The receiver's `thinfs haves NAME --json` output (`-` for stdin):
         /// the newest snapshot it has becomes the base
@@ -143,6 +162,7 @@ enum Cmd {
     /// Read a snapshot stream from stdin into image NAME (root only)
     Receive {
         /// The image to create (full stream) or to add the snapshot to
+        #[arg(value_parser = name_arg)]
         name: String,
         /// Discard changes made to NAME since its newest snapshot first (never destroys a snapshot)
         #[arg(short = 'F')]
@@ -160,6 +180,7 @@ enum Cmd {
     /// An image's snapshots with their identities, for `send --haves` (any user)
     Haves {
         /// Image name
+        #[arg(value_parser = name_arg)]
         name: String,
         /// JSON output (the input of `send --haves FILE`)
         #[arg(long)]
@@ -171,7 +192,7 @@ enum Cmd {
         #[arg(short = 't', long = "type", default_value = "all", value_parser = ["image", "snapshot", "containerd", "all"])]
         kind: String,
         /// Columns, comma-separated (name,type,state,size,used,exclusive,parent,id,created,mounted,labels,error)
-        #[arg(short = 'o', default_value = "name,type,state,size,used,parent")]
+        #[arg(short = 'o', default_value = "name,type,state,size,used,parent", value_parser = fields_arg)]
         fields: String,
         /// No header line
         #[arg(short = 'H')]
@@ -192,6 +213,7 @@ enum Cmd {
     /// Everything about one image or snapshot (any user)
     Info {
         /// NAME or NAME@SNAP
+        #[arg(value_parser = target_arg)]
         target: String,
         /// JSON output
         #[arg(long)]
@@ -219,28 +241,30 @@ enum Cmd {
     /// New image from a directory or a tarball (.tar, .tar.gz; `-`: stdin), ending with snapshot NAME@import (root)
     Import {
         /// New image name
+        #[arg(value_parser = name_arg)]
         name: String,
         /// Directory (walked with your read rights), tarball, or `-` for stdin
         source: PathBuf,
         /// Image size (10G); default: sized to fit the content
-        #[arg(short = 's', long)]
+        #[arg(short = 's', long, value_parser = size_arg)]
         size: Option<String>,
         /// No progress bar and no summary
         #[arg(short = 'q', long)]
         quiet: bool,
     },
     /// Write a backup file of an image (root or admin group); `backup verify FILE` checks one without a pool
-    #[command(args_conflicts_with_subcommands = true)]
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Backup {
         #[command(subcommand)]
         action: Option<BackupAction>,
         /// Image name
+        #[arg(required = true, value_parser = name_arg)]
         name: Option<String>,
         /// Every snapshot too (oldest full, the others incremental), not only the head
         #[arg(long)]
         snapshots: bool,
         /// Output file, created as the calling user (never through a symbolic link)
-        #[arg(short = 'o', long = "output")]
+        #[arg(short = 'o', long = "output", required = true)]
         output: Option<PathBuf>,
         /// Replace an existing regular file at the output path
         #[arg(long)]
@@ -254,11 +278,59 @@ enum Cmd {
         /// The backup file
         file: PathBuf,
         /// Image name (default: the name in the backup)
+        #[arg(value_parser = name_arg)]
         name: Option<String>,
         /// No progress bar and no summary
         #[arg(short = 'q', long)]
         quiet: bool,
     },
+}
+
+/// A size argument (`10G`), checked when the arguments are parsed: a bad
+/// one is a usage mistake (exit 2). Kept as written, for the daemon.
+pub(crate) fn size_arg(s: &str) -> std::result::Result<String, String> {
+    crate::types::Bytes::parse(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// `NAME` or `NAME@SNAP`, with the rules of every name (exit 2
+/// otherwise; the daemon applies those of new names).
+fn target_arg(s: &str) -> std::result::Result<String, String> {
+    crate::engine::Target::parse(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// `NAME@SNAP` (exit 2 otherwise).
+fn snap_arg(s: &str) -> std::result::Result<String, String> {
+    match crate::engine::Target::parse(s) {
+        Ok(t) if t.snap.is_some() => Ok(s.to_string()),
+        Ok(_) => Err(format!("{s:?} is not NAME@SNAP")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// An image's `NAME` (exit 2 otherwise).
+fn name_arg(s: &str) -> std::result::Result<String, String> {
+    crate::types::Name::new(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// `list -o`: every field known (exit 2 otherwise).
+fn fields_arg(s: &str) -> std::result::Result<String, String> {
+    match s
+        .split(',')
+        .map(str::trim)
+        .find(|f| !show::FIELDS.contains(f))
+    {
+        Some(f) => Err(format!(
+            "unknown field {f:?} (fields: {})",
+            show::FIELDS.join(",")
+        )),
+        None => Ok(s.to_string()),
+    }
 }
 
 /// `thinfs backup verify`.
@@ -287,11 +359,15 @@ fn print(
     Ok(())
 }
 
-fn run(cli: Cli) -> Result<()> {
-    let sock = cli.socket.as_path();
-    let call = |op| client::call(sock, op);
+/// Run the verb; the exit code when it did not fail with an error.
+fn run(cli: Cli) -> Result<i32> {
+    let (flag, file) = (cli.socket.as_deref(), cli.config.as_deref());
+    // Resolved only by the verbs that talk to the daemon: `man` or
+    // `backup verify` work whatever the config file says.
+    let sock = || config::socket(flag, file);
+    let call = |op| client::call(&sock()?, op);
     match cli.cmd {
-        Cmd::Mount(a) => mount::mount(*a),
+        Cmd::Mount(a) => return mount::mount(*a, flag, file),
         Cmd::Umount { mountpoint } => mount::umount(&mountpoint),
         Cmd::Create { name, size } => {
             call(Op::Create {
@@ -376,7 +452,7 @@ fn run(cli: Cli) -> Result<()> {
             force,
             zstd,
             quiet,
-        } => export::export(sock, target, output, force, zstd, quiet),
+        } => export::export(&sock()?, target, output, force, zstd, quiet),
         Cmd::Send {
             target,
             token,
@@ -385,7 +461,7 @@ fn run(cli: Cli) -> Result<()> {
             compress,
             quiet,
         } => send::send(
-            sock,
+            &sock()?,
             send::SendArgs {
                 target: target.unwrap_or_default(),
                 token,
@@ -402,7 +478,7 @@ fn run(cli: Cli) -> Result<()> {
             abandon,
             quiet,
         } => send::receive(
-            sock,
+            &sock()?,
             crate::service::ReceiveRequest {
                 name,
                 force_rollback: force,
@@ -453,7 +529,7 @@ fn run(cli: Cli) -> Result<()> {
             source,
             size,
             quiet,
-        } => import::import(sock, name, source, size, quiet),
+        } => import::import(&sock()?, name, source, size, quiet),
         Cmd::Backup {
             action: Some(BackupAction::Verify { file, quiet }),
             ..
@@ -466,14 +542,15 @@ fn run(cli: Cli) -> Result<()> {
             force,
             quiet,
         } => match (name, output) {
-            (Some(n), Some(o)) => backup::backup(sock, n, snapshots, o, force, quiet),
+            (Some(n), Some(o)) => backup::backup(&sock()?, n, snapshots, o, force, quiet),
             _ => Err(crate::error::Error::Invalid(
                 "usage: thinfs backup NAME [--snapshots] -o FILE, or thinfs backup verify FILE"
                     .into(),
             )),
         },
-        Cmd::Restore { file, name, quiet } => backup::restore(sock, file, name, quiet),
+        Cmd::Restore { file, name, quiet } => backup::restore(&sock()?, file, name, quiet),
     }
+    .map(|()| 0)
 }
 
 /// Parse arguments, run, and return the exit code.
@@ -487,7 +564,7 @@ pub fn main() -> i32 {
         }
     };
     match run(cli) {
-        Ok(()) => 0,
+        Ok(code) => code,
         Err(e) => {
             // Messages may quote names that other users chose.
             eprintln!("thinfs: {}", crate::types::escape(&e.to_string()));

@@ -1,42 +1,37 @@
-//! `thinfs mount` (with its TOML config file) and `thinfs umount`.
+//! `thinfs mount` (its flags over the config file) and `thinfs umount`.
 
-use crate::daemon::{self, MountConfig, proto};
+use super::config;
+use crate::daemon::{self, MountConfig};
 use crate::engine::{BackendChoice, PoolOptions};
 use crate::error::{Error, IoContext, Result};
 use crate::fuse::FuseOptions;
 use crate::sys::{mount, process};
 use crate::types::Bytes;
 use clap::Args;
-use serde::Deserialize;
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const READY_ENV: &str = "THINFS_READY_FD";
-/// Config file read when `--config` is not given, if it exists.
-pub const DEFAULT_CONFIG: &str = "/etc/thinfs/config.toml";
 
 /// Arguments of `thinfs mount`. Each option overrides the config file.
 #[derive(Debug, Args)]
 pub struct MountArgs {
-    /// TOML config file [default: /etc/thinfs/config.toml if present]
-    #[arg(long)]
-    config: Option<PathBuf>,
     /// State directory (metadata and pool) [default: /var/lib/thinfs]
     #[arg(long)]
     state: Option<PathBuf>,
     /// Block backend: auto, reflink or dm [default: auto]
-    #[arg(long)]
+    #[arg(long, value_parser = ["auto", "reflink", "dm"])]
     backend: Option<String>,
     /// Size of a new pool; an existing pool keeps its size [default: 64G]
-    #[arg(long)]
+    #[arg(long, value_parser = super::size_arg)]
     pool_size: Option<String>,
     /// Free space below which new images and snapshots are refused [default: 5% of the pool]
-    #[arg(long)]
+    #[arg(long, value_parser = super::size_arg)]
     reserve: Option<String>,
     /// Size of images made by mkdir or `thinfs create` [default: 10G]
-    #[arg(long)]
+    #[arg(long, value_parser = super::size_arg)]
     image_size: Option<String>,
     /// Show .snapshots and lost+found in directory listings
     #[arg(long)]
@@ -47,9 +42,6 @@ pub struct MountArgs {
     /// Members of this group may create, snapshot, clone and destroy, as root may
     #[arg(long)]
     admin_group: Option<String>,
-    /// Control socket [default: /run/thinfs/thinfs.sock]
-    #[arg(long)]
-    socket: Option<PathBuf>,
     /// FUSE worker threads [default: 4]
     #[arg(long)]
     threads: Option<usize>,
@@ -65,39 +57,6 @@ pub struct MountArgs {
     daemon: bool,
     /// Where to mount
     mountpoint: PathBuf,
-}
-
-/// The config file: the same settings as the flags.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    state: Option<PathBuf>,
-    backend: Option<String>,
-    pool_size: Option<String>,
-    reserve: Option<String>,
-    image_size: Option<String>,
-    show_hidden: Option<bool>,
-    idle_secs: Option<u64>,
-    admin_group: Option<String>,
-    socket: Option<PathBuf>,
-    threads: Option<usize>,
-    containerd_socket: Option<PathBuf>,
-    allow_suid_dev: Option<bool>,
-}
-
-fn load_config(path: Option<&Path>) -> Result<FileConfig> {
-    let (p, must) = match path {
-        Some(p) => (p.to_path_buf(), true),
-        None => (PathBuf::from(DEFAULT_CONFIG), false),
-    };
-    let text = match std::fs::read_to_string(&p) {
-        Ok(t) => t,
-        Err(e) if !must && e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(FileConfig::default());
-        }
-        Err(e) => return Err(Error::io(format!("read config {}", p.display()), e)),
-    };
-    toml::from_str(&text).map_err(|e| Error::Invalid(format!("config {}: {e}", p.display())))
 }
 
 /// Resolve a group name (or number) to its gid through NSS (getgrnam_r),
@@ -122,8 +81,11 @@ fn group_gid(name: &str) -> Result<u32> {
     }
 }
 
-fn config(a: &MountArgs) -> Result<MountConfig> {
-    let f = load_config(a.config.as_deref())?;
+/// The daemon's settings: each flag overrides the config file (the
+/// socket as [`config::socket`] says).
+fn config(a: &MountArgs, socket: Option<&Path>, file: Option<&Path>) -> Result<MountConfig> {
+    let f = config::load(file)?;
+    let socket = config::socket_or_default(socket, &f);
     let state = a
         .state
         .clone()
@@ -168,11 +130,7 @@ fn config(a: &MountArgs) -> Result<MountConfig> {
         },
         idle: Duration::from_secs(a.idle_secs.or(f.idle_secs).unwrap_or(300)),
         threads: a.threads.or(f.threads).unwrap_or(4),
-        socket: a
-            .socket
-            .clone()
-            .or(f.socket)
-            .unwrap_or_else(|| PathBuf::from(proto::DEFAULT_SOCKET)),
+        socket,
         containerd_socket: a.containerd_socket.clone().or(f.containerd_socket),
         allow_suid_dev: a.allow_suid_dev || f.allow_suid_dev.unwrap_or(false),
     })
@@ -185,9 +143,11 @@ fn init_log() {
         .try_init();
 }
 
-/// `thinfs mount`.
-pub fn mount(a: MountArgs) -> Result<()> {
-    let cfg = config(&a)?;
+/// `thinfs mount`; `socket` and `file` are the global `--socket` and
+/// `--config` (or their variables). The exit code, once the daemon stops
+/// (or, with `--daemon`, once it is ready or has failed and said why).
+pub fn mount(a: MountArgs, socket: Option<&Path>, file: Option<&Path>) -> Result<i32> {
+    let cfg = config(&a, socket, file)?;
     if process::euid() != 0 {
         return Err(Error::PermissionDenied(
             "thinfs mount needs root (loop devices, mounts, /dev/fuse)".into(),
@@ -197,33 +157,96 @@ pub fn mount(a: MountArgs) -> Result<()> {
         return spawn_daemon(&cfg);
     }
     init_log();
-    let ready_fd = std::env::var(READY_ENV)
+    // The write end of `--daemon`'s pipe, close-on-exec from here on (a
+    // tool the daemon runs must not hold it open).
+    let ready_pipe = std::env::var(READY_ENV)
         .ok()
-        .and_then(|v| v.parse::<i32>().ok());
-    if ready_fd.is_some() {
+        .and_then(|v| v.parse::<i32>().ok())
+        .and_then(|n| process::inherited_fd(n).ok())
+        .and_then(|f| f.try_clone().ok());
+    if ready_pipe.is_some() {
         let _ = process::setsid();
     }
-    daemon::run(&cfg, || {
-        if let Some(n) = ready_fd
-            && let Ok(mut f) = process::inherited_fd(n)
-        {
-            let _ = f.write_all(b"1");
+    let pipe = std::cell::RefCell::new(ready_pipe);
+    let r = daemon::run(&cfg, || {
+        if let Some(mut f) = pipe.borrow_mut().take() {
+            let _ = f.write_all(READY);
         }
-    })
+    });
+    // Not ready: the reason goes to the waiting `thinfs mount --daemon`.
+    if let (Err(e), Some(mut f)) = (&r, pipe.into_inner()) {
+        let _ = f.write_all(format!("{FAILED}{e}").as_bytes());
+    }
+    r.map(|()| 0)
 }
 
+/// What the daemon writes on `--daemon`'s pipe when its mount works.
+const READY: &[u8] = b"1";
+/// What precedes the reason it writes there when it failed.
+const FAILED: &str = "!";
+/// Most bytes of the reason read from the pipe.
+const MAX_REASON: u64 = 64 << 10;
+/// Most lines of the failed run's log shown after the reason.
+const MAX_LOG_LINES: usize = 10;
+
 /// Re-run ourselves in the background and wait until the mount is ready.
-fn spawn_daemon(cfg: &MountConfig) -> Result<()> {
+/// If it fails: its reason first, on a line of its own, then the warnings
+/// and errors it logged (of this run only); the state directory and the
+/// mount point are gone again if this start made them. `Ok(1)`: the
+/// failure is reported.
+fn spawn_daemon(cfg: &MountConfig) -> Result<i32> {
     let state = &cfg.pool.state;
+    let new_state = daemon::missing_dirs(state);
+    let new_mp = daemon::missing_dirs(&cfg.mountpoint);
     crate::sys::scm::create_private_dir(state).ctx(|| format!("create {}", state.display()))?;
     let log_path = state.join("thinfs.log");
+    let r = start_child(&log_path);
+    let (reason, log_start) = match r {
+        Ok(Started::Ready(pid)) => {
+            println!(
+                "thinfs mounted at {} (pid {pid}, log {}, control socket {})",
+                cfg.mountpoint.display(),
+                log_path.display(),
+                cfg.socket.display()
+            );
+            return Ok(0);
+        }
+        Ok(Started::Failed { reason, log_start }) => (reason, Some(log_start)),
+        Err(e) => (e.to_string(), None),
+    };
+    eprintln!("thinfs: {}", crate::types::escape(&reason));
+    if let Some(start) = log_start {
+        for l in run_log(&log_path, start) {
+            eprintln!("  {}", crate::types::escape(&l));
+        }
+    }
+    daemon::remove_created(&new_mp, false);
+    daemon::remove_created(&new_state, true);
+    Ok(1)
+}
+
+/// How the daemon started.
+enum Started {
+    /// Mounted: its pid.
+    Ready(u32),
+    /// Not mounted: why, and where this run's log begins.
+    Failed { reason: String, log_start: u64 },
+}
+
+/// Start the daemon with its output appended to `log_path`; wait until it
+/// says it is ready or failed.
+fn start_child(log_path: &Path) -> Result<Started> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
-        .open(&log_path)
+        .open(log_path)
         .ctx(|| format!("open {}", log_path.display()))?;
+    let log_start = log
+        .metadata()
+        .ctx(|| format!("stat {}", log_path.display()))?
+        .len();
     let (mut rd, wr) = process::ready_pipe().ctx(|| "make a pipe".into())?;
     let exe = std::env::current_exe().ctx(|| "find own executable".into())?;
     let args: Vec<String> = std::env::args()
@@ -231,7 +254,7 @@ fn spawn_daemon(cfg: &MountConfig) -> Result<()> {
         .filter(|x| x != "--daemon")
         .collect();
     let wr_num = std::os::fd::AsRawFd::as_raw_fd(&wr);
-    let child = std::process::Command::new(exe)
+    let mut child = std::process::Command::new(exe)
         .args(&args)
         .env(READY_ENV, wr_num.to_string())
         .stdin(std::process::Stdio::null())
@@ -240,27 +263,41 @@ fn spawn_daemon(cfg: &MountConfig) -> Result<()> {
         .spawn()
         .ctx(|| "start the daemon".into())?;
     drop(wr);
-    let mut b = [0u8; 1];
-    match rd.read(&mut b) {
-        Ok(1) => {
-            println!(
-                "thinfs mounted at {} (pid {}, log {}, control socket {})",
-                cfg.mountpoint.display(),
-                child.id(),
-                log_path.display(),
-                cfg.socket.display()
-            );
-            Ok(())
+    let mut first = [0u8; 1];
+    if matches!(rd.read(&mut first), Ok(1)) && first == READY {
+        return Ok(Started::Ready(child.id()));
+    }
+    let mut said = Vec::new();
+    let _ = (&mut rd).take(MAX_REASON).read_to_end(&mut said);
+    let status = child.wait();
+    let reason = if first[0] == FAILED.as_bytes()[0] {
+        String::from_utf8_lossy(&said).into_owned()
+    } else {
+        match status {
+            Ok(st) => format!("the daemon ended before the mount was ready ({st})"),
+            Err(e) => format!("the daemon ended before the mount was ready ({e})"),
         }
-        _ => {
-            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(5).collect();
-            Err(Error::Invalid(format!(
-                "the daemon failed to mount; last log lines:\n{}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            )))
+    };
+    Ok(Started::Failed { reason, log_start })
+}
+
+/// The warnings and errors that this run (from byte `start` on) logged,
+/// the last [`MAX_LOG_LINES`] of them.
+fn run_log(path: &Path, start: u64) -> Vec<String> {
+    let mut text = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        use std::io::Seek;
+        if f.seek(std::io::SeekFrom::Start(start)).is_ok() {
+            let _ = f.take(MAX_REASON).read_to_string(&mut text);
         }
     }
+    let lines: Vec<String> = text
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .map(str::to_string)
+        .collect();
+    let skip = lines.len().saturating_sub(MAX_LOG_LINES);
+    lines.into_iter().skip(skip).collect()
 }
 
 /// `thinfs umount`.

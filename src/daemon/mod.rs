@@ -87,8 +87,57 @@ fn clean_stale(p: &Path) -> Result<()> {
     }
 }
 
+/// The directories missing on the way to `p`, `p` first: what creating
+/// `p` would make, and what a failed start removes again.
+pub fn missing_dirs(p: &Path) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    let mut cur = Some(p);
+    while let Some(c) = cur {
+        if c.as_os_str().is_empty() || c.symlink_metadata().is_ok() {
+            break;
+        }
+        v.push(c.to_path_buf());
+        cur = c.parent();
+    }
+    v
+}
+
+/// Remove what a failed start made of `dirs` (from [`missing_dirs`]):
+/// the first with its content when `whole` (a state directory: nothing
+/// but this start's pool and log is in it), then each that is empty.
+pub fn remove_created(dirs: &[PathBuf], whole: bool) {
+    for (i, d) in dirs.iter().enumerate() {
+        let r = if i == 0 && whole {
+            std::fs::remove_dir_all(d)
+        } else {
+            std::fs::remove_dir(d)
+        };
+        if let Err(e) = r
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            log::warn!("cannot remove {} after the failed start: {e}", d.display());
+            return;
+        }
+    }
+}
+
 /// Mount and serve until stopped. `ready` is called once the mount works.
+/// A start that fails before that removes the mount point and the state
+/// directory if it created them.
 pub fn run(cfg: &MountConfig, ready: impl FnOnce()) -> Result<()> {
+    let new_mp = missing_dirs(&cfg.mountpoint);
+    let new_state = missing_dirs(&cfg.pool.state);
+    let mut ready = Some(ready);
+    let r = serve(cfg, &mut ready);
+    if r.is_err() && ready.is_some() {
+        remove_created(&new_mp, false);
+        remove_created(&new_state, true);
+    }
+    r
+}
+
+/// [`run`]'s work; `ready` is taken when the mount works.
+fn serve<F: FnOnce()>(cfg: &MountConfig, ready: &mut Option<F>) -> Result<()> {
     clean_stale(&cfg.mountpoint)?;
     // New directories 0755 (the state 0700) whatever the umask: with umask
     // 000 they would be 0777 for a moment, and any user could plant or
@@ -163,7 +212,9 @@ pub fn run(cfg: &MountConfig, ready: impl FnOnce()) -> Result<()> {
         cfg.pool.state.display(),
         cfg.socket.display()
     );
-    ready();
+    if let Some(f) = ready.take() {
+        f();
+    }
     let r = session.run();
     let _ = std::fs::remove_file(&cfg.socket);
     // The gRPC server holds the engine too: stop and drop it first.
