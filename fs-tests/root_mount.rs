@@ -202,8 +202,35 @@ fn root_mount_bad_input() {
     // Snapshots move only within their own .snapshots; files not across images.
     fs::create_dir(m.path("other")).unwrap();
     fs::create_dir(m.path("img/.snapshots/s1")).unwrap();
+    // Into another .snapshots: EINVAL, not EXDEV, so that mv(1) stops
+    // instead of copying (its mkdir there would snapshot `other`).
     let e = fs::rename(m.path("img/.snapshots/s1"), m.path("other/.snapshots/s1")).unwrap_err();
-    assert_eq!(errno(&e), libc::EXDEV);
+    assert_eq!(errno(&e), libc::EINVAL);
+    let o = std::process::Command::new("mv")
+        .arg(m.path("img/.snapshots/s1"))
+        .arg(m.path("other/.snapshots/s1"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "mv across .snapshots succeeded");
+    let o2 = std::process::Command::new("mv")
+        .arg(m.path("img/f"))
+        .arg(m.path("other/.snapshots/f"))
+        .output()
+        .unwrap();
+    assert!(
+        !o2.status.success(),
+        "mv of a file into .snapshots succeeded"
+    );
+    let snaps: Vec<_> = fs::read_dir(m.path("other/.snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        snaps.is_empty(),
+        "mv made snapshots of other: {snaps:?} ({})",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(m.path("img/.snapshots/s1").exists() && m.path("img/f").exists());
     let e = fs::rename(m.path("img/f"), m.path("other/f")).unwrap_err();
     assert_eq!(errno(&e), libc::EXDEV);
     let e = fs::rename(m.path("img/.snapshots/s1"), m.path("s1")).unwrap_err();

@@ -268,9 +268,11 @@ impl Core {
                     snap: Some(n),
                 }
             }
-            (Node::SnapDir(_), Node::SnapDir(_)) => {
-                return Err(Error::CrossDevice(
-                    "snapshots move only within their own .snapshots".into(),
+            // Not EXDEV: mv(1) would fall back to copying, and its mkdir
+            // in the other .snapshots would snapshot that image.
+            (_, Node::SnapDir(_)) => {
+                return Err(Error::Invalid(
+                    "nothing moves into a .snapshots from elsewhere (snapshots move only within their own .snapshots; a snapshot is made by mkdir)".into(),
                 ));
             }
             _ => {

@@ -261,6 +261,12 @@ impl Filesystem for ThinFs {
                     newname,
                     flags.bits(),
                 ),
+                // Not EXDEV: mv(1) would fall back to copying, and its
+                // mkdir in the .snapshots would snapshot that image.
+                (Node::Real(_), Node::SnapDir(_)) => Err(Error::Invalid(
+                    "nothing moves into a .snapshots from elsewhere (a snapshot is made by mkdir)"
+                        .into(),
+                )),
                 (Node::Real(_), _) | (_, Node::Real(_)) => Err(Error::CrossDevice(
                     "cannot move between images, snapshots and the root".into(),
                 )),
