@@ -337,13 +337,29 @@ impl Backend for DmPool {
         if s.is_active(dev)? {
             s.remove(&s.thin_name(dev)?);
         }
-        match s.msg(&format!("delete {}", dev.get())) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                if self.exists(dev)? {
-                    Err(e)
-                } else {
-                    Ok(())
+        // dm-thin refuses to delete a device that is still open; a device
+        // whose last mount (in another mount namespace, a container's) is
+        // just going away is open for a moment more. Retry for up to 3 s
+        // before the device is left to the next garbage collection.
+        let mut tries = 0;
+        loop {
+            match s.msg(&format!("delete {}", dev.get())) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    if !self.exists(dev)? {
+                        return Ok(());
+                    }
+                    tries += 1;
+                    if tries >= 30 {
+                        return Err(e);
+                    }
+                    if tries == 1 {
+                        log::debug!("delete of thin device {dev} failed ({e}); retrying");
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    if s.is_active(dev)? {
+                        s.remove(&s.thin_name(dev)?);
+                    }
                 }
             }
         }
